@@ -1,0 +1,231 @@
+//! The event vocabulary: one [`Event`] per state change, serialized into the
+//! store, the API and the tracing log. These types are a boundary format:
+//! fields are only ever added (optional, with defaults), never renamed, and
+//! the store records the schema version alongside them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Schema version of the serialized [`Event`]; bump on incompatible change.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// Kubernetes-style severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// Where a host stands in its reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Building,
+    Copying,
+    Activating,
+    Converged,
+    Failed,
+    Suspended,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why an event was recorded. Serialized as its CamelCase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reason {
+    /// A new head of the watched branch was fetched.
+    RevisionDetected,
+    /// The specs of a revision validated; it is now the desired revision.
+    SpecsLoaded,
+    SpecInvalid,
+    FetchFailed,
+    BuildStarted,
+    BuildSucceeded,
+    BuildFailed,
+    CopyStarted,
+    CopySucceeded,
+    CopyFailed,
+    ActivationStarted,
+    ActivationFailed,
+    Converged,
+    HostUnreachable,
+    DriftDetected,
+    HostRemoved,
+    Suspended,
+    Resumed,
+    /// An operator asked for a reconcile through the API or CLI.
+    ReconcileRequested,
+}
+
+impl Reason {
+    pub fn event_type(self) -> EventType {
+        match self {
+            Reason::SpecInvalid
+            | Reason::FetchFailed
+            | Reason::BuildFailed
+            | Reason::CopyFailed
+            | Reason::ActivationFailed
+            | Reason::HostUnreachable
+            | Reason::DriftDetected => EventType::Warning,
+            _ => EventType::Normal,
+        }
+    }
+
+    /// Failures count towards a host's backoff.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Reason::BuildFailed
+                | Reason::CopyFailed
+                | Reason::ActivationFailed
+                | Reason::HostUnreachable
+        )
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One recorded state change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Monotonic, gap-free position in the log, assigned by the store.
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Absent for repository-level events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub reason: Reason,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_phase: Option<Phase>,
+    /// The system closure the event is about: the one built for
+    /// `BuildSucceeded`, the one found running for `Converged` and
+    /// `DriftDetected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// When a failed host will be tried again.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub next_retry: Option<OffsetDateTime>,
+}
+
+/// An event before the store has given it a sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub host: Option<String>,
+    pub revision: Option<String>,
+    pub reason: Reason,
+    pub message: String,
+    pub to_phase: Option<Phase>,
+    pub system: Option<String>,
+    pub next_retry: Option<OffsetDateTime>,
+}
+
+impl NewEvent {
+    pub fn repo(reason: Reason, revision: Option<&str>, message: impl Into<String>) -> Self {
+        NewEvent {
+            host: None,
+            revision: revision.map(str::to_string),
+            reason,
+            message: message.into(),
+            to_phase: None,
+            system: None,
+            next_retry: None,
+        }
+    }
+
+    pub fn host(
+        host: &str,
+        reason: Reason,
+        revision: Option<&str>,
+        message: impl Into<String>,
+    ) -> Self {
+        NewEvent {
+            host: Some(host.to_string()),
+            ..NewEvent::repo(reason, revision, message)
+        }
+    }
+
+    pub fn phase(mut self, phase: Phase) -> Self {
+        self.to_phase = Some(phase);
+        self
+    }
+
+    pub fn system(mut self, system: impl Into<String>) -> Self {
+        self.system = Some(system.into());
+        self
+    }
+
+    pub fn next_retry(mut self, at: OffsetDateTime) -> Self {
+        self.next_retry = Some(at);
+        self
+    }
+
+    /// Completes the event; `from` is the host's phase before it, which is
+    /// recorded only when the event changes the phase.
+    pub fn into_event(self, seq: u64, time: OffsetDateTime, from: Option<Phase>) -> Event {
+        let changes_phase = self.to_phase.is_some() && self.to_phase != from;
+        Event {
+            seq,
+            time,
+            host: self.host,
+            revision: self.revision,
+            event_type: self.reason.event_type(),
+            reason: self.reason,
+            message: self.message,
+            from_phase: if changes_phase { from } else { None },
+            to_phase: if changes_phase { self.to_phase } else { None },
+            system: self.system,
+            next_retry: self.next_retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_is_stable() {
+        let ev = NewEvent::host("web-1", Reason::ActivationFailed, Some("abc"), "boom")
+            .phase(Phase::Failed)
+            .into_event(7, time::macros::datetime!(2026-01-02 03:04:05 UTC), Some(Phase::Activating));
+        let json = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":7,"time":"2026-01-02T03:04:05Z","host":"web-1","revision":"abc","type":"Warning","reason":"ActivationFailed","message":"boom","fromPhase":"Activating","toPhase":"Failed"}"#
+        );
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn same_phase_is_not_a_transition() {
+        let ev = NewEvent::host("a", Reason::Converged, None, "ok")
+            .phase(Phase::Converged)
+            .into_event(1, OffsetDateTime::UNIX_EPOCH, Some(Phase::Converged));
+        assert_eq!(ev.from_phase, None);
+        assert_eq!(ev.to_phase, None);
+    }
+}

@@ -1,0 +1,11 @@
+//! `cim`: a GitOps reconciliation controller for NixOS fleets.
+//!
+//! The crate is split into a pure domain core (`spec`, `event`, `status`,
+//! `queue`), the IO edges (`git`, `store`, `driver`), the runtime that wires
+//! them together (`watch`, `reconcile`, `controller`) and the user-facing
+//! surfaces (`api`, `client`, `render`). ARCHITECTURE.md has the map.
+
+pub mod spec;
+pub mod event;
+pub mod queue;
+pub mod status;

@@ -1,0 +1,590 @@
+//! The desired-state contract users write: `specs/*.yaml` documents of
+//! `kind: Host`, parsed and validated into a [`FleetSpec`].
+//!
+//! This module does no IO: callers hand it the files' names and bytes (read
+//! from a git tree or a work tree), so the controller and `cim validate` run
+//! exactly the same checks. Every error names the file, line and column, and
+//! carries the source so that `miette` can point at it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use miette::{Diagnostic, NamedSource, SourceSpan};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// The only `apiVersion` this release understands.
+pub const API_VERSION: &str = "cim/v1";
+
+/// Files larger than this are refused before parsing: specs are small, and a
+/// bounded input keeps a hostile commit from exhausting the controller.
+pub const MAX_SPEC_FILE_BYTES: usize = 1024 * 1024;
+
+/// One spec file as found in the tree being validated.
+#[derive(Debug, Clone)]
+pub struct SpecFile {
+    /// Path relative to the repository root, e.g. `specs/web.yaml`.
+    pub path: String,
+    pub contents: Vec<u8>,
+}
+
+/// What `switch-to-configuration` is asked to do on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Switch,
+    Boot,
+    Test,
+    DryActivate,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Test => "test",
+            Action::DryActivate => "dry-activate",
+        }
+    }
+
+    /// Whether the system profile is moved to the new closure, so that the
+    /// host boots into it: `nixos-rebuild` does this for switch and boot only.
+    pub fn sets_profile(self) -> bool {
+        matches!(self, Action::Switch | Action::Boot)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated host: every field here is safe to pass to nix and ssh as an
+/// argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+    pub configuration: String,
+    pub action: Action,
+    pub suspend: bool,
+}
+
+/// All hosts of one revision, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetSpec {
+    pub hosts: BTreeMap<String, HostSpec>,
+}
+
+/// One problem in one spec file.
+#[derive(Debug, Clone, thiserror::Error, Diagnostic)]
+#[error("{file}:{line}:{column}: {message}")]
+#[diagnostic(code(cim::spec::invalid))]
+pub struct SpecError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+    #[source_code]
+    src: NamedSource<String>,
+    #[label("{message}")]
+    span: Option<SourceSpan>,
+}
+
+/// Every problem found in a revision's specs; a revision with any is not
+/// deployed.
+#[derive(Debug, Clone, thiserror::Error, Diagnostic)]
+#[error("{}", summarize(.errors))]
+pub struct SpecErrors {
+    #[related]
+    pub errors: Vec<SpecError>,
+}
+
+fn summarize(errors: &[SpecError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("; ")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDocument {
+    api_version: Spanned<String>,
+    kind: Spanned<String>,
+    metadata: RawMetadata,
+    spec: RawHostSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    name: Spanned<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostSpec {
+    address: Spanned<String>,
+    #[serde(default)]
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    user: Option<Spanned<String>>,
+    #[serde(default)]
+    configuration: Option<Spanned<String>>,
+    #[serde(default)]
+    action: Option<Action>,
+    #[serde(default)]
+    suspend: bool,
+}
+
+/// Parses and validates all spec files of a revision. Files are checked in
+/// the order given; all errors are collected rather than stopping at the
+/// first, so that one `cim validate` run shows everything to fix.
+pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
+    let mut errors = Vec::new();
+    let mut hosts: BTreeMap<String, HostSpec> = BTreeMap::new();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for file in files {
+        let source = match checked_source(file) {
+            Ok(text) => text,
+            Err(message) => {
+                let lossy = String::from_utf8_lossy(&file.contents).into_owned();
+                errors.push(SpecError::at(&file.path, &lossy, 1, 1, message));
+                continue;
+            }
+        };
+        let ctx = FileContext {
+            path: &file.path,
+            source,
+        };
+        for host in ctx.parse(&mut errors) {
+            let (spec, name_loc) = host;
+            if let Some(first) = seen.get(&spec.name) {
+                errors.push(ctx.error(
+                    name_loc,
+                    format!("duplicate host name `{}` (first defined in {first})", spec.name),
+                ));
+                continue;
+            }
+            seen.insert(spec.name.clone(), file.path.clone());
+            hosts.insert(spec.name.clone(), spec);
+        }
+    }
+    if errors.is_empty() {
+        Ok(FleetSpec { hosts })
+    } else {
+        Err(SpecErrors { errors })
+    }
+}
+
+fn checked_source(file: &SpecFile) -> Result<&str, String> {
+    if file.contents.len() > MAX_SPEC_FILE_BYTES {
+        return Err(format!(
+            "file is {} bytes, more than the limit of {MAX_SPEC_FILE_BYTES}",
+            file.contents.len()
+        ));
+    }
+    std::str::from_utf8(&file.contents).map_err(|e| format!("file is not valid UTF-8: {e}"))
+}
+
+struct FileContext<'a> {
+    path: &'a str,
+    source: &'a str,
+}
+
+#[derive(Clone, Copy)]
+struct Loc {
+    line: u64,
+    column: u64,
+}
+
+impl<T> From<&Spanned<T>> for Loc {
+    fn from(s: &Spanned<T>) -> Self {
+        Loc {
+            line: s.referenced.line(),
+            column: s.referenced.column(),
+        }
+    }
+}
+
+impl<'a> FileContext<'a> {
+    fn error(&self, loc: Loc, message: String) -> SpecError {
+        SpecError::at(self.path, self.source, loc.line, loc.column, message)
+    }
+
+    fn parse(&self, errors: &mut Vec<SpecError>) -> Vec<(HostSpec, Loc)> {
+        let options = serde_saphyr::options! { with_snippet: false };
+        let docs: Vec<Option<RawDocument>> =
+            match serde_saphyr::from_multiple_with_options(self.source, options) {
+                Ok(docs) => docs,
+                Err(e) => {
+                    let (line, column) = e
+                        .location()
+                        .map(|l| (l.line(), l.column()))
+                        .unwrap_or((1, 1));
+                    errors.push(SpecError::at(
+                        self.path,
+                        self.source,
+                        line,
+                        column,
+                        first_line(&e.to_string()),
+                    ));
+                    return Vec::new();
+                }
+            };
+        docs.into_iter()
+            .flatten()
+            .filter_map(|doc| match self.validate(doc) {
+                Ok(host) => Some(host),
+                Err(mut errs) => {
+                    errors.append(&mut errs);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn validate(&self, doc: RawDocument) -> Result<(HostSpec, Loc), Vec<SpecError>> {
+        let mut errs = Vec::new();
+        if doc.api_version.value != API_VERSION {
+            errs.push(self.error(
+                (&doc.api_version).into(),
+                format!(
+                    "unsupported apiVersion `{}`, expected `{API_VERSION}`",
+                    doc.api_version.value
+                ),
+            ));
+        }
+        if doc.kind.value != "Host" {
+            errs.push(self.error(
+                (&doc.kind).into(),
+                format!("unknown kind `{}`, expected `Host`", doc.kind.value),
+            ));
+        }
+        let name = &doc.metadata.name;
+        if let Err(why) = check_dns_label(&name.value) {
+            errs.push(self.error(name.into(), format!("invalid host name `{}`: {why}", name.value)));
+        }
+        for key in doc.metadata.labels.keys() {
+            if let Err(why) = check_label_key(key) {
+                errs.push(self.error(name.into(), format!("invalid label key `{key}`: {why}")));
+            }
+        }
+        let spec = &doc.spec;
+        if let Err(why) = check_address(&spec.address.value) {
+            errs.push(self.error(
+                (&spec.address).into(),
+                format!("invalid address `{}`: {why}", spec.address.value),
+            ));
+        }
+        if let Some(port) = &spec.port {
+            if port.value == 0 {
+                errs.push(self.error(port.into(), "invalid port 0".to_string()));
+            }
+        }
+        if let Some(user) = &spec.user {
+            if let Err(why) = check_user(&user.value) {
+                errs.push(self.error(user.into(), format!("invalid user `{}`: {why}", user.value)));
+            }
+        }
+        if let Some(conf) = &spec.configuration {
+            if let Err(why) = check_attribute(&conf.value) {
+                errs.push(self.error(
+                    conf.into(),
+                    format!("invalid configuration `{}`: {why}", conf.value),
+                ));
+            }
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        let host = HostSpec {
+            name: name.value.clone(),
+            labels: doc.metadata.labels,
+            address: spec.address.value.clone(),
+            port: spec.port.as_ref().map_or(22, |p| p.value),
+            user: spec.user.as_ref().map_or_else(|| "root".to_string(), |u| u.value.clone()),
+            configuration: spec
+                .configuration
+                .as_ref()
+                .map_or_else(|| name.value.clone(), |c| c.value.clone()),
+            action: spec.action.unwrap_or(Action::Switch),
+            suspend: spec.suspend,
+        };
+        Ok((host, name.into()))
+    }
+}
+
+impl SpecError {
+    fn at(path: &str, source: &str, line: u64, column: u64, message: String) -> Self {
+        let offset = offset_of(source, line, column);
+        SpecError {
+            file: path.to_string(),
+            line,
+            column,
+            message,
+            src: NamedSource::new(path, source.to_string()),
+            span: offset.map(|o| SourceSpan::from((o, 1))),
+        }
+    }
+}
+
+/// Byte offset of a 1-based line and character column, if it is inside the
+/// source.
+fn offset_of(source: &str, line: u64, column: u64) -> Option<usize> {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        source
+            .match_indices('\n')
+            .nth(usize::try_from(line - 2).ok()?)
+            .map(|(i, _)| i + 1)?
+    };
+    let rest = &source[line_start..];
+    let col = usize::try_from(column.saturating_sub(1)).ok()?;
+    let within = rest.char_indices().nth(col).map(|(i, _)| i).unwrap_or(rest.len());
+    let offset = line_start + within;
+    (offset < source.len()).then_some(offset)
+}
+
+/// serde-saphyr appends location details on later lines; the first line is
+/// the message proper, and the location is reported separately.
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim().to_string()
+}
+
+/// RFC 1123 DNS label, as Kubernetes object names.
+pub fn check_dns_label(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.len() > 63 {
+        return Err("must be at most 63 characters");
+    }
+    let bytes = name.as_bytes();
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    {
+        return Err("must contain only lowercase letters, digits and '-'");
+    }
+    if bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
+        return Err("must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+fn check_label_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.len() > 63 {
+        return Err("must be 1 to 63 characters");
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+    {
+        return Err("must contain only letters, digits, '-', '_', '.' and '/'");
+    }
+    Ok(())
+}
+
+/// An IP address or a DNS host name. A leading '-' is refused so that the
+/// value can never be read as an option by ssh.
+pub fn check_address(address: &str) -> Result<(), &'static str> {
+    if address.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if address.is_empty() || address.len() > 253 {
+        return Err("must be an IP address or a host name of 1 to 253 characters");
+    }
+    for label in address.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated part of a host name must be 1 to 63 characters");
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err("must be an IP address or a host name of letters, digits, '-' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("host name parts must not start or end with '-'");
+        }
+    }
+    Ok(())
+}
+
+/// A POSIX portable user name.
+pub fn check_user(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() || user.len() > 32 {
+        return Err("must be 1 to 32 characters");
+    }
+    let first = user.as_bytes()[0];
+    if !(first.is_ascii_lowercase() || first == b'_') {
+        return Err("must start with a lowercase letter or '_'");
+    }
+    if !user
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+    {
+        return Err("must contain only lowercase letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// A name under `nixosConfigurations` that is written into a flake output
+/// path; it is always quoted there, so only characters that need no escaping
+/// inside a quoted Nix attribute name are allowed.
+pub fn check_attribute(attr: &str) -> Result<(), &'static str> {
+    if attr.is_empty() || attr.len() > 128 {
+        return Err("must be 1 to 128 characters");
+    }
+    if !attr
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        return Err("must contain only letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, text: &str) -> SpecFile {
+        SpecFile {
+            path: path.to_string(),
+            contents: text.as_bytes().to_vec(),
+        }
+    }
+
+    fn errors_of(files: &[SpecFile]) -> Vec<String> {
+        parse_fleet(files)
+            .unwrap_err()
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const WEB: &str = "apiVersion: cim/v1
+kind: Host
+metadata:
+  name: web-1
+  labels: {role: web}
+spec:
+  address: 10.0.0.2
+";
+
+    #[test]
+    fn defaults_are_applied() {
+        let fleet = parse_fleet(&[file("specs/web.yaml", WEB)]).unwrap();
+        let host = &fleet.hosts["web-1"];
+        assert_eq!(host.port, 22);
+        assert_eq!(host.user, "root");
+        assert_eq!(host.configuration, "web-1");
+        assert_eq!(host.action, Action::Switch);
+        assert!(!host.suspend);
+        assert_eq!(host.labels["role"], "web");
+    }
+
+    #[test]
+    fn several_documents_per_file() {
+        let text = format!(
+            "{WEB}---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: db-1}}\nspec:\n  address: db.example.org\n  port: 2222\n  user: deploy\n  configuration: database\n  action: dry-activate\n  suspend: true\n---\n"
+        );
+        let fleet = parse_fleet(&[file("specs/all.yaml", &text)]).unwrap();
+        assert_eq!(fleet.hosts.len(), 2);
+        let db = &fleet.hosts["db-1"];
+        assert_eq!(db.port, 2222);
+        assert_eq!(db.user, "deploy");
+        assert_eq!(db.configuration, "database");
+        assert_eq!(db.action, Action::DryActivate);
+        assert!(db.suspend);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_column() {
+        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  adress: x\n");
+        let errs = errors_of(&[file("specs/web.yaml", &text)]);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
+        assert!(errs[0].contains("adress"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn wrong_type_and_unknown_action_are_located() {
+        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  port: many\n");
+        let errs = errors_of(&[file("specs/web.yaml", &text)]);
+        assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
+
+        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  action: reboot\n");
+        let errs = errors_of(&[file("specs/web.yaml", &text)]);
+        assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
+        assert!(errs[0].contains("reboot"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn bad_and_duplicate_names() {
+        let bad = WEB.replace("web-1", "Web_1");
+        let errs = errors_of(&[file("specs/bad.yaml", &bad)]);
+        assert!(errs[0].starts_with("specs/bad.yaml:4:9: invalid host name `Web_1`"), "{}", errs[0]);
+
+        let errs = errors_of(&[file("specs/a.yaml", WEB), file("specs/b.yaml", WEB)]);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("specs/b.yaml:4:9: duplicate host name `web-1`"), "{}", errs[0]);
+        assert!(errs[0].contains("specs/a.yaml"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn shell_metacharacters_never_pass() {
+        for (field, value) in [
+            ("address", "-oProxyCommand=touch /tmp/x"),
+            ("address", "a;rm -rf /"),
+            ("user", "root$(id)"),
+            ("configuration", "x\"; builtins.abort \""),
+        ] {
+            let text = format!("{WEB}  {field}: '{value}'\n").replace("  address: 10.0.0.2\n  address", "  address");
+            let res = parse_fleet(&[file("specs/x.yaml", &text)]);
+            assert!(res.is_err(), "{field}={value} was accepted");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_huge_files_are_errors() {
+        let errs = errors_of(&[SpecFile {
+            path: "specs/bin.yaml".into(),
+            contents: vec![0xff, 0xfe, b'a'],
+        }]);
+        assert!(errs[0].contains("not valid UTF-8"), "{}", errs[0]);
+
+        let errs = errors_of(&[SpecFile {
+            path: "specs/huge.yaml".into(),
+            contents: vec![b' '; MAX_SPEC_FILE_BYTES + 1],
+        }]);
+        assert!(errs[0].contains("limit"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let errs = errors_of(&[file("specs/x.yaml", "apiVersion: cim/v1\nkind: [Host\n")]);
+        assert!(errs[0].starts_with("specs/x.yaml:"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn empty_documents_are_skipped() {
+        let fleet = parse_fleet(&[file("specs/e.yaml", "---\n# nothing\n")]).unwrap();
+        assert!(fleet.hosts.is_empty());
+    }
+
+    #[test]
+    fn offsets_follow_lines_and_characters() {
+        assert_eq!(offset_of("ab\ncd", 2, 2), Some(4));
+        assert_eq!(offset_of("ab\ncd", 1, 1), Some(0));
+        assert_eq!(offset_of("ab", 5, 1), None);
+    }
+}
