@@ -9,3 +9,6 @@ pub mod spec;
 pub mod event;
 pub mod queue;
 pub mod status;
+pub mod store;
+pub mod driver;
+pub mod git;

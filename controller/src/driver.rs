@@ -1,0 +1,471 @@
+//! The only module that runs processes: `nix` locally, and commands on hosts
+//! over the system OpenSSH client (through the `openssh` crate, multiplexed).
+//!
+//! Every `nix` invocation is made by [`NixCommand`], which adds the
+//! experimental-feature flags and the operator's `--nix-option`s; every remote
+//! command goes through [`HostSession`], whose arguments are shell-escaped by
+//! `openssh`. Nothing is ever spliced into a shell string, and the user's
+//! `--ssh-config` applies to every ssh connection, including those `nix copy`
+//! makes (through `NIX_SSHOPTS`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder};
+use serde::Deserialize;
+use tokio::process::Command;
+
+use crate::spec::{Action, HostSpec};
+
+/// How `nix` and `ssh` are run; shared by every invocation.
+#[derive(Debug, Clone, Default)]
+pub struct DriverConfig {
+    /// Passed as `-F` to every ssh invocation.
+    pub ssh_config: Option<PathBuf>,
+    /// Where ssh control sockets live; kept short because socket paths are
+    /// limited to about 100 bytes.
+    pub control_dir: PathBuf,
+    /// Extra `--option NAME VALUE` pairs for every nix invocation.
+    pub nix_options: Vec<(String, String)>,
+    pub connect_timeout: Duration,
+}
+
+/// A `nix` command line with the flags every invocation needs.
+struct NixCommand {
+    cmd: Command,
+}
+
+impl NixCommand {
+    fn new(cfg: &DriverConfig, subcommand: &str) -> NixCommand {
+        let mut cmd = Command::new("nix");
+        cmd.arg("--extra-experimental-features").arg("nix-command flakes");
+        for (name, value) in &cfg.nix_options {
+            cmd.arg("--option").arg(name).arg(value);
+        }
+        cmd.arg(subcommand);
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        NixCommand { cmd }
+    }
+
+    fn describe(&self) -> String {
+        let std = self.cmd.as_std();
+        let mut parts = vec![std.get_program().to_string_lossy().into_owned()];
+        parts.extend(std.get_args().map(|a| a.to_string_lossy().into_owned()));
+        parts.join(" ")
+    }
+
+    async fn output(mut self) -> Result<std::process::Output, std::io::Error> {
+        self.cmd.output().await
+    }
+}
+
+/// Output of a finished command, kept for error messages.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    fn from_output(out: &std::process::Output) -> CommandOutput {
+        CommandOutput {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn exit(&self) -> String {
+        self.status.map_or_else(|| "a signal".to_string(), |c| c.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`nix build` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
+    Failed {
+        attribute: String,
+        output: CommandOutput,
+    },
+    #[error("`nix build --json` printed output cim cannot read: {0}")]
+    Output(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("cannot connect to {destination}: {}", connect_message(.source))]
+    Connect {
+        destination: String,
+        source: openssh::Error,
+    },
+    #[error("running `{command}` on {destination} failed")]
+    Command {
+        destination: String,
+        command: String,
+        #[source]
+        source: openssh::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`nix copy` to {destination} exited with {}:\n{}", .output.exit(), tail(&.output.stderr, 20))]
+    Failed {
+        destination: String,
+        output: CommandOutput,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("`{command}` on {destination} exited with {}:\n{}", .output.exit(), tail(&combined(.output), 20))]
+    Failed {
+        destination: String,
+        command: String,
+        output: CommandOutput,
+    },
+}
+
+impl ActivateError {
+    /// Whether the host went away rather than the command failing.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ActivateError::Ssh(_))
+    }
+}
+
+/// The flake output holding a host's system closure. The attribute is quoted,
+/// and spec validation restricts it to characters that need no escaping.
+pub fn toplevel_attribute(configuration: &str) -> String {
+    format!("nixosConfigurations.\"{configuration}\".config.system.build.toplevel")
+}
+
+#[derive(Deserialize)]
+struct BuildResult {
+    outputs: std::collections::BTreeMap<String, String>,
+}
+
+/// Builds the given flake outputs of `flake` in one `nix build --json`
+/// invocation, so that one evaluation serves every host. On failure the
+/// caller falls back to building outputs one by one to learn which failed.
+pub async fn build(
+    cfg: &DriverConfig,
+    flake: &str,
+    attributes: &[String],
+) -> Result<Vec<String>, BuildError> {
+    let mut nix = NixCommand::new(cfg, "build");
+    nix.cmd.args(["--json", "--no-link"]);
+    for attr in attributes {
+        nix.cmd.arg(format!("{flake}#{attr}"));
+    }
+    let command = nix.describe();
+    tracing::debug!(%command, "building");
+    let out = nix
+        .output()
+        .await
+        .map_err(|source| BuildError::Spawn { command, source })?;
+    let output = CommandOutput::from_output(&out);
+    if !out.status.success() {
+        return Err(BuildError::Failed {
+            attribute: attributes.join(", "),
+            output,
+        });
+    }
+    let results: Vec<BuildResult> = serde_json::from_str(output.stdout.trim())
+        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))?;
+    if results.len() != attributes.len() {
+        return Err(BuildError::Output(format!(
+            "expected {} results, got {}",
+            attributes.len(),
+            results.len()
+        )));
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.outputs
+                .get("out")
+                .cloned()
+                .ok_or_else(|| BuildError::Output("a result has no `out` output".to_string()))
+        })
+        .collect()
+}
+
+/// `user@address`, as ssh and nix store URLs want it.
+pub fn destination(host: &HostSpec) -> String {
+    if host.address.contains(':') {
+        format!("{}@[{}]", host.user, host.address)
+    } else {
+        format!("{}@{}", host.user, host.address)
+    }
+}
+
+/// A multiplexed SSH connection to one host, reused for all of that host's
+/// commands in one reconcile.
+pub struct HostSession {
+    session: Session,
+    destination: String,
+    port: u16,
+}
+
+impl HostSession {
+    pub async fn connect(cfg: &DriverConfig, host: &HostSpec) -> Result<HostSession, SshError> {
+        let mut builder = SessionBuilder::default();
+        builder
+            .user(host.user.clone())
+            .port(host.port)
+            // openssh always passes StrictHostKeyChecking; `yes` never
+            // weakens what the user's own ssh config asks for.
+            .known_hosts_check(KnownHosts::Strict)
+            .connect_timeout(cfg.connect_timeout)
+            .server_alive_interval(Duration::from_secs(5))
+            .control_directory(&cfg.control_dir);
+        if let Some(config) = &cfg.ssh_config {
+            builder.config_file(config);
+        }
+        let destination = destination(host);
+        let session = builder
+            .connect_mux(&host.address)
+            .await
+            .map_err(|source| SshError::Connect {
+                destination: destination.clone(),
+                source,
+            })?;
+        Ok(HostSession {
+            session,
+            destination,
+            port: host.port,
+        })
+    }
+
+    async fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, SshError> {
+        let out = self
+            .session
+            .command(program)
+            .args(args)
+            .stdin(openssh::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| SshError::Command {
+                destination: self.destination.clone(),
+                command: describe(program, args),
+                source,
+            })?;
+        Ok(CommandOutput::from_output(&out))
+    }
+
+    /// The closure `/run/current-system` points at, or `None` on a host that
+    /// has none yet.
+    pub async fn current_system(&self) -> Result<Option<String>, SshError> {
+        let out = self.run("readlink", &["/run/current-system"]).await?;
+        let path = out.stdout.trim();
+        Ok((out.status == Some(0) && !path.is_empty()).then(|| path.to_string()))
+    }
+
+    /// Copies `closure` to the host over this session's connection.
+    pub async fn copy(&self, cfg: &DriverConfig, closure: &str) -> Result<(), CopyError> {
+        let mut nix = NixCommand::new(cfg, "copy");
+        nix.cmd
+            .arg("--to")
+            .arg(format!("ssh://{}", self.destination))
+            .arg(closure)
+            .env("NIX_SSHOPTS", self.nix_sshopts(cfg));
+        let command = nix.describe();
+        tracing::debug!(%command, "copying");
+        let out = nix
+            .output()
+            .await
+            .map_err(|source| CopyError::Spawn { command, source })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(CopyError::Failed {
+                destination: self.destination.clone(),
+                output: CommandOutput::from_output(&out),
+            })
+        }
+    }
+
+    /// NIX_SSHOPTS is split on whitespace by nix, so paths in it must not
+    /// contain spaces; the control socket is under our state directory.
+    fn nix_sshopts(&self, cfg: &DriverConfig) -> String {
+        let mut opts = vec![
+            "-p".to_string(),
+            self.port.to_string(),
+            "-o".to_string(),
+            "BatchMode=yes".to_string(),
+            "-o".to_string(),
+            "StrictHostKeyChecking=yes".to_string(),
+            "-S".to_string(),
+            self.session.control_socket().display().to_string(),
+        ];
+        if let Some(config) = &cfg.ssh_config {
+            opts.push("-F".to_string());
+            opts.push(config.display().to_string());
+        }
+        opts.join(" ")
+    }
+
+    /// Points the system profile at `closure` (for switch and boot) and runs
+    /// its `switch-to-configuration`.
+    pub async fn activate(&self, closure: &str, action: Action) -> Result<CommandOutput, ActivateError> {
+        if action.sets_profile() {
+            let args = ["-p", "/nix/var/nix/profiles/system", "--set", closure];
+            self.checked("nix-env", &args).await?;
+        }
+        let program = format!("{closure}/bin/switch-to-configuration");
+        self.checked(&program, &[action.as_str()]).await
+    }
+
+    async fn checked(&self, program: &str, args: &[&str]) -> Result<CommandOutput, ActivateError> {
+        let output = self.run(program, args).await?;
+        match output.status {
+            Some(0) => Ok(output),
+            // ssh reports a lost connection as exit status 255.
+            Some(255) | None if output.stderr.is_empty() => Err(ActivateError::Ssh(SshError::Command {
+                destination: self.destination.clone(),
+                command: describe(program, args),
+                source: openssh::Error::Disconnected,
+            })),
+            _ => Err(ActivateError::Failed {
+                destination: self.destination.clone(),
+                command: describe(program, args),
+                output,
+            }),
+        }
+    }
+
+    pub async fn close(self) {
+        if let Err(e) = self.session.close().await {
+            tracing::debug!(destination = %self.destination, error = %e, "closing ssh session");
+        }
+    }
+}
+
+fn describe(program: &str, args: &[&str]) -> String {
+    std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
+}
+
+/// openssh puts ssh's own stderr in the source error; show it, since it is
+/// what tells an operator why (refused, timed out, host key mismatch).
+fn connect_message(err: &openssh::Error) -> String {
+    use std::error::Error as _;
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.trim().is_empty() && !msg.contains(text.trim()) {
+            msg.push_str(": ");
+            msg.push_str(text.trim());
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn combined(out: &CommandOutput) -> String {
+    let mut s = out.stdout.clone();
+    if !s.is_empty() && !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s.push_str(&out.stderr);
+    s
+}
+
+/// The last `n` non-empty lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The lines of nix's stderr worth showing: from the first `error:` on,
+/// without build-progress noise, at most 20 lines.
+pub fn relevant_lines(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("error"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    if lines.is_empty() {
+        return tail(stderr, 20);
+    }
+    lines.iter().take(20).copied().collect::<Vec<_>>().join("\n")
+}
+
+/// Checks that a path names a store object, before it is sent to a host.
+pub fn is_store_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/nix/store/") else {
+        return false;
+    };
+    let (hash, name) = rest.split_at(rest.len().min(32));
+    hash.len() == 32
+        && hash.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.starts_with('-')
+        && name.len() > 1
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+}
+
+/// Creates the control directory (mode 0700: it holds live connections).
+pub fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_paths_are_checked() {
+        assert!(is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1"));
+        assert!(!is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb"));
+        assert!(!is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"));
+        assert!(!is_store_path("/tmp/x"));
+    }
+
+    #[test]
+    fn nix_errors_keep_the_error_lines() {
+        let stderr = "building '/nix/store/x.drv'...\nwarning: foo\nerror: boom in web-2\n\n       (use '--show-trace')\n";
+        assert_eq!(relevant_lines(stderr), "error: boom in web-2\n       (use '--show-trace')");
+        assert_eq!(tail("a\nb\n\nc\n", 2), "b\nc");
+    }
+
+    #[test]
+    fn attributes_are_quoted() {
+        assert_eq!(
+            toplevel_attribute("web-1"),
+            "nixosConfigurations.\"web-1\".config.system.build.toplevel"
+        );
+    }
+
+    #[test]
+    fn nix_commands_carry_features_and_options() {
+        let cfg = DriverConfig {
+            nix_options: vec![("substituters".into(), String::new())],
+            ..DriverConfig::default()
+        };
+        let nix = NixCommand::new(&cfg, "build");
+        assert_eq!(
+            nix.describe(),
+            "nix --extra-experimental-features nix-command flakes --option substituters  build"
+        );
+    }
+}

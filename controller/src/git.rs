@@ -1,0 +1,308 @@
+//! Git, through `gix`: a bare mirror of the watched repository under the
+//! state directory, fetched from a local path or a URL (remote URLs go
+//! through the system ssh), spec files read from a commit's tree (never from
+//! a work tree), and revisions pinned under `refs/cim/<sha>` so that nix can
+//! fetch exactly that commit even after a force-push moved the branch away.
+//!
+//! Every function here blocks; the runtime calls them on a blocking thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::ObjectId;
+
+use crate::spec::SpecFile;
+
+/// Directory of spec files inside the repository.
+pub const SPECS_DIR: &str = "specs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot open or create the mirror at {path}")]
+    Mirror {
+        path: PathBuf,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("fetching branch `{branch}` from {url} failed")]
+    Fetch {
+        url: String,
+        branch: String,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("branch `{branch}` does not exist in {url}")]
+    NoBranch { url: String, branch: String },
+    #[error("cannot read {what} of revision {revision}")]
+    Read {
+        revision: String,
+        what: String,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("cannot pin revision {revision} in the mirror")]
+    Pin {
+        revision: String,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("`{0}` is not a full commit id")]
+    BadRevision(String),
+    #[error("`{0}` is not a git repository with a `specs/` directory")]
+    NotARepo(PathBuf),
+}
+
+/// A bare mirror of the watched repository.
+pub struct Mirror {
+    repo: gix::Repository,
+    path: PathBuf,
+    url: String,
+}
+
+impl Mirror {
+    /// Opens the mirror under `state_dir`, creating it on first use. A local
+    /// `source` path is made absolute so that fetching does not depend on
+    /// the working directory.
+    pub fn open(state_dir: &Path, source: &str) -> Result<Mirror, GitError> {
+        let path = std::path::absolute(state_dir.join("mirror.git")).unwrap_or_else(|_| state_dir.join("mirror.git"));
+        let mirror_err = |source| GitError::Mirror {
+            path: path.clone(),
+            source,
+        };
+        let repo = if path.join("HEAD").exists() {
+            gix::open(&path).map_err(mirror_err)?
+        } else {
+            gix::init_bare(&path).map_err(mirror_err)?
+        };
+        let url = if Path::new(source).exists() {
+            std::path::absolute(source)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| source.to_string())
+        } else {
+            source.to_string()
+        };
+        Ok(Mirror { repo, path, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Fetches `branch` (force-updating it: a rewritten history simply
+    /// becomes the new desired state) and returns its head commit.
+    pub fn fetch(&self, branch: &str) -> Result<String, GitError> {
+        let fetch_err = |source| GitError::Fetch {
+            url: self.url.clone(),
+            branch: branch.to_string(),
+            source,
+        };
+        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        let remote = self
+            .repo
+            .remote_at(self.url.as_str())
+            .map_err(fetch_err)?
+            .with_fetch_tags(gix::remote::fetch::Tags::None)
+            .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
+            .map_err(fetch_err)?;
+        let interrupt = AtomicBool::new(false);
+        remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(fetch_err)?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(fetch_err)?
+            .receive(gix::progress::Discard, &interrupt)
+            .map_err(fetch_err)?;
+        self.head(branch)?.ok_or_else(|| GitError::NoBranch {
+            url: self.url.clone(),
+            branch: branch.to_string(),
+        })
+    }
+
+    /// The mirror's current head of `branch`, without fetching.
+    pub fn head(&self, branch: &str) -> Result<Option<String>, GitError> {
+        let name = format!("refs/heads/{branch}");
+        match self.repo.try_find_reference(name.as_str()) {
+            Ok(Some(mut r)) => {
+                let id = r.peel_to_id().map_err(|source| GitError::Read {
+                    revision: name.clone(),
+                    what: "the branch".to_string(),
+                    source,
+                })?;
+                Ok(Some(id.to_string()))
+            }
+            Ok(None) => Ok(None),
+            Err(source) => Err(GitError::Read {
+                revision: name,
+                what: "the branch".to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// The spec files in the tree of `revision`.
+    pub fn read_specs(&self, revision: &str) -> Result<Vec<SpecFile>, GitError> {
+        read_specs_at(&self.repo, revision)
+    }
+
+    /// Keeps `revision` reachable under `refs/cim/<sha>`.
+    pub fn pin(&self, revision: &str) -> Result<(), GitError> {
+        let pin_err = |source| GitError::Pin {
+            revision: revision.to_string(),
+            source,
+        };
+        let id = parse_id(revision)?;
+        self.repo
+            .reference(
+                format!("refs/cim/{revision}").as_str(),
+                id,
+                gix::refs::transaction::PreviousValue::Any,
+                "cim: pin revision for nix",
+            )
+            .map_err(pin_err)?;
+        Ok(())
+    }
+
+    /// The flake reference nix builds `revision` from.
+    pub fn flake_ref(&self, revision: &str) -> String {
+        format!(
+            "git+file://{}?ref=refs/cim/{revision}&rev={revision}",
+            self.path.display()
+        )
+    }
+}
+
+fn parse_id(revision: &str) -> Result<ObjectId, GitError> {
+    ObjectId::from_hex(revision.as_bytes()).map_err(|_| GitError::BadRevision(revision.to_string()))
+}
+
+fn read_specs_at(repo: &gix::Repository, revision: &str) -> Result<Vec<SpecFile>, GitError> {
+    let read_err = |what: &str| {
+        let what = what.to_string();
+        move |source| GitError::Read {
+            revision: revision.to_string(),
+            what,
+            source,
+        }
+    };
+    let id = parse_id(revision)?;
+    let commit = repo.find_commit(id).map_err(read_err("the commit"))?;
+    let tree = commit.tree().map_err(read_err("the tree"))?;
+    let Some(entry) = tree.lookup_entry_by_path(SPECS_DIR).map_err(read_err("specs/"))? else {
+        return Ok(Vec::new());
+    };
+    if !entry.mode().is_tree() {
+        return Ok(Vec::new());
+    }
+    let specs = entry.object().map_err(read_err("specs/"))?.into_tree();
+    let mut files = Vec::new();
+    for item in specs.iter() {
+        let item = item.map_err(read_err("specs/"))?;
+        let name = item.filename().to_string();
+        if !(name.ends_with(".yaml") || name.ends_with(".yml")) || !item.mode().is_blob() {
+            continue;
+        }
+        let path = format!("{SPECS_DIR}/{name}");
+        let blob = item.object().map_err(read_err(&path))?;
+        files.push(SpecFile {
+            path,
+            contents: blob.data.clone(),
+        });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// Spec files for `cim validate`: from the work tree if `path` has a
+/// `specs/` directory, otherwise from the HEAD commit of the repository at
+/// `path` (which may be bare).
+pub fn specs_for_validation(path: &Path) -> Result<Vec<SpecFile>, GitError> {
+    let dir = path.join(SPECS_DIR);
+    if dir.is_dir() {
+        let mut files = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.ends_with(".yaml") || name.ends_with(".yml")) || !entry.path().is_file() {
+                continue;
+            }
+            let contents =
+                std::fs::read(entry.path()).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
+            files.push(SpecFile {
+                path: format!("{SPECS_DIR}/{name}"),
+                contents,
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        return Ok(files);
+    }
+    let repo = gix::open(path).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
+    let head = repo
+        .head_id()
+        .map_err(|_| GitError::NotARepo(path.to_path_buf()))?
+        .to_string();
+    read_specs_at(&repo, &head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(["-c", "user.email=t@t", "-c", "user.name=t", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn fetches_reads_pins_and_follows_force_pushes() {
+        let src = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        git(src.path(), &["init", "-q"]);
+        std::fs::create_dir(src.path().join("specs")).unwrap();
+        std::fs::write(src.path().join("specs/a.yaml"), "a: 1\n").unwrap();
+        std::fs::write(src.path().join("specs/notes.txt"), "ignored").unwrap();
+        git(src.path(), &["add", "."]);
+        git(src.path(), &["commit", "-qm", "one"]);
+        let first = git(src.path(), &["rev-parse", "HEAD"]);
+
+        let mirror = Mirror::open(state.path(), src.path().to_str().unwrap()).unwrap();
+        assert_eq!(mirror.fetch("main").unwrap(), first);
+        let files = mirror.read_specs(&first).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].path, "specs/a.yaml");
+        assert_eq!(files[0].contents, b"a: 1\n");
+        mirror.pin(&first).unwrap();
+        assert!(mirror.flake_ref(&first).contains(&format!("ref=refs/cim/{first}&rev={first}")));
+
+        std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
+        git(src.path(), &["commit", "-qam", "rewritten", "--amend"]);
+        let rewritten = git(src.path(), &["rev-parse", "HEAD"]);
+        assert_eq!(mirror.fetch("main").unwrap(), rewritten);
+        assert_eq!(mirror.read_specs(&rewritten).unwrap()[0].contents, b"a: 2\n");
+        // The pinned revision stays readable after the rewrite.
+        assert_eq!(mirror.read_specs(&first).unwrap()[0].contents, b"a: 1\n");
+
+        assert!(matches!(mirror.fetch("nope"), Err(GitError::Fetch { .. } | GitError::NoBranch { .. })));
+    }
+
+    #[test]
+    fn validation_reads_work_trees_and_bare_repos() {
+        let src = tempfile::tempdir().unwrap();
+        git(src.path(), &["init", "-q"]);
+        std::fs::create_dir(src.path().join("specs")).unwrap();
+        std::fs::write(src.path().join("specs/b.yml"), "b\n").unwrap();
+        assert_eq!(specs_for_validation(src.path()).unwrap().len(), 1);
+        git(src.path(), &["add", "."]);
+        git(src.path(), &["commit", "-qm", "one"]);
+        let bare = tempfile::tempdir().unwrap();
+        git(bare.path(), &["clone", "-q", "--bare", src.path().to_str().unwrap(), "r.git"]);
+        let files = specs_for_validation(&bare.path().join("r.git")).unwrap();
+        assert_eq!(files[0].path, "specs/b.yml");
+    }
+}
