@@ -39,7 +39,8 @@ struct NixCommand {
 impl NixCommand {
     fn new(cfg: &DriverConfig, subcommand: &str) -> NixCommand {
         let mut cmd = Command::new("nix");
-        cmd.arg("--extra-experimental-features").arg("nix-command flakes");
+        cmd.arg("--extra-experimental-features")
+            .arg("nix-command flakes");
         for (name, value) in &cfg.nix_options {
             cmd.arg("--option").arg(name).arg(value);
         }
@@ -78,7 +79,8 @@ impl CommandOutput {
     }
 
     fn exit(&self) -> String {
-        self.status.map_or_else(|| "a signal".to_string(), |c| c.to_string())
+        self.status
+            .map_or_else(|| "a signal".to_string(), |c| c.to_string())
     }
 }
 
@@ -239,13 +241,14 @@ impl HostSession {
             builder.config_file(config);
         }
         let destination = destination(host);
-        let session = builder
-            .connect_mux(&host.address)
-            .await
-            .map_err(|source| SshError::Connect {
-                destination: destination.clone(),
-                source,
-            })?;
+        let session =
+            builder
+                .connect_mux(&host.address)
+                .await
+                .map_err(|source| SshError::Connect {
+                    destination: destination.clone(),
+                    source,
+                })?;
         Ok(HostSession {
             session,
             destination,
@@ -275,6 +278,15 @@ impl HostSession {
         let out = self.run("readlink", &["/run/current-system"]).await?;
         let path = out.stdout.trim();
         Ok((out.status == Some(0) && !path.is_empty()).then(|| path.to_string()))
+    }
+
+    /// The closure the system profile points at: what the host boots into.
+    pub async fn boot_system(&self) -> Result<Option<String>, SshError> {
+        let out = self
+            .run("readlink", &["-f", "/nix/var/nix/profiles/system"])
+            .await?;
+        let path = out.stdout.trim();
+        Ok((out.status == Some(0) && is_store_path(path)).then(|| path.to_string()))
     }
 
     /// Copies `closure` to the host over this session's connection.
@@ -323,7 +335,11 @@ impl HostSession {
 
     /// Points the system profile at `closure` (for switch and boot) and runs
     /// its `switch-to-configuration`.
-    pub async fn activate(&self, closure: &str, action: Action) -> Result<CommandOutput, ActivateError> {
+    pub async fn activate(
+        &self,
+        closure: &str,
+        action: Action,
+    ) -> Result<CommandOutput, ActivateError> {
         if action.sets_profile() {
             let args = ["-p", "/nix/var/nix/profiles/system", "--set", closure];
             self.checked("nix-env", &args).await?;
@@ -337,11 +353,13 @@ impl HostSession {
         match output.status {
             Some(0) => Ok(output),
             // ssh reports a lost connection as exit status 255.
-            Some(255) | None if output.stderr.is_empty() => Err(ActivateError::Ssh(SshError::Command {
-                destination: self.destination.clone(),
-                command: describe(program, args),
-                source: openssh::Error::Disconnected,
-            })),
+            Some(255) | None if output.stderr.is_empty() => {
+                Err(ActivateError::Ssh(SshError::Command {
+                    destination: self.destination.clone(),
+                    command: describe(program, args),
+                    source: openssh::Error::Disconnected,
+                }))
+            }
             _ => Err(ActivateError::Failed {
                 destination: self.destination.clone(),
                 command: describe(program, args),
@@ -358,7 +376,10 @@ impl HostSession {
 }
 
 fn describe(program: &str, args: &[&str]) -> String {
-    std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
+    std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// openssh puts ssh's own stderr in the source error; show it, since it is
@@ -404,7 +425,12 @@ pub fn relevant_lines(stderr: &str) -> String {
     if lines.is_empty() {
         return tail(stderr, 20);
     }
-    lines.iter().take(20).copied().collect::<Vec<_>>().join("\n")
+    lines
+        .iter()
+        .take(20)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Checks that a path names a store object, before it is sent to a host.
@@ -414,7 +440,9 @@ pub fn is_store_path(path: &str) -> bool {
     };
     let (hash, name) = rest.split_at(rest.len().min(32));
     hash.len() == 32
-        && hash.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && name.starts_with('-')
         && name.len() > 1
         && name[1..]
@@ -435,16 +463,25 @@ mod tests {
 
     #[test]
     fn store_paths_are_checked() {
-        assert!(is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1"));
-        assert!(!is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb"));
-        assert!(!is_store_path("/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"));
+        assert!(is_store_path(
+            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1"
+        ));
+        assert!(!is_store_path(
+            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb"
+        ));
+        assert!(!is_store_path(
+            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"
+        ));
         assert!(!is_store_path("/tmp/x"));
     }
 
     #[test]
     fn nix_errors_keep_the_error_lines() {
         let stderr = "building '/nix/store/x.drv'...\nwarning: foo\nerror: boom in web-2\n\n       (use '--show-trace')\n";
-        assert_eq!(relevant_lines(stderr), "error: boom in web-2\n       (use '--show-trace')");
+        assert_eq!(
+            relevant_lines(stderr),
+            "error: boom in web-2\n       (use '--show-trace')"
+        );
         assert_eq!(tail("a\nb\n\nc\n", 2), "b\nc");
     }
 

@@ -210,7 +210,11 @@ mod tests {
     fn json_shape_is_stable() {
         let ev = NewEvent::host("web-1", Reason::ActivationFailed, Some("abc"), "boom")
             .phase(Phase::Failed)
-            .into_event(7, time::macros::datetime!(2026-01-02 03:04:05 UTC), Some(Phase::Activating));
+            .into_event(
+                7,
+                time::macros::datetime!(2026-01-02 03:04:05 UTC),
+                Some(Phase::Activating),
+            );
         let json = serde_json::to_string(&ev).unwrap();
         assert_eq!(
             json,

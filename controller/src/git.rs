@@ -64,7 +64,8 @@ impl Mirror {
     /// `source` path is made absolute so that fetching does not depend on
     /// the working directory.
     pub fn open(state_dir: &Path, source: &str) -> Result<Mirror, GitError> {
-        let path = std::path::absolute(state_dir.join("mirror.git")).unwrap_or_else(|_| state_dir.join("mirror.git"));
+        let path = std::path::absolute(state_dir.join("mirror.git"))
+            .unwrap_or_else(|_| state_dir.join("mirror.git"));
         let mirror_err = |source| GitError::Mirror {
             path: path.clone(),
             source,
@@ -162,13 +163,22 @@ impl Mirror {
         Ok(())
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The flake reference nix builds `revision` from.
     pub fn flake_ref(&self, revision: &str) -> String {
-        format!(
-            "git+file://{}?ref=refs/cim/{revision}&rev={revision}",
-            self.path.display()
-        )
+        flake_ref(&self.path, revision)
     }
+}
+
+/// The flake reference of a pinned `revision` in the mirror at `mirror`.
+pub fn flake_ref(mirror: &Path, revision: &str) -> String {
+    format!(
+        "git+file://{}?ref=refs/cim/{revision}&rev={revision}",
+        mirror.display()
+    )
 }
 
 fn parse_id(revision: &str) -> Result<ObjectId, GitError> {
@@ -187,7 +197,10 @@ fn read_specs_at(repo: &gix::Repository, revision: &str) -> Result<Vec<SpecFile>
     let id = parse_id(revision)?;
     let commit = repo.find_commit(id).map_err(read_err("the commit"))?;
     let tree = commit.tree().map_err(read_err("the tree"))?;
-    let Some(entry) = tree.lookup_entry_by_path(SPECS_DIR).map_err(read_err("specs/"))? else {
+    let Some(entry) = tree
+        .lookup_entry_by_path(SPECS_DIR)
+        .map_err(read_err("specs/"))?
+    else {
         return Ok(Vec::new());
     };
     if !entry.mode().is_tree() {
@@ -219,7 +232,8 @@ pub fn specs_for_validation(path: &Path) -> Result<Vec<SpecFile>, GitError> {
     let dir = path.join(SPECS_DIR);
     if dir.is_dir() {
         let mut files = Vec::new();
-        let entries = std::fs::read_dir(&dir).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
+        let entries =
+            std::fs::read_dir(&dir).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !(name.ends_with(".yaml") || name.ends_with(".yml")) || !entry.path().is_file() {
@@ -250,12 +264,23 @@ mod tests {
 
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
-            .args(["-c", "user.email=t@t", "-c", "user.name=t", "-c", "init.defaultBranch=main"])
+            .args([
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "user.name=t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
             .args(args)
             .current_dir(dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -278,17 +303,25 @@ mod tests {
         assert_eq!(files[0].path, "specs/a.yaml");
         assert_eq!(files[0].contents, b"a: 1\n");
         mirror.pin(&first).unwrap();
-        assert!(mirror.flake_ref(&first).contains(&format!("ref=refs/cim/{first}&rev={first}")));
+        assert!(mirror
+            .flake_ref(&first)
+            .contains(&format!("ref=refs/cim/{first}&rev={first}")));
 
         std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
         git(src.path(), &["commit", "-qam", "rewritten", "--amend"]);
         let rewritten = git(src.path(), &["rev-parse", "HEAD"]);
         assert_eq!(mirror.fetch("main").unwrap(), rewritten);
-        assert_eq!(mirror.read_specs(&rewritten).unwrap()[0].contents, b"a: 2\n");
+        assert_eq!(
+            mirror.read_specs(&rewritten).unwrap()[0].contents,
+            b"a: 2\n"
+        );
         // The pinned revision stays readable after the rewrite.
         assert_eq!(mirror.read_specs(&first).unwrap()[0].contents, b"a: 1\n");
 
-        assert!(matches!(mirror.fetch("nope"), Err(GitError::Fetch { .. } | GitError::NoBranch { .. })));
+        assert!(matches!(
+            mirror.fetch("nope"),
+            Err(GitError::Fetch { .. } | GitError::NoBranch { .. })
+        ));
     }
 
     #[test]
@@ -301,7 +334,16 @@ mod tests {
         git(src.path(), &["add", "."]);
         git(src.path(), &["commit", "-qm", "one"]);
         let bare = tempfile::tempdir().unwrap();
-        git(bare.path(), &["clone", "-q", "--bare", src.path().to_str().unwrap(), "r.git"]);
+        git(
+            bare.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                src.path().to_str().unwrap(),
+                "r.git",
+            ],
+        );
         let files = specs_for_validation(&bare.path().join("r.git")).unwrap();
         assert_eq!(files[0].path, "specs/b.yml");
     }

@@ -5,10 +5,16 @@
 //! them together (`watch`, `reconcile`, `controller`) and the user-facing
 //! surfaces (`api`, `client`, `render`). ARCHITECTURE.md has the map.
 
-pub mod spec;
+pub mod api;
+pub mod client;
+pub mod controller;
+pub mod driver;
 pub mod event;
+pub mod git;
 pub mod queue;
+pub mod reconcile;
+pub mod render;
+pub mod spec;
 pub mod status;
 pub mod store;
-pub mod driver;
-pub mod git;
+pub mod watch;

@@ -1,1 +1,420 @@
-fn main() {}
+//! The `cim` command line: `run` starts the controller; `validate`,
+//! `status`, `events` and `reconcile` are its clients. This is the only
+//! place that uses `anyhow`: it turns library errors into exit codes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use cim::client::Source;
+use cim::controller::{Controller, ControllerConfig};
+use cim::driver::{prepare_control_dir, DriverConfig};
+use cim::git::Mirror;
+use cim::store::{EventQuery, Store};
+use cim::{api, render, spec, watch};
+
+#[derive(Parser)]
+#[command(
+    name = "cim",
+    version,
+    about = "GitOps reconciliation controller for NixOS fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch a git repository and keep every host converged to it.
+    Run(RunArgs),
+    /// Check a repository's (or work tree's) specs offline.
+    Validate {
+        /// Repository or work tree; its `specs/*.yaml` are checked.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Show where every host (or one host) stands.
+    Status {
+        host: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Show the event log.
+    Events {
+        #[arg(long)]
+        host: Option<String>,
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long)]
+        since: Option<u64>,
+        /// At most this many (the newest, unless --since is given).
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Reconcile one host, or all, now.
+    Reconcile {
+        host: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// Controller API to ask.
+    #[arg(long, env = "CIM_API", default_value = "http://127.0.0.1:7878")]
+    api: String,
+    /// Read the store in this state directory instead of asking a controller.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Local path or URL of the git repository to watch.
+    #[arg(long)]
+    repo: String,
+    #[arg(long, default_value = "main")]
+    branch: String,
+    /// Where the event log, status and git mirror live.
+    #[arg(long, default_value = ".cim")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    listen: SocketAddr,
+    /// How often to fetch (local repositories are also watched for changes).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// How often every host is re-checked for drift.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    resync_interval: Duration,
+    /// Hosts worked on at once.
+    #[arg(long, default_value_t = 10)]
+    max_parallel: usize,
+    /// ssh_config file used for every ssh connection, including nix copy's.
+    #[arg(long)]
+    ssh_config: Option<PathBuf>,
+    /// Extra nix option for every nix invocation, as NAME=VALUE (repeatable).
+    #[arg(long = "nix-option", value_parser = parse_nix_option)]
+    nix_options: Vec<(String, String)>,
+    /// First retry delay of a failed host; doubles per failure.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    backoff_base: Duration,
+    /// Longest retry delay.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    backoff_max: Duration,
+    /// SSH connect timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// `500ms`, `30s`, `5m`, `2h`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s or 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    }
+}
+
+fn parse_nix_option(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Validate { path } => validate(&path),
+        Command::Status { host, source } => status(host, &source),
+        Command::Events {
+            host,
+            follow,
+            since,
+            limit,
+            source,
+        } => events(EventQuery { host, since, limit }, follow, &source),
+        Command::Reconcile { host, source } => reconcile(host, &source),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+type Exit = Result<std::process::ExitCode>;
+
+fn source(args: &SourceArgs) -> Source {
+    match &args.state_dir {
+        Some(dir) => Source::Store(dir.clone()),
+        None => Source::Api(args.api.clone()),
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn validate(path: &Path) -> Exit {
+    let files = cim::git::specs_for_validation(path)?;
+    if files.is_empty() {
+        bail!("no specs/*.yaml in {}", path.display());
+    }
+    match spec::parse_fleet(&files) {
+        Ok(fleet) => {
+            println!("{} hosts in {} files: ok", fleet.hosts.len(), files.len());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                eprintln!("{:?}", miette::Report::new(e.clone()));
+            }
+            eprintln!("{} problems found", errors.errors.len());
+            Ok(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
+fn status(host: Option<String>, args: &SourceArgs) -> Exit {
+    let src = source(args);
+    let now = time::OffsetDateTime::now_utc();
+    match host {
+        Some(name) => {
+            let h = src.host(&name)?;
+            match args.output {
+                Output::Json => print_json(&h)?,
+                Output::Table => println!("{}", render::host(&h, now)),
+            }
+        }
+        None => {
+            let s = src.status()?;
+            match args.output {
+                Output::Json => print_json(&s)?,
+                Output::Table => println!("{}", render::status(&s, now)),
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
+    let src = source(args);
+    if follow {
+        let print = |ev: &cim::event::Event| {
+            let line = match args.output {
+                Output::Json => serde_json::to_string(ev).unwrap_or_default(),
+                Output::Table => render::event_line(ev),
+            };
+            println!("{line}");
+            true
+        };
+        src.follow(&q, print)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let evs = src.events(&q)?;
+    match args.output {
+        Output::Json => print_json(&evs)?,
+        Output::Table => println!("{}", render::events(&evs, time::OffsetDateTime::now_utc())),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
+    let message = source(args).reconcile(host)?;
+    println!("{message}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Control sockets must fit in a Unix socket path (about 100 bytes); a deep
+/// state directory gets them under the temporary directory instead.
+fn control_dir(state_dir: &Path) -> PathBuf {
+    let preferred = state_dir.join("ssh");
+    if preferred.as_os_str().len() < 60 {
+        preferred
+    } else {
+        std::env::temp_dir().join(format!("cim-ssh-{}", std::process::id()))
+    }
+}
+
+fn run(args: RunArgs) -> Exit {
+    init_tracing(args.log_json);
+    std::fs::create_dir_all(&args.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
+    let state_dir = std::path::absolute(&args.state_dir)?;
+    let control_dir = control_dir(&state_dir);
+    prepare_control_dir(&control_dir)
+        .with_context(|| format!("cannot create {}", control_dir.display()))?;
+    if let Some(cfg) = &args.ssh_config {
+        if !cfg.is_file() {
+            bail!("--ssh-config {} does not exist", cfg.display());
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve(args, state_dir, control_dir))
+}
+
+async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit {
+    let store = Store::open(&state_dir)?;
+    let mirror = Mirror::open(&state_dir, &args.repo)?;
+    let driver = DriverConfig {
+        ssh_config: args
+            .ssh_config
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()?,
+        control_dir,
+        nix_options: args.nix_options.clone(),
+        connect_timeout: args.connect_timeout,
+    };
+    let fetch_now = Arc::new(Notify::new());
+    let mut controller = Controller::new(
+        ControllerConfig {
+            resync_interval: args.resync_interval,
+            max_parallel: args.max_parallel.max(1),
+            backoff_base: args.backoff_base,
+            backoff_max: args.backoff_max,
+            mirror_path: mirror.path().to_path_buf(),
+        },
+        driver,
+        store,
+        Arc::clone(&fetch_now),
+    )?;
+    if let Some(revision) = controller.status().repo.revision.clone() {
+        match mirror.read_specs(&revision).map(|f| spec::parse_fleet(&f)) {
+            Ok(Ok(fleet)) => controller.resume(revision, fleet),
+            Ok(Err(e)) => {
+                tracing::warn!(%revision, error = %e, "stored revision no longer validates")
+            }
+            Err(e) => tracing::warn!(%revision, error = %e, "cannot read the stored revision"),
+        }
+    }
+    let cancel = CancellationToken::new();
+    let (found_tx, found_rx) = mpsc::channel(16);
+    let (req_tx, req_rx) = mpsc::channel(64);
+    let local = Path::new(&args.repo)
+        .exists()
+        .then(|| PathBuf::from(&args.repo));
+    let watcher = watch::spawn(
+        mirror,
+        local,
+        watch::WatchConfig {
+            branch: args.branch.clone(),
+            poll_interval: args.poll_interval,
+        },
+        found_tx,
+        fetch_now,
+        cancel.clone(),
+    );
+    let app = api::router(state_dir.clone(), req_tx, controller.events());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, repo = %args.repo, branch = %args.branch, "cim controller started");
+    let api_cancel = cancel.clone();
+    let api = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { api_cancel.cancelled().await })
+            .await
+    });
+    tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("signal received, shutting down");
+            cancel.cancel();
+        }
+    });
+    controller.run(found_rx, req_rx, cancel.clone()).await;
+    cancel.cancel();
+    let _ = watcher.await;
+    // Open event streams keep the server busy; do not wait for them forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn nix_options_parse() {
+        assert_eq!(
+            parse_nix_option("substituters="),
+            Ok(("substituters".into(), String::new()))
+        );
+        assert!(parse_nix_option("nope").is_err());
+    }
+}

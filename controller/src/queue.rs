@@ -58,7 +58,11 @@ impl<T: Ord + Copy> WorkQueue<T> {
             .items
             .iter()
             .filter(|(_, item)| !item.running)
-            .filter_map(|(name, item)| item.due.filter(|due| *due <= now).map(|d| (d, name.clone())))
+            .filter_map(|(name, item)| {
+                item.due
+                    .filter(|due| *due <= now)
+                    .map(|d| (d, name.clone()))
+            })
             .collect();
         ready.sort();
         ready.truncate(limit);
@@ -90,6 +94,10 @@ impl<T: Ord + Copy> WorkQueue<T> {
         self.items.remove(host);
     }
 
+    pub fn is_queued(&self, host: &str) -> bool {
+        self.items.get(host).is_some_and(|i| i.due.is_some())
+    }
+
     pub fn is_running(&self, host: &str) -> bool {
         self.items.get(host).is_some_and(|i| i.running)
     }
@@ -112,7 +120,9 @@ impl<T: Ord + Copy> WorkQueue<T> {
 /// `base · 2^(failures-1)`, capped at `max`.
 pub fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
     let exp = failures.saturating_sub(1).min(32);
-    base.checked_mul(1u32 << exp.min(31)).unwrap_or(max).min(max)
+    base.checked_mul(1u32 << exp.min(31))
+        .unwrap_or(max)
+        .min(max)
 }
 
 #[cfg(test)]

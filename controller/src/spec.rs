@@ -169,7 +169,10 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
             if let Some(first) = seen.get(&spec.name) {
                 errors.push(ctx.error(
                     name_loc,
-                    format!("duplicate host name `{}` (first defined in {first})", spec.name),
+                    format!(
+                        "duplicate host name `{}` (first defined in {first})",
+                        spec.name
+                    ),
                 ));
                 continue;
             }
@@ -270,7 +273,10 @@ impl<'a> FileContext<'a> {
         }
         let name = &doc.metadata.name;
         if let Err(why) = check_dns_label(&name.value) {
-            errs.push(self.error(name.into(), format!("invalid host name `{}`: {why}", name.value)));
+            errs.push(self.error(
+                name.into(),
+                format!("invalid host name `{}`: {why}", name.value),
+            ));
         }
         for key in doc.metadata.labels.keys() {
             if let Err(why) = check_label_key(key) {
@@ -310,7 +316,10 @@ impl<'a> FileContext<'a> {
             labels: doc.metadata.labels,
             address: spec.address.value.clone(),
             port: spec.port.as_ref().map_or(22, |p| p.value),
-            user: spec.user.as_ref().map_or_else(|| "root".to_string(), |u| u.value.clone()),
+            user: spec
+                .user
+                .as_ref()
+                .map_or_else(|| "root".to_string(), |u| u.value.clone()),
             configuration: spec
                 .configuration
                 .as_ref()
@@ -349,7 +358,11 @@ fn offset_of(source: &str, line: u64, column: u64) -> Option<usize> {
     };
     let rest = &source[line_start..];
     let col = usize::try_from(column.saturating_sub(1)).ok()?;
-    let within = rest.char_indices().nth(col).map(|(i, _)| i).unwrap_or(rest.len());
+    let within = rest
+        .char_indices()
+        .nth(col)
+        .map(|(i, _)| i)
+        .unwrap_or(rest.len());
     let offset = line_start + within;
     (offset < source.len()).then_some(offset)
 }
@@ -407,7 +420,10 @@ pub fn check_address(address: &str) -> Result<(), &'static str> {
         if label.is_empty() || label.len() > 63 {
             return Err("each dot-separated part of a host name must be 1 to 63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err("must be an IP address or a host name of letters, digits, '-' and '.'");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -509,7 +525,10 @@ spec:
 
     #[test]
     fn unknown_field_names_file_line_and_column() {
-        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  adress: x\n");
+        let text = WEB.replace(
+            "  address: 10.0.0.2\n",
+            "  address: 10.0.0.2\n  adress: x\n",
+        );
         let errs = errors_of(&[file("specs/web.yaml", &text)]);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
@@ -518,11 +537,17 @@ spec:
 
     #[test]
     fn wrong_type_and_unknown_action_are_located() {
-        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  port: many\n");
+        let text = WEB.replace(
+            "  address: 10.0.0.2\n",
+            "  address: 10.0.0.2\n  port: many\n",
+        );
         let errs = errors_of(&[file("specs/web.yaml", &text)]);
         assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
 
-        let text = WEB.replace("  address: 10.0.0.2\n", "  address: 10.0.0.2\n  action: reboot\n");
+        let text = WEB.replace(
+            "  address: 10.0.0.2\n",
+            "  address: 10.0.0.2\n  action: reboot\n",
+        );
         let errs = errors_of(&[file("specs/web.yaml", &text)]);
         assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
         assert!(errs[0].contains("reboot"), "{}", errs[0]);
@@ -532,11 +557,19 @@ spec:
     fn bad_and_duplicate_names() {
         let bad = WEB.replace("web-1", "Web_1");
         let errs = errors_of(&[file("specs/bad.yaml", &bad)]);
-        assert!(errs[0].starts_with("specs/bad.yaml:4:9: invalid host name `Web_1`"), "{}", errs[0]);
+        assert!(
+            errs[0].starts_with("specs/bad.yaml:4:9: invalid host name `Web_1`"),
+            "{}",
+            errs[0]
+        );
 
         let errs = errors_of(&[file("specs/a.yaml", WEB), file("specs/b.yaml", WEB)]);
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].starts_with("specs/b.yaml:4:9: duplicate host name `web-1`"), "{}", errs[0]);
+        assert!(
+            errs[0].starts_with("specs/b.yaml:4:9: duplicate host name `web-1`"),
+            "{}",
+            errs[0]
+        );
         assert!(errs[0].contains("specs/a.yaml"), "{}", errs[0]);
     }
 
@@ -548,7 +581,8 @@ spec:
             ("user", "root$(id)"),
             ("configuration", "x\"; builtins.abort \""),
         ] {
-            let text = format!("{WEB}  {field}: '{value}'\n").replace("  address: 10.0.0.2\n  address", "  address");
+            let text = format!("{WEB}  {field}: '{value}'\n")
+                .replace("  address: 10.0.0.2\n  address", "  address");
             let res = parse_fleet(&[file("specs/x.yaml", &text)]);
             assert!(res.is_err(), "{field}={value} was accepted");
         }

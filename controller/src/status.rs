@@ -67,17 +67,20 @@ impl FleetStatus {
             self.hosts.remove(name);
             return;
         }
-        let host = self.hosts.entry(name.clone()).or_insert_with(|| HostStatus {
-            name: name.clone(),
-            phase: Phase::Pending,
-            current_system: None,
-            desired_system: None,
-            observed_revision: None,
-            message: String::new(),
-            last_transition_time: ev.time,
-            failures: 0,
-            next_retry: None,
-        });
+        let host = self
+            .hosts
+            .entry(name.clone())
+            .or_insert_with(|| HostStatus {
+                name: name.clone(),
+                phase: Phase::Pending,
+                current_system: None,
+                desired_system: None,
+                observed_revision: None,
+                message: String::new(),
+                last_transition_time: ev.time,
+                failures: 0,
+                next_retry: None,
+            });
         if let Some(to) = ev.to_phase {
             if to != host.phase {
                 host.phase = to;

@@ -58,9 +58,12 @@ impl Store {
             source,
         };
         let conn = Connection::open(&path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
         let version: u32 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
@@ -69,7 +72,10 @@ impl Store {
             conn.pragma_update(None, "user_version", EVENT_SCHEMA_VERSION)
                 .map_err(open_err)?;
         } else if version != EVENT_SCHEMA_VERSION {
-            return Err(StoreError::Schema { path, found: version });
+            return Err(StoreError::Schema {
+                path,
+                found: version,
+            });
         }
         Ok(Store { conn })
     }
@@ -226,7 +232,8 @@ mod tests {
             NewEvent::host("a", Reason::BuildSucceeded, Some("r1"), "")
                 .phase(Phase::Pending)
                 .system("/nix/store/a"),
-            NewEvent::host("b", Reason::BuildFailed, Some("r1"), "error: boom").phase(Phase::Failed),
+            NewEvent::host("b", Reason::BuildFailed, Some("r1"), "error: boom")
+                .phase(Phase::Failed),
             NewEvent::host("a", Reason::Converged, Some("r1"), "")
                 .phase(Phase::Converged)
                 .system("/nix/store/a"),
@@ -244,7 +251,10 @@ mod tests {
         let mut status = FleetStatus::default();
         sample(&mut store, &mut status);
 
-        let stored = Store::open_read_only(dir.path()).unwrap().load_status().unwrap();
+        let stored = Store::open_read_only(dir.path())
+            .unwrap()
+            .load_status()
+            .unwrap();
         let events = store.events(&EventQuery::default()).unwrap();
         assert_eq!(events.len(), 8);
         assert_eq!(FleetStatus::replay(&events), stored);
@@ -262,7 +272,11 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         let mut status = store.load_status().unwrap();
         let ev = store
-            .append(&mut status, NewEvent::repo(Reason::RevisionDetected, Some("r2"), ""), t(9))
+            .append(
+                &mut status,
+                NewEvent::repo(Reason::RevisionDetected, Some("r2"), ""),
+                t(9),
+            )
             .unwrap();
         assert_eq!(ev.seq, 9);
         let seqs: Vec<u64> = store

@@ -1,0 +1,183 @@
+//! Where the CLI gets its answers: a running controller's HTTP API, or (with
+//! `--state-dir`) the store directly when no controller is running. Both
+//! give the same types, so the CLI renders them the same way.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use crate::api::{ErrorResponse, ReconcileRequest, ReconcileResponse, StatusResponse};
+use crate::event::Event;
+use crate::status::HostStatus;
+use crate::store::{EventQuery, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the controller at {url} (is `cim run` running? set --api or CIM_API, or read a store with --state-dir)")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: Box<ureq::Transport>,
+    },
+    #[error("{url} answered {code}: {message}")]
+    Status {
+        url: String,
+        code: u16,
+        message: String,
+    },
+    #[error("cannot read the answer of {url}")]
+    Body {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no host `{0}`")]
+    NoHost(String),
+}
+
+/// The source of truth the CLI reads.
+pub enum Source {
+    Api(String),
+    Store(PathBuf),
+}
+
+impl Source {
+    fn url(base: &str, path: &str) -> String {
+        format!("{}{path}", base.trim_end_matches('/'))
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Result<T, ClientError> {
+        let url = Self::url(base, path);
+        let resp = ureq::get(&url).call().map_err(|e| http_error(&url, e))?;
+        resp.into_json()
+            .map_err(|source| ClientError::Body { url, source })
+    }
+
+    pub fn status(&self) -> Result<StatusResponse, ClientError> {
+        match self {
+            Source::Api(base) => Self::get(base, "/api/v1/status"),
+            Source::Store(dir) => Ok(Store::open_read_only(dir)?.load_status()?.into()),
+        }
+    }
+
+    pub fn host(&self, name: &str) -> Result<HostStatus, ClientError> {
+        match self {
+            Source::Api(base) => Self::get(base, &format!("/api/v1/hosts/{name}")),
+            Source::Store(dir) => Store::open_read_only(dir)?
+                .load_status()?
+                .hosts
+                .remove(name)
+                .ok_or_else(|| ClientError::NoHost(name.to_string())),
+        }
+    }
+
+    pub fn events(&self, q: &EventQuery) -> Result<Vec<Event>, ClientError> {
+        match self {
+            Source::Api(base) => {
+                let mut params = Vec::new();
+                if let Some(h) = &q.host {
+                    params.push(format!("host={h}"));
+                }
+                if let Some(s) = q.since {
+                    params.push(format!("since={s}"));
+                }
+                if let Some(l) = q.limit {
+                    params.push(format!("limit={l}"));
+                }
+                Self::get(base, &format!("/api/v1/events?{}", params.join("&")))
+            }
+            Source::Store(dir) => Ok(Store::open_read_only(dir)?.events(q)?),
+        }
+    }
+
+    /// Follows the event stream, calling `on_event` for each event until the
+    /// stream ends or `on_event` returns false. From a store, polls it.
+    pub fn follow(
+        &self,
+        q: &EventQuery,
+        mut on_event: impl FnMut(&Event) -> bool,
+    ) -> Result<(), ClientError> {
+        match self {
+            Source::Api(base) => {
+                let mut path = format!("/api/v1/events/stream?since={}", q.since.unwrap_or(0));
+                if let Some(h) = &q.host {
+                    path.push_str(&format!("&host={h}"));
+                }
+                let url = Self::url(base, &path);
+                let resp = ureq::get(&url).call().map_err(|e| http_error(&url, e))?;
+                let reader = std::io::BufReader::new(resp.into_reader());
+                for line in reader.lines() {
+                    let line = line.map_err(|source| ClientError::Body {
+                        url: url.clone(),
+                        source,
+                    })?;
+                    if let Some(data) = line.strip_prefix("data:") {
+                        if let Ok(ev) = serde_json::from_str::<Event>(data.trim()) {
+                            if !on_event(&ev) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Source::Store(dir) => {
+                let store = Store::open_read_only(dir)?;
+                let mut since = q.since.unwrap_or(0);
+                loop {
+                    let batch = store.events(&EventQuery {
+                        host: q.host.clone(),
+                        since: Some(since),
+                        limit: None,
+                    })?;
+                    for ev in &batch {
+                        since = ev.seq;
+                        if !on_event(ev) {
+                            return Ok(());
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    pub fn reconcile(&self, host: Option<String>) -> Result<String, ClientError> {
+        let Source::Api(base) = self else {
+            return Err(ClientError::Status {
+                url: "--state-dir".to_string(),
+                code: 400,
+                message: "reconcile needs a running controller (--api)".to_string(),
+            });
+        };
+        let url = Self::url(base, "/api/v1/reconcile");
+        let resp = ureq::post(&url)
+            .send_json(ReconcileRequest { host })
+            .map_err(|e| http_error(&url, e))?;
+        let body: ReconcileResponse = resp
+            .into_json()
+            .map_err(|source| ClientError::Body { url, source })?;
+        Ok(body.message)
+    }
+}
+
+fn http_error(url: &str, e: ureq::Error) -> ClientError {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let message = resp
+                .into_json::<ErrorResponse>()
+                .map(|b| b.error)
+                .unwrap_or_else(|_| "no details".to_string());
+            ClientError::Status {
+                url: url.to_string(),
+                code,
+                message,
+            }
+        }
+        ureq::Error::Transport(t) => ClientError::Unreachable {
+            url: url.to_string(),
+            source: Box::new(t),
+        },
+    }
+}

@@ -1,0 +1,688 @@
+//! The controller task: the one owner of mutable state (the status
+//! projection, the store, the work queue, the desired closures). Everything
+//! else talks to it with messages: the watcher reports revisions, the build
+//! task reports closures, workers report steps and outcomes, and the API asks
+//! for reconciles. It turns each state change into exactly one event, appended
+//! to the store together with the projection update.
+//!
+//! Level-triggered: the desired state is "every host runs the closure built
+//! from the current valid revision"; workers compare against what each host
+//! really runs, and a resync timer re-checks every host periodically.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::driver::{self, DriverConfig};
+use crate::event::{Event, NewEvent, Phase, Reason};
+use crate::queue::{backoff, WorkQueue};
+use crate::reconcile::{self, Outcome, Report, Step, WorkItem};
+use crate::spec::{Action, FleetSpec};
+use crate::status::FleetStatus;
+use crate::store::{Store, StoreError};
+use crate::watch::Found;
+
+/// Tunables of the reconcile loop.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub resync_interval: Duration,
+    pub max_parallel: usize,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Path of the bare mirror nix builds from.
+    pub mirror_path: PathBuf,
+}
+
+/// A request from the API.
+#[derive(Debug)]
+pub enum Request {
+    /// Reconcile one host, or every host, now.
+    Reconcile {
+        host: Option<String>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Everything the controller task receives.
+#[derive(Debug)]
+enum Msg {
+    Found(Found),
+    Report(Report),
+    Built {
+        revision: String,
+        results: BTreeMap<String, Result<String, String>>,
+    },
+    Request(Request),
+}
+
+/// Channels into a running controller.
+#[derive(Clone)]
+pub struct Handle {
+    pub requests: mpsc::Sender<Request>,
+    pub events: broadcast::Sender<Event>,
+}
+
+pub struct Controller {
+    cfg: ControllerConfig,
+    driver: Arc<DriverConfig>,
+    store: Store,
+    status: FleetStatus,
+    events: broadcast::Sender<Event>,
+    /// The current valid revision and its specs.
+    specs: Option<(String, FleetSpec)>,
+    /// Closures built for the current revision, by host.
+    desired: BTreeMap<String, String>,
+    build: Option<(String, tokio::task::JoinHandle<()>)>,
+    queue: WorkQueue<Instant>,
+    workers: JoinSet<()>,
+    worker_cancel: CancellationToken,
+    fetch_now: Arc<Notify>,
+    msg_tx: mpsc::Sender<Msg>,
+    msg_rx: Option<mpsc::Receiver<Msg>>,
+    report_tx: mpsc::Sender<Report>,
+    report_rx: Option<mpsc::Receiver<Report>>,
+}
+
+const CHANNEL_CAPACITY: usize = 256;
+
+impl Controller {
+    pub fn new(
+        cfg: ControllerConfig,
+        driver: DriverConfig,
+        store: Store,
+        fetch_now: Arc<Notify>,
+    ) -> Result<Controller, StoreError> {
+        let status = store.load_status()?;
+        let (events, _) = broadcast::channel(1024);
+        let (msg_tx, msg_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        Ok(Controller {
+            msg_tx,
+            msg_rx: Some(msg_rx),
+            report_tx,
+            report_rx: Some(report_rx),
+            cfg,
+            driver: Arc::new(driver),
+            store,
+            status,
+            events,
+            specs: None,
+            desired: BTreeMap::new(),
+            build: None,
+            queue: WorkQueue::default(),
+            workers: JoinSet::new(),
+            worker_cancel: CancellationToken::new(),
+            fetch_now,
+        })
+    }
+
+    pub fn status(&self) -> &FleetStatus {
+        &self.status
+    }
+
+    pub fn events(&self) -> broadcast::Sender<Event> {
+        self.events.clone()
+    }
+
+    /// Resumes reconciling the last valid revision recorded in the store,
+    /// before the watcher has fetched anything: a restart, or an unreachable
+    /// git server, must not stop the fleet from being kept converged.
+    pub fn resume(&mut self, revision: String, specs: FleetSpec) {
+        tracing::info!(%revision, hosts = specs.hosts.len(), "resuming the last valid revision");
+        self.specs = Some((revision.clone(), specs));
+        let hosts = self.active_hosts();
+        self.start_build(&revision, hosts);
+    }
+
+    /// Runs until `cancel` fires. `found` carries the watcher's reports,
+    /// `requests` the API's.
+    pub async fn run(
+        mut self,
+        mut found: mpsc::Receiver<Found>,
+        mut requests: mpsc::Receiver<Request>,
+        cancel: CancellationToken,
+    ) {
+        let (Some(mut rx), Some(mut reports)) = (self.msg_rx.take(), self.report_rx.take()) else {
+            return;
+        };
+        let mut resync = tokio::time::interval_at(
+            Instant::now() + self.cfg.resync_interval,
+            self.cfg.resync_interval,
+        );
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.dispatch();
+            let next_due = self.queue.next_due();
+            let msg = tokio::select! {
+                () = cancel.cancelled() => break,
+                Some(f) = found.recv() => Msg::Found(f),
+                Some(r) = reports.recv() => Msg::Report(r),
+                Some(m) = rx.recv() => m,
+                Some(r) = requests.recv() => Msg::Request(r),
+                _ = resync.tick() => { self.resync(); continue; }
+                () = sleep_until(next_due) => continue,
+                Some(_) = self.workers.join_next(), if !self.workers.is_empty() => continue,
+            };
+            self.handle(msg);
+        }
+        tracing::info!("shutting down: stopping workers");
+        self.worker_cancel.cancel();
+        if let Some((_, build)) = self.build.take() {
+            build.abort();
+        }
+        while self.workers.join_next().await.is_some() {}
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Found(Found::Revision { revision, specs }) => self.on_revision(revision, specs),
+            Msg::Found(Found::FetchFailed { message }) => {
+                let revision = self.status.repo.latest_revision.clone();
+                self.record(NewEvent::repo(
+                    Reason::FetchFailed,
+                    revision.as_deref(),
+                    message,
+                ));
+            }
+            Msg::Built { revision, results } => self.on_built(revision, results),
+            Msg::Report(Report::Step {
+                host,
+                revision,
+                step,
+            }) => self.on_step(&host, &revision, step),
+            Msg::Report(Report::Done {
+                host,
+                revision,
+                outcome,
+            }) => self.on_done(&host, &revision, outcome),
+            Msg::Request(Request::Reconcile { host, reply }) => {
+                let _ = reply.send(self.on_reconcile(host));
+            }
+        }
+    }
+
+    /// Appends an event; the projection follows. A store failure is fatal
+    /// for the event but not the controller: it is logged, and the next
+    /// state change tries again.
+    fn record(&mut self, new: NewEvent) -> Option<Event> {
+        match self
+            .store
+            .append(&mut self.status, new, OffsetDateTime::now_utc())
+        {
+            Ok(ev) => {
+                log_event(&ev);
+                let _ = self.events.send(ev.clone());
+                Some(ev)
+            }
+            Err(e) => {
+                tracing::error!(error = %reconcile::error_chain(&e), "cannot record an event");
+                None
+            }
+        }
+    }
+
+    fn current_revision(&self) -> Option<&str> {
+        self.specs.as_ref().map(|(r, _)| r.as_str())
+    }
+
+    fn host_spec(&self, name: &str) -> Option<&crate::spec::HostSpec> {
+        self.specs.as_ref().and_then(|(_, s)| s.hosts.get(name))
+    }
+
+    fn active_hosts(&self) -> Vec<String> {
+        self.specs
+            .as_ref()
+            .map(|(_, s)| {
+                s.hosts
+                    .values()
+                    .filter(|h| !h.suspend)
+                    .map(|h| h.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn on_revision(&mut self, revision: String, specs: Result<FleetSpec, crate::spec::SpecErrors>) {
+        let already_current = self.current_revision() == Some(revision.as_str());
+        let already_seen = self.status.repo.latest_revision.as_deref() == Some(revision.as_str());
+        if already_current || (already_seen && specs.is_err()) {
+            return;
+        }
+        self.record(NewEvent::repo(
+            Reason::RevisionDetected,
+            Some(&revision),
+            format!("new head {} of the watched branch", short(&revision)),
+        ));
+        match specs {
+            Err(errors) => {
+                let keeping = self
+                    .current_revision()
+                    .map_or("nothing is deployed".to_string(), |r| {
+                        format!("still reconciling {}", short(r))
+                    });
+                self.record(NewEvent::repo(
+                    Reason::SpecInvalid,
+                    Some(&revision),
+                    format!(
+                        "specs at {} are invalid, {keeping}: {errors}",
+                        short(&revision)
+                    ),
+                ));
+            }
+            Ok(fleet) => self.apply_specs(revision, fleet),
+        }
+    }
+
+    fn apply_specs(&mut self, revision: String, fleet: FleetSpec) {
+        self.record(NewEvent::repo(
+            Reason::SpecsLoaded,
+            Some(&revision),
+            format!("{} hosts at {}", fleet.hosts.len(), short(&revision)),
+        ));
+        let removed: Vec<String> = self
+            .status
+            .hosts
+            .keys()
+            .filter(|h| !fleet.hosts.contains_key(*h))
+            .cloned()
+            .collect();
+        for host in removed {
+            self.queue.remove(&host);
+            self.desired.remove(&host);
+            self.record(NewEvent::host(
+                &host,
+                Reason::HostRemoved,
+                Some(&revision),
+                "no longer in the specs; the host is left running as it is",
+            ));
+        }
+        for host in fleet.hosts.values() {
+            let phase = self.status.phase_of(&host.name);
+            if host.suspend && phase != Some(Phase::Suspended) {
+                self.queue.forget(&host.name);
+                self.record(
+                    NewEvent::host(
+                        &host.name,
+                        Reason::Suspended,
+                        Some(&revision),
+                        "suspended by its spec",
+                    )
+                    .phase(Phase::Suspended),
+                );
+            } else if !host.suspend && phase == Some(Phase::Suspended) {
+                self.record(
+                    NewEvent::host(
+                        &host.name,
+                        Reason::Resumed,
+                        Some(&revision),
+                        "resumed by its spec",
+                    )
+                    .phase(Phase::Pending),
+                );
+            }
+        }
+        self.specs = Some((revision.clone(), fleet));
+        self.desired.clear();
+        let hosts = self.active_hosts();
+        self.start_build(&revision, hosts);
+    }
+
+    /// Builds `hosts` at `revision` in the background, replacing any build
+    /// in flight (a newer revision makes it moot).
+    fn start_build(&mut self, revision: &str, hosts: Vec<String>) {
+        if let Some((_, old)) = self.build.take() {
+            old.abort();
+        }
+        if hosts.is_empty() {
+            return;
+        }
+        let mut jobs = Vec::new();
+        for name in &hosts {
+            let Some(spec) = self.host_spec(name).cloned() else {
+                continue;
+            };
+            jobs.push((
+                name.clone(),
+                driver::toplevel_attribute(&spec.configuration),
+            ));
+            if !self.queue.is_running(name) {
+                self.record(
+                    NewEvent::host(
+                        name,
+                        Reason::BuildStarted,
+                        Some(revision),
+                        format!(
+                            "building configuration {} at {}",
+                            spec.configuration,
+                            short(revision)
+                        ),
+                    )
+                    .phase(Phase::Building),
+                );
+            }
+        }
+        let flake = crate::git::flake_ref(&self.cfg.mirror_path, revision);
+        let driver = Arc::clone(&self.driver);
+        let revision = revision.to_string();
+        let tx = self.msg_tx.clone();
+        let handle = tokio::spawn({
+            let revision = revision.clone();
+            async move {
+                let results = build_all(&driver, &flake, jobs).await;
+                let _ = tx.send(Msg::Built { revision, results }).await;
+            }
+        });
+        self.build = Some((revision, handle));
+    }
+
+    fn on_built(&mut self, revision: String, results: BTreeMap<String, Result<String, String>>) {
+        if self.current_revision() != Some(revision.as_str()) {
+            return;
+        }
+        self.build = None;
+        let now = Instant::now();
+        for (host, result) in results {
+            let Some(spec) = self.host_spec(&host) else {
+                continue;
+            };
+            if spec.suspend {
+                continue;
+            }
+            let running = self.queue.is_running(&host);
+            match result {
+                Ok(closure) if driver::is_store_path(&closure) => {
+                    self.desired.insert(host.clone(), closure.clone());
+                    let mut ev = NewEvent::host(
+                        &host,
+                        Reason::BuildSucceeded,
+                        Some(&revision),
+                        format!("built {closure}"),
+                    )
+                    .system(closure);
+                    if !running {
+                        ev = ev.phase(Phase::Pending);
+                    }
+                    self.record(ev);
+                    self.queue.enqueue(&host, now);
+                }
+                Ok(other) => self.build_failed(
+                    &host,
+                    &revision,
+                    format!("nix built `{other}`, which is not a store path"),
+                ),
+                Err(message) => self.build_failed(&host, &revision, message),
+            }
+        }
+    }
+
+    /// A build error is deterministic for a given revision, so it is not
+    /// retried on a timer: a new revision or `cim reconcile` tries again.
+    fn build_failed(&mut self, host: &str, revision: &str, message: String) {
+        self.desired.remove(host);
+        self.record(
+            NewEvent::host(host, Reason::BuildFailed, Some(revision), message).phase(Phase::Failed),
+        );
+    }
+
+    /// Hands due hosts to workers, within `--max-parallel`.
+    fn dispatch(&mut self) {
+        let free = self.cfg.max_parallel.saturating_sub(self.queue.running());
+        if free == 0 {
+            return;
+        }
+        for host in self.queue.pop_ready(Instant::now(), free) {
+            let item = match (self.specs.as_ref(), self.desired.get(&host)) {
+                (Some((revision, fleet)), Some(desired)) => fleet
+                    .hosts
+                    .get(&host)
+                    .filter(|h| !h.suspend)
+                    .map(|spec| WorkItem {
+                        host: spec.clone(),
+                        revision: revision.clone(),
+                        desired: desired.clone(),
+                    }),
+                _ => None,
+            };
+            let Some(item) = item else {
+                self.queue.done(&host);
+                continue;
+            };
+            self.workers.spawn(reconcile::run(
+                Arc::clone(&self.driver),
+                item,
+                self.report_tx.clone(),
+                self.worker_cancel.child_token(),
+            ));
+        }
+    }
+
+    fn on_step(&mut self, host: &str, revision: &str, step: Step) {
+        let Some(status) = self.status.hosts.get(host) else {
+            return;
+        };
+        let desired = self.desired.get(host).cloned().unwrap_or_default();
+        let action = self.host_spec(host).map_or(Action::Switch, |h| h.action);
+        let ev = match step {
+            Step::Observed { current } => {
+                let drifted = status.phase == Phase::Converged
+                    && status.current_system.is_some()
+                    && current != status.current_system;
+                if !drifted {
+                    return;
+                }
+                let found = current.clone().unwrap_or_else(|| "no system".to_string());
+                let mut ev = NewEvent::host(
+                    host,
+                    Reason::DriftDetected,
+                    Some(revision),
+                    format!(
+                        "host runs {found}, not {}; converging it again",
+                        status.current_system.as_deref().unwrap_or_default()
+                    ),
+                )
+                .phase(Phase::Pending);
+                ev.system = current;
+                ev
+            }
+            Step::CopyStarted => NewEvent::host(
+                host,
+                Reason::CopyStarted,
+                Some(revision),
+                format!("copying {desired}"),
+            )
+            .phase(Phase::Copying),
+            Step::CopySucceeded => NewEvent::host(
+                host,
+                Reason::CopySucceeded,
+                Some(revision),
+                format!("copied {desired}"),
+            ),
+            Step::ActivationStarted => NewEvent::host(
+                host,
+                Reason::ActivationStarted,
+                Some(revision),
+                format!("running switch-to-configuration {action}"),
+            )
+            .phase(Phase::Activating),
+        };
+        self.record(ev);
+    }
+
+    fn on_done(&mut self, host: &str, revision: &str, outcome: Outcome) {
+        self.queue.done(host);
+        if self.host_spec(host).is_none_or(|h| h.suspend) || !self.status.hosts.contains_key(host) {
+            return;
+        }
+        match outcome {
+            Outcome::Cancelled => {}
+            Outcome::Converged { system, changed } => {
+                let status = &self.status.hosts[host];
+                let news = changed
+                    || status.phase != Phase::Converged
+                    || status.observed_revision.as_deref() != Some(revision)
+                    || status.current_system.as_deref() != Some(system.as_str());
+                if news {
+                    let message = if changed {
+                        format!("switched to {system}")
+                    } else {
+                        format!("already running {system}")
+                    };
+                    self.record(
+                        NewEvent::host(host, Reason::Converged, Some(revision), message)
+                            .phase(Phase::Converged)
+                            .system(system),
+                    );
+                }
+            }
+            Outcome::Failed { reason, message } => {
+                let failures = self.status.hosts[host].failures + 1;
+                let delay = backoff(failures, self.cfg.backoff_base, self.cfg.backoff_max);
+                let next = OffsetDateTime::now_utc() + delay;
+                self.record(
+                    NewEvent::host(host, reason, Some(revision), message)
+                        .phase(Phase::Failed)
+                        .next_retry(next),
+                );
+                self.queue.schedule(host, Instant::now() + delay);
+            }
+        }
+        // A newer revision may have arrived while this host was busy.
+        if self.current_revision() != Some(revision) && self.desired.contains_key(host) {
+            self.queue.enqueue(host, Instant::now());
+        }
+    }
+
+    /// Re-checks every host that is not already waiting for a retry.
+    fn resync(&mut self) {
+        let now = Instant::now();
+        let hosts: Vec<String> = self.desired.keys().cloned().collect();
+        for host in hosts {
+            let Some(spec) = self.host_spec(&host) else {
+                continue;
+            };
+            if spec.suspend || self.queue.is_queued(&host) {
+                continue;
+            }
+            // dry-activate changes nothing on the host, so there is nothing
+            // to re-check once it has run.
+            if spec.action == Action::DryActivate
+                && self.status.phase_of(&host) == Some(Phase::Converged)
+            {
+                continue;
+            }
+            self.queue.enqueue(&host, now);
+        }
+    }
+
+    fn on_reconcile(&mut self, host: Option<String>) -> Result<String, String> {
+        let Some(revision) = self.current_revision().map(str::to_string) else {
+            self.fetch_now.notify_one();
+            return Ok("no valid revision yet; fetching now".to_string());
+        };
+        let hosts = match &host {
+            Some(name) => {
+                let spec = self.host_spec(name).ok_or_else(|| {
+                    format!("no host `{name}` in the specs at {}", short(&revision))
+                })?;
+                if spec.suspend {
+                    return Err(format!("host `{name}` is suspended by its spec"));
+                }
+                vec![name.clone()]
+            }
+            None => {
+                self.fetch_now.notify_one();
+                self.active_hosts()
+            }
+        };
+        let now = Instant::now();
+        let mut rebuild = Vec::new();
+        for name in &hosts {
+            self.record(NewEvent::host(
+                name,
+                Reason::ReconcileRequested,
+                Some(&revision),
+                "reconcile requested",
+            ));
+            if self.desired.contains_key(name) {
+                self.queue.schedule(name, now);
+            } else {
+                rebuild.push(name.clone());
+            }
+        }
+        let building = self
+            .build
+            .as_ref()
+            .is_some_and(|(r, h)| *r == revision && !h.is_finished());
+        if !rebuild.is_empty() && !building {
+            self.start_build(&revision, rebuild);
+        }
+        Ok(match host {
+            Some(name) => format!("reconciling {name} at {}", short(&revision)),
+            None => format!("reconciling {} hosts at {}", hosts.len(), short(&revision)),
+        })
+    }
+}
+
+/// Builds every job in one nix invocation; if that fails, builds each on its
+/// own so that one host's error fails only that host.
+async fn build_all(
+    driver: &DriverConfig,
+    flake: &str,
+    jobs: Vec<(String, String)>,
+) -> BTreeMap<String, Result<String, String>> {
+    let attrs: Vec<String> = jobs.iter().map(|(_, a)| a.clone()).collect();
+    match driver::build(driver, flake, &attrs).await {
+        Ok(paths) => {
+            return jobs
+                .into_iter()
+                .map(|(h, _)| h)
+                .zip(paths.into_iter().map(Ok))
+                .collect();
+        }
+        Err(e) if jobs.len() == 1 => {
+            return BTreeMap::from([(jobs[0].0.clone(), Err(reconcile::error_chain(&e)))]);
+        }
+        Err(e) => tracing::info!(error = %e, "fleet build failed; building hosts one by one"),
+    }
+    let mut results = BTreeMap::new();
+    for (host, attr) in jobs {
+        let result = driver::build(driver, flake, std::slice::from_ref(&attr))
+            .await
+            .map(|mut p| p.remove(0))
+            .map_err(|e| reconcile::error_chain(&e));
+        results.insert(host, result);
+    }
+    results
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first 12 hex digits, as people read commit ids.
+pub fn short(revision: &str) -> &str {
+    &revision[..revision.len().min(12)]
+}
+
+fn log_event(ev: &Event) {
+    let host = ev.host.as_deref().unwrap_or("");
+    let revision = ev.revision.as_deref().unwrap_or("");
+    match ev.event_type {
+        crate::event::EventType::Normal => tracing::info!(
+            seq = ev.seq, host, revision, reason = %ev.reason, to = ?ev.to_phase, "{}", ev.message
+        ),
+        crate::event::EventType::Warning => tracing::warn!(
+            seq = ev.seq, host, revision, reason = %ev.reason, to = ?ev.to_phase, "{}", ev.message
+        ),
+    }
+}

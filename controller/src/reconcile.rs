@@ -1,0 +1,198 @@
+//! One host's reconcile, run by a worker task: observe what the host runs,
+//! and if it is not the desired closure, copy and activate it. The worker
+//! owns no shared state; it reports each step and its outcome to the
+//! controller over a channel, and the controller turns them into events.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::driver::{self, DriverConfig, HostSession};
+use crate::event::Reason;
+use crate::spec::{Action, HostSpec};
+
+/// What a worker is asked to do.
+#[derive(Debug, Clone)]
+pub struct WorkItem {
+    pub host: HostSpec,
+    pub revision: String,
+    /// The closure built for `host` at `revision`.
+    pub desired: String,
+}
+
+/// Progress a worker reports while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// What the host was found running before anything was done.
+    Observed {
+        current: Option<String>,
+    },
+    CopyStarted,
+    CopySucceeded,
+    ActivationStarted,
+}
+
+/// How a worker's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Converged {
+        system: String,
+        changed: bool,
+    },
+    Failed {
+        reason: Reason,
+        message: String,
+    },
+    /// The controller is shutting down; nothing is recorded.
+    Cancelled,
+}
+
+/// Messages a worker sends to the controller.
+#[derive(Debug)]
+pub enum Report {
+    Step {
+        host: String,
+        revision: String,
+        step: Step,
+    },
+    Done {
+        host: String,
+        revision: String,
+        outcome: Outcome,
+    },
+}
+
+/// Runs one reconcile of `item.host` and reports to `tx`. Cancellation drops
+/// the in-flight command (nix children are killed on drop).
+pub async fn run(
+    cfg: Arc<DriverConfig>,
+    item: WorkItem,
+    tx: mpsc::Sender<Report>,
+    cancel: CancellationToken,
+) {
+    let host = item.host.name.clone();
+    let revision = item.revision.clone();
+    let outcome = tokio::select! {
+        outcome = reconcile(&cfg, &item, &tx) => outcome,
+        () = cancel.cancelled() => Outcome::Cancelled,
+    };
+    // The controller may be gone during shutdown; nothing to do then.
+    let _ = tx
+        .send(Report::Done {
+            host,
+            revision,
+            outcome,
+        })
+        .await;
+}
+
+async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report>) -> Outcome {
+    let report = |step| {
+        tx.send(Report::Step {
+            host: item.host.name.clone(),
+            revision: item.revision.clone(),
+            step,
+        })
+    };
+    let session = match HostSession::connect(cfg, &item.host).await {
+        Ok(s) => s,
+        Err(e) => return failed(Reason::HostUnreachable, &e),
+    };
+    let outcome = async {
+        let current = match observe(&session, item.host.action).await {
+            Ok(c) => c,
+            Err(e) => return failed(Reason::HostUnreachable, &e),
+        };
+        let _ = report(Step::Observed {
+            current: current.clone(),
+        })
+        .await;
+        if current.as_deref() == Some(item.desired.as_str()) {
+            return Outcome::Converged {
+                system: item.desired.clone(),
+                changed: false,
+            };
+        }
+        let _ = report(Step::CopyStarted).await;
+        if let Err(e) = session.copy(cfg, &item.desired).await {
+            return failed(Reason::CopyFailed, &e);
+        }
+        let _ = report(Step::CopySucceeded).await;
+        let _ = report(Step::ActivationStarted).await;
+        if let Err(e) = session.activate(&item.desired, item.host.action).await {
+            let reason = if e.is_unreachable() {
+                Reason::HostUnreachable
+            } else {
+                Reason::ActivationFailed
+            };
+            return failed(reason, &e);
+        }
+        verify(&session, item).await
+    }
+    .await;
+    session.close().await;
+    outcome
+}
+
+/// What the host runs, as far as `action` is concerned: the booted-into
+/// profile for `boot`, the running system otherwise.
+async fn observe(
+    session: &HostSession,
+    action: Action,
+) -> Result<Option<String>, driver::SshError> {
+    match action {
+        Action::Boot => session.boot_system().await,
+        _ => session.current_system().await,
+    }
+}
+
+/// After activation, checks that the host really is on the new system, so
+/// that `Converged` is never claimed on the strength of an exit code alone.
+async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
+    if item.host.action == Action::DryActivate {
+        return Outcome::Converged {
+            system: item.desired.clone(),
+            changed: true,
+        };
+    }
+    match observe(session, item.host.action).await {
+        Ok(Some(now)) if now == item.desired => Outcome::Converged {
+            system: now,
+            changed: true,
+        },
+        Ok(other) => Outcome::Failed {
+            reason: Reason::ActivationFailed,
+            message: format!(
+                "switch-to-configuration {} succeeded but the host is on {} instead of {}",
+                item.host.action,
+                other.as_deref().unwrap_or("no system"),
+                item.desired
+            ),
+        },
+        Err(e) => failed(Reason::HostUnreachable, &e),
+    }
+}
+
+fn failed(reason: Reason, err: &dyn std::error::Error) -> Outcome {
+    Outcome::Failed {
+        reason,
+        message: error_chain(err),
+    }
+}
+
+/// An error and its causes on one line each, so that an event message says
+/// both what failed and why.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}

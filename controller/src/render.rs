@@ -1,0 +1,285 @@
+//! Human output of the CLI: `kubectl`/`flux`-style tables for status and
+//! events. Pure functions of the data and the current time, so that their
+//! output is pinned by snapshot tests.
+
+use comfy_table::presets::NOTHING;
+use comfy_table::{ContentArrangement, Table};
+use time::OffsetDateTime;
+
+use crate::api::StatusResponse;
+use crate::event::Event;
+use crate::status::HostStatus;
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// Trims every line's trailing padding, which comfy-table leaves behind.
+fn finish(t: &Table) -> String {
+    let text = t.to_string();
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end()).collect();
+    // NOTHING still indents by one space; drop it so columns start at 0.
+    let lines: Vec<&str> = lines
+        .iter()
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect();
+    lines.join("\n")
+}
+
+/// `5s`, `3m`, `2h`, `4d`: how long ago (or, negative, how far ahead).
+pub fn age(then: OffsetDateTime, now: OffsetDateTime) -> String {
+    let secs = (now - then).whole_seconds();
+    let (sign, secs) = if secs < 0 { ("in ", -secs) } else { ("", secs) };
+    let text = match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    };
+    format!("{sign}{text}")
+}
+
+fn short_rev(r: Option<&str>) -> String {
+    r.map_or_else(|| "-".to_string(), |r| r[..r.len().min(12)].to_string())
+}
+
+/// The store path's name without its hash: what people recognise.
+fn short_system(p: Option<&str>) -> String {
+    match p {
+        None => "-".to_string(),
+        Some(p) => p
+            .strip_prefix("/nix/store/")
+            .and_then(|rest| rest.get(33..))
+            .unwrap_or(p)
+            .to_string(),
+    }
+}
+
+fn one_line(message: &str, max: usize) -> String {
+    let first = message.lines().next().unwrap_or("");
+    let mut line: String = first.chars().take(max).collect();
+    if first.chars().count() > max || message.lines().nth(1).is_some() {
+        line.push('…');
+    }
+    line
+}
+
+fn host_row(h: &HostStatus, now: OffsetDateTime) -> Vec<String> {
+    let retry = match (h.failures, h.next_retry) {
+        (0, _) => "-".to_string(),
+        (n, Some(at)) => format!("{n} (next {})", age(at, now)),
+        (n, None) => n.to_string(),
+    };
+    vec![
+        h.name.clone(),
+        h.phase.to_string(),
+        short_rev(h.observed_revision.as_deref()),
+        short_system(h.current_system.as_deref()),
+        retry,
+        age(h.last_transition_time, now),
+        one_line(&h.message, 80),
+    ]
+}
+
+pub fn status(s: &StatusResponse, now: OffsetDateTime) -> String {
+    let mut out = format!(
+        "revision: {}",
+        s.revision.as_deref().unwrap_or("none (no valid specs yet)")
+    );
+    if s.latest_revision.is_some() && s.latest_revision != s.revision {
+        out.push_str(&format!(
+            "\nlatest:   {}",
+            short_rev(s.latest_revision.as_deref())
+        ));
+    }
+    if let Some(m) = &s.message {
+        out.push_str(&format!("\nmessage:  {}", one_line(m, 200)));
+    }
+    let converged = s
+        .hosts
+        .iter()
+        .filter(|h| h.phase == crate::event::Phase::Converged)
+        .count();
+    out.push_str(&format!(
+        "\nhosts:    {converged}/{} converged\n\n",
+        s.hosts.len()
+    ));
+    let mut t = table(&[
+        "NAME", "PHASE", "REVISION", "SYSTEM", "FAILURES", "AGE", "MESSAGE",
+    ]);
+    for h in &s.hosts {
+        t.add_row(host_row(h, now));
+    }
+    out.push_str(&finish(&t));
+    out
+}
+
+/// One host in detail, like `kubectl describe`.
+pub fn host(h: &HostStatus, now: OffsetDateTime) -> String {
+    let fmt_time = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut lines = vec![
+        format!("Name:               {}", h.name),
+        format!(
+            "Phase:              {} (for {})",
+            h.phase,
+            age(h.last_transition_time, now)
+        ),
+        format!(
+            "Observed revision:  {}",
+            h.observed_revision.as_deref().unwrap_or("-")
+        ),
+        format!(
+            "Current system:     {}",
+            h.current_system.as_deref().unwrap_or("-")
+        ),
+        format!(
+            "Desired system:     {}",
+            h.desired_system.as_deref().unwrap_or("-")
+        ),
+        format!("Failures:           {}", h.failures),
+    ];
+    if let Some(at) = h.next_retry {
+        lines.push(format!(
+            "Next retry:         {} ({})",
+            fmt_time(at),
+            age(at, now)
+        ));
+    }
+    lines.push("Message:".to_string());
+    lines.extend(h.message.lines().map(|l| format!("  {l}")));
+    lines.join("\n")
+}
+
+pub fn events(evs: &[Event], now: OffsetDateTime) -> String {
+    let mut t = table(&[
+        "SEQ", "AGE", "TYPE", "REASON", "HOST", "REVISION", "MESSAGE",
+    ]);
+    for e in evs {
+        t.add_row(event_row(e, now));
+    }
+    finish(&t)
+}
+
+fn event_row(e: &Event, now: OffsetDateTime) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        age(e.time, now),
+        format!("{:?}", e.event_type),
+        e.reason.to_string(),
+        e.host.clone().unwrap_or_else(|| "-".to_string()),
+        short_rev(e.revision.as_deref()),
+        one_line(&e.message, 100),
+    ]
+}
+
+/// One event as a line, for `cim events --follow`.
+pub fn event_line(e: &Event) -> String {
+    let time = e
+        .time
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    format!(
+        "{:>5}  {time}  {:<7}  {:<17}  {:<12}  {}",
+        e.seq,
+        format!("{:?}", e.event_type),
+        e.reason.to_string(),
+        e.host.as_deref().unwrap_or("-"),
+        one_line(&e.message, 100)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NewEvent, Phase, Reason};
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-24 12:00:00 UTC);
+    const SYS: &str = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-web-1-2";
+
+    fn host(name: &str, phase: Phase, failures: u32, message: &str) -> HostStatus {
+        HostStatus {
+            name: name.to_string(),
+            phase,
+            current_system: Some(SYS.to_string()),
+            desired_system: Some(SYS.to_string()),
+            observed_revision: Some("0123456789abcdef0123456789abcdef01234567".to_string()),
+            message: message.to_string(),
+            last_transition_time: NOW - time::Duration::seconds(95),
+            failures,
+            next_retry: (failures > 0).then(|| NOW + time::Duration::seconds(30)),
+        }
+    }
+
+    #[test]
+    fn status_table() {
+        let s = StatusResponse {
+            revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            latest_revision: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
+            message: Some(
+                "specs at fedcba987654 are invalid: specs/web.yaml:3:1: unknown field `foo`".into(),
+            ),
+            hosts: vec![
+                host("web-1", Phase::Converged, 0, "switched to /nix/store/…"),
+                host(
+                    "web-2",
+                    Phase::Failed,
+                    2,
+                    "cannot connect to root@10.0.0.3: connection refused\nmore",
+                ),
+            ],
+        };
+        insta::assert_snapshot!(status(&s, NOW));
+    }
+
+    #[test]
+    fn host_detail() {
+        insta::assert_snapshot!(super::host(
+            &host(
+                "web-2",
+                Phase::Failed,
+                1,
+                "`switch-to-configuration switch` exited with 1:\nerror: boom"
+            ),
+            NOW
+        ));
+    }
+
+    #[test]
+    fn events_table() {
+        let evs = vec![
+            NewEvent::repo(
+                Reason::RevisionDetected,
+                Some("0123456789abcdef"),
+                "new head",
+            )
+            .into_event(1, NOW - time::Duration::minutes(5), None),
+            NewEvent::host(
+                "web-1",
+                Reason::ActivationFailed,
+                Some("0123456789abcdef"),
+                "exit 1\nerror: boom",
+            )
+            .phase(Phase::Failed)
+            .into_event(2, NOW - time::Duration::seconds(3), Some(Phase::Activating)),
+        ];
+        insta::assert_snapshot!(events(&evs, NOW));
+        insta::assert_snapshot!(event_line(&evs[1]));
+    }
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        assert_eq!(age(NOW - time::Duration::seconds(5), NOW), "5s");
+        assert_eq!(age(NOW - time::Duration::minutes(3), NOW), "3m");
+        assert_eq!(age(NOW - time::Duration::hours(5), NOW), "5h");
+        assert_eq!(age(NOW - time::Duration::days(3), NOW), "3d");
+        assert_eq!(age(NOW + time::Duration::seconds(30), NOW), "in 30s");
+    }
+}
