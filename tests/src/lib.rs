@@ -1,1 +1,478 @@
+//! The sandbox fleet: simulated NixOS hosts on one Linux machine, for the
+//! demo and the end-to-end tests.
+//!
+//! Each host is a network namespace with a veth on a per-fleet bridge and a
+//! real `sshd` running in a private mount namespace where `/nix` and `/run`
+//! are the host's own directories: it has its own store, its own
+//! `/run/current-system`, its own host key and address. The fleet's git
+//! repository has a flake with no inputs whose "systems" are small
+//! derivations; their `switch-to-configuration` records each activation in
+//! `/run/cim-activations` and points `/run/current-system` at itself.
+//!
+//! Fleets never collide: each claims a free index by creating its bridge
+//! (the kernel makes that atomic), and its names and subnet derive from the
+//! index. A fleet is torn down when dropped, so a failing test cleans up.
 
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+const FLAKE: &str = include_str!("../fleet/flake.nix");
+const BUILDER: &str = include_str!("../fleet/builder.sh");
+
+/// One simulated host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub address: String,
+    /// Holds the host's `nix/`, `run/` and `etc/` (sshd config and key).
+    pub root: PathBuf,
+}
+
+/// A running sandbox fleet.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Fleet {
+    pub dir: PathBuf,
+    pub index: u16,
+    pub bridge: String,
+    pub hosts: Vec<Host>,
+    /// The fleet's git repository (branch `main`).
+    pub repo: PathBuf,
+    /// ssh_config with the fleet's client key and known hosts.
+    pub ssh_config: PathBuf,
+    #[serde(skip)]
+    owned: bool,
+    #[serde(skip)]
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Runs a command and fails with its stderr if it does not succeed.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn git(repo: &Path, args: &[&str]) -> Result<String> {
+    let mut full = vec![
+        "-C",
+        repo.to_str().context("repo path is not UTF-8")?,
+        "-c",
+        "user.name=cim sandbox",
+        "-c",
+        "user.email=sandbox@cim.invalid",
+    ];
+    full.extend_from_slice(args);
+    sh("git", &full)
+}
+
+/// The host names of an `n`-host fleet.
+pub fn host_names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("web-{i}")).collect()
+}
+
+/// The spec document of one host.
+pub fn host_spec(name: &str, address: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: cim/v1\nkind: Host\nmetadata:\n  name: {name}\n  labels: {{role: web}}\nspec:\n  address: {address}\n{extra}"
+    )
+}
+
+impl Fleet {
+    /// Starts `n` hosts in a new temporary directory.
+    pub fn start(n: usize) -> Result<Fleet> {
+        let tmp = tempfile::Builder::new().prefix("cim-fleet-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let mut fleet = Fleet::start_in(&dir, n)?;
+        fleet._tmp = Some(tmp);
+        Ok(fleet)
+    }
+
+    /// Starts `n` hosts with their files under `dir`.
+    pub fn start_in(dir: &Path, n: usize) -> Result<Fleet> {
+        for tool in [
+            "ip",
+            "unshare",
+            "/usr/sbin/sshd",
+            "ssh-keygen",
+            "nix",
+            "git",
+        ] {
+            if Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+            {
+                bail!("`{tool}` is missing: run scripts/setup (installs nix-bin, openssh-server, iproute2)");
+            }
+        }
+        fs::create_dir_all(dir)?;
+        let dir = std::path::absolute(dir)?;
+        let index = claim_index()?;
+        let mut fleet = Fleet {
+            dir: dir.clone(),
+            index,
+            bridge: bridge_name(index),
+            hosts: Vec::new(),
+            repo: dir.join("repo"),
+            ssh_config: dir.join("client/ssh_config"),
+            owned: true,
+            _tmp: None,
+        };
+        // From here on, Drop tears down whatever was set up.
+        fleet.setup(n)?;
+        Ok(fleet)
+    }
+
+    fn setup(&mut self, n: usize) -> Result<()> {
+        let subnet = format!("10.231.{}", self.index);
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{subnet}.1/24"),
+                "dev",
+                &self.bridge,
+            ],
+        )?;
+        sh("ip", &["link", "set", &self.bridge, "up"])?;
+        let client = self.dir.join("client");
+        fs::create_dir_all(&client)?;
+        let key = client.join("id_ed25519");
+        if !key.exists() {
+            sh(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "cim-sandbox",
+                    "-f",
+                    path(&key)?,
+                ],
+            )?;
+        }
+        let mut known_hosts = String::new();
+        for (i, name) in host_names(n).into_iter().enumerate() {
+            let host = Host {
+                netns: format!("cim{}-{}", self.index, name),
+                address: format!("{subnet}.{}", i + 2),
+                root: self.dir.join("hosts").join(&name),
+                name,
+            };
+            self.add_host(&host, &key, i)?;
+            let pubkey = fs::read_to_string(host.root.join("etc/ssh_host_ed25519_key.pub"))?;
+            let mut fields = pubkey.split_whitespace();
+            let (kind, data) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+            known_hosts.push_str(&format!("{} {kind} {data}\n", host.address));
+            self.hosts.push(host);
+        }
+        fs::write(client.join("known_hosts"), known_hosts)?;
+        fs::write(
+            &self.ssh_config,
+            format!(
+                "Host *\n  User root\n  IdentityFile {key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {kh}\n  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 3\n",
+                key = key.display(),
+                kh = client.join("known_hosts").display()
+            ),
+        )?;
+        for host in self.hosts.clone() {
+            self.start_sshd(&host.name)?;
+        }
+        self.init_repo()?;
+        Ok(())
+    }
+
+    fn add_host(&self, host: &Host, client_key: &Path, i: usize) -> Result<()> {
+        let etc = host.root.join("etc");
+        for d in ["nix/store", "nix/var/nix/profiles", "run", "etc"] {
+            fs::create_dir_all(host.root.join(d))?;
+        }
+        let host_key = etc.join("ssh_host_ed25519_key");
+        if !host_key.exists() {
+            sh(
+                "ssh-keygen",
+                &["-q", "-t", "ed25519", "-N", "", "-f", path(&host_key)?],
+            )?;
+        }
+        fs::copy(
+            client_key.with_extension("pub"),
+            etc.join("authorized_keys"),
+        )?;
+        fs::write(
+            etc.join("sshd_config"),
+            format!(
+                "ListenAddress {addr}\nPort 22\nHostKey {key}\nAuthorizedKeysFile {ak}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\nMaxStartups 100\nMaxSessions 100\n",
+                addr = host.address,
+                key = host_key.display(),
+                ak = etc.join("authorized_keys").display()
+            ),
+        )?;
+        sh("ip", &["netns", "add", &host.netns])?;
+        let veth = format!("cim{}v{}", self.index, i);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &host.netns,
+            ],
+        )?;
+        sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                &host.netns,
+                "addr",
+                "add",
+                &format!("{}/24", host.address),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        sh("ip", &["-n", &host.netns, "link", "set", "eth0", "up"])?;
+        sh("ip", &["-n", &host.netns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no sandbox host {name}"))
+    }
+
+    /// Starts the host's sshd and waits until it accepts connections.
+    pub fn start_sshd(&self, name: &str) -> Result<()> {
+        let host = self.host(name);
+        let script = format!(
+            "mount --bind {root}/nix /nix && mount --bind {root}/run /run && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f {root}/etc/sshd_config",
+            root = host.root.display()
+        );
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(host.root.join("sshd.log"))?;
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &host.netns,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start sshd")?;
+        let addr: SocketAddr = format!("{}:22", host.address).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "sshd of {name} did not come up; see {}",
+                    host.root.join("sshd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills every process of the host (its sshd and all sessions), as if it
+    /// went down.
+    pub fn stop_sshd(&self, name: &str) -> Result<()> {
+        kill_netns(&self.host(name).netns);
+        Ok(())
+    }
+
+    /// What the host's `/run/current-system` points at.
+    pub fn current_system(&self, name: &str) -> Option<String> {
+        fs::read_link(self.host(name).root.join("run/current-system"))
+            .ok()
+            .map(|p| p.display().to_string())
+    }
+
+    /// Points the host's `/run/current-system` somewhere else, as an
+    /// operator switching it by hand would.
+    pub fn switch_by_hand(&self, name: &str, target: &str) -> Result<()> {
+        let link = self.host(name).root.join("run/current-system");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link)?;
+        Ok(())
+    }
+
+    /// The activations recorded by the host's systems: `ACTION CLOSURE`.
+    pub fn activations(&self, name: &str) -> Vec<String> {
+        fs::read_to_string(self.host(name).root.join("run/cim-activations"))
+            .map(|s| s.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    fn init_repo(&self) -> Result<()> {
+        fs::create_dir_all(self.repo.join("sandbox"))?;
+        fs::create_dir_all(self.repo.join("specs"))?;
+        fs::create_dir_all(self.repo.join("hosts"))?;
+        fs::write(self.repo.join("flake.nix"), FLAKE)?;
+        fs::write(self.repo.join("sandbox/builder.sh"), BUILDER)?;
+        let mut specs = String::new();
+        for (i, host) in self.hosts.iter().enumerate() {
+            if i > 0 {
+                specs.push_str("---\n");
+            }
+            specs.push_str(&host_spec(&host.name, &host.address, ""));
+            self.set_host_config(&host.name, "{ version = 1; }")?;
+        }
+        fs::write(self.repo.join("specs/fleet.yaml"), specs)?;
+        sh("git", &["init", "-q", "-b", "main", path(&self.repo)?])?;
+        self.commit("sandbox fleet")?;
+        Ok(())
+    }
+
+    /// Writes `hosts/NAME.nix` of the fleet repository (not committed).
+    pub fn set_host_config(&self, name: &str, nix: &str) -> Result<()> {
+        fs::write(
+            self.repo.join("hosts").join(format!("{name}.nix")),
+            format!("{nix}\n"),
+        )?;
+        Ok(())
+    }
+
+    /// Writes a file of the fleet repository (not committed).
+    pub fn write(&self, rel: &str, contents: &str) -> Result<()> {
+        let p = self.repo.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(p, contents)?;
+        Ok(())
+    }
+
+    /// Commits everything in the repository; returns the new revision.
+    pub fn commit(&self, message: &str) -> Result<String> {
+        git(&self.repo, &["add", "-A"])?;
+        git(
+            &self.repo,
+            &["commit", "-q", "--allow-empty", "-m", message],
+        )?;
+        git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    /// Saves the fleet's description, for `cim-sandbox down`.
+    pub fn save(&self) -> Result<()> {
+        fs::write(
+            self.dir.join("fleet.json"),
+            serde_json::to_string_pretty(self)?,
+        )?;
+        Ok(())
+    }
+
+    pub fn load(dir: &Path) -> Result<Fleet> {
+        let text = fs::read_to_string(dir.join("fleet.json"))
+            .with_context(|| format!("no sandbox fleet in {}", dir.display()))?;
+        let mut fleet: Fleet = serde_json::from_str(&text)?;
+        fleet.owned = true;
+        Ok(fleet)
+    }
+
+    /// Leaves the fleet running when this value is dropped.
+    pub fn detach(mut self) {
+        self.owned = false;
+    }
+
+    /// Stops every host and removes the namespaces and the bridge.
+    pub fn teardown(&mut self) {
+        if !self.owned {
+            return;
+        }
+        self.owned = false;
+        for host in &self.hosts {
+            kill_netns(&host.netns);
+            let _ = sh("ip", &["netns", "del", &host.netns]);
+        }
+        let _ = sh("ip", &["link", "del", &self.bridge]);
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+fn bridge_name(index: u16) -> String {
+    format!("cimbr{index}")
+}
+
+/// Claims a free fleet index by creating its bridge: creation fails if the
+/// bridge exists, so two fleets can never get the same index.
+fn claim_index() -> Result<u16> {
+    let start = (std::process::id() % 200) as u16;
+    for k in 0..230u16 {
+        let index = 20 + (start + k) % 230;
+        if sh(
+            "ip",
+            &["link", "add", &bridge_name(index), "type", "bridge"],
+        )
+        .is_ok()
+        {
+            return Ok(index);
+        }
+    }
+    bail!("no free sandbox fleet index (are old fleets still running? `ip link | grep cimbr`)")
+}
+
+fn kill_netns(netns: &str) {
+    if let Ok(pids) = sh("ip", &["netns", "pids", netns]) {
+        for pid in pids.split_whitespace() {
+            let _ = sh("kill", &["-9", pid]);
+        }
+    }
+    // Killed processes take a moment to leave the namespace.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sh("ip", &["netns", "pids", netns]).is_ok_and(|p| !p.is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,15 @@
+# Builds a sandbox "system". PATH is unset in nix builders, hence the
+# absolute paths; echo is a shell builtin.
+/bin/mkdir -p "$out/bin"
+s="$out/bin/switch-to-configuration"
+{
+  echo '#!/bin/sh'
+  echo "echo \"\$1 $out\" >> /run/cim-activations"
+  if [ "$activationExitCode" != 0 ]; then
+    echo "echo 'simulated activation failure of $hostName' >&2"
+    echo "exit $activationExitCode"
+  fi
+  echo 'case "$1" in switch|test) /bin/ln -sfn '"$out"' /run/current-system ;; esac'
+} > "$s"
+/bin/chmod +x "$s"
+echo "$hostName $version" > "$out/nixos-version"

@@ -1,0 +1,32 @@
+# The sandbox fleet's flake. It has no inputs, because these machines cannot
+# download nixpkgs: each host's "system" is a small derivation whose
+# switch-to-configuration records the activation in /run/cim-activations and
+# points /run/current-system at itself. hosts/NAME.nix sets the host's
+# `version` (change it to make a new system) and, to simulate a broken
+# activation, `activationExitCode`. A hosts/NAME.nix that throws is an
+# evaluation error of that host alone.
+{
+  description = "cim sandbox fleet";
+
+  outputs = { self }:
+    let
+      files = builtins.attrNames (builtins.readDir ./hosts);
+      nameOf = file: builtins.substring 0 (builtins.stringLength file - 4) file;
+      mkSystem = name: cfg: derivation {
+        name = "nixos-system-${name}-${toString cfg.version}";
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        args = [ ./sandbox/builder.sh ];
+        hostName = name;
+        version = toString cfg.version;
+        activationExitCode = toString (cfg.activationExitCode or 0);
+      };
+      host = file: {
+        name = nameOf file;
+        value.config.system.build.toplevel = mkSystem (nameOf file) (import (./hosts + "/${file}"));
+      };
+    in
+    {
+      nixosConfigurations = builtins.listToAttrs (map host files);
+    };
+}
