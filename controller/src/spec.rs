@@ -367,10 +367,14 @@ fn offset_of(source: &str, line: u64, column: u64) -> Option<usize> {
     (offset < source.len()).then_some(offset)
 }
 
-/// serde-saphyr appends location details on later lines; the first line is
-/// the message proper, and the location is reported separately.
+/// serde-saphyr appends location details (on later lines, and as a trailing
+/// "at line N, column M"); the location is reported separately, in front.
 fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or(message).trim().to_string()
+    let line = message.lines().next().unwrap_or(message).trim();
+    match line.rfind(" at line ") {
+        Some(i) if line[i..].contains(", column ") => line[..i].to_string(),
+        _ => line.to_string(),
+    }
 }
 
 /// RFC 1123 DNS label, as Kubernetes object names.
@@ -533,6 +537,11 @@ spec:
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
         assert!(errs[0].contains("adress"), "{}", errs[0]);
+        assert!(
+            !errs[0].contains("at line"),
+            "location repeated: {}",
+            errs[0]
+        );
     }
 
     #[test]

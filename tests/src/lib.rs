@@ -20,6 +20,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+pub mod harness;
 use serde::{Deserialize, Serialize};
 
 const FLAKE: &str = include_str!("../fleet/flake.nix");

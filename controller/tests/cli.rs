@@ -1,0 +1,71 @@
+//! The `cim` binary's offline commands, run as a user would. (Building this
+//! test also makes cargo build the `cim` binary that the end-to-end tests in
+//! `tests/` run.)
+
+use assert_cmd::Command;
+
+fn repo_with(spec: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("specs")).unwrap();
+    std::fs::write(dir.path().join("specs/hosts.yaml"), spec).unwrap();
+    dir
+}
+
+#[test]
+fn validate_accepts_the_example_specs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::cargo_bin("cim")
+        .unwrap()
+        .args(["validate", root])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    insta::assert_snapshot!(String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn validate_reports_location_and_fails() {
+    let dir = repo_with(
+        "apiVersion: cim/v1\nkind: Host\nmetadata:\n  name: web-1\nspec:\n  address: 10.0.0.2\n  action: reboot\n",
+    );
+    let out = Command::cargo_bin("cim")
+        .unwrap()
+        .args(["validate", dir.path().to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("specs/hosts.yaml:7:"), "{stderr}");
+    assert!(stderr.contains("reboot"), "{stderr}");
+    assert!(
+        stderr.contains("1 problems found") || stderr.contains("1 problem"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn status_without_a_controller_or_store_explains_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::cargo_bin("cim")
+        .unwrap()
+        .args(["status", "--state-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no store at"), "{stderr}");
+
+    let out = Command::cargo_bin("cim")
+        .unwrap()
+        .args(["status", "--api", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the controller"), "{stderr}");
+}

@@ -1,0 +1,5 @@
+{ ... }:
+{
+  networking.hostName = "db-1";
+  services.postgresql.enable = true;
+}

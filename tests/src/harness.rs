@@ -1,0 +1,226 @@
+//! Runs the real `cim` binary against a sandbox fleet, for the end-to-end
+//! tests: start and kill the controller, ask it through its own CLI, and wait
+//! for conditions with a deadline that reports everything on failure.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::Fleet;
+
+/// The `cim` binary: `$CIM_BIN`, or the one cargo built next to this test.
+pub fn cim_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CIM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("cim");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo build -p cim`) or set CIM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `cim run`, killed when dropped.
+pub struct Cim {
+    child: Option<Child>,
+    pub api: String,
+    pub state_dir: PathBuf,
+    listen: String,
+    args: Vec<String>,
+    repo: PathBuf,
+    ssh_config: PathBuf,
+}
+
+impl Cim {
+    /// Starts `cim run` on `fleet` with fast timings for tests, plus `extra`.
+    pub fn start(fleet: &Fleet, state_dir: &Path, extra: &[&str]) -> Cim {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut cim = Cim {
+            child: None,
+            api: format!("http://{listen}"),
+            state_dir: state_dir.to_path_buf(),
+            listen,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            repo: fleet.repo.clone(),
+            ssh_config: fleet.ssh_config.clone(),
+        };
+        cim.spawn();
+        cim
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.with_extension("log"))
+            .expect("log file");
+        let child = Command::new(cim_bin())
+            .arg("run")
+            .arg("--repo")
+            .arg(&self.repo)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--ssh-config")
+            .arg(&self.ssh_config)
+            .args(["--nix-option", "substituters=", "--poll-interval", "2s"])
+            .args([
+                "--backoff-base",
+                "1s",
+                "--backoff-max",
+                "3s",
+                "--connect-timeout",
+                "3s",
+            ])
+            .args(&self.args)
+            .env("CIM_LOG", "info,cim=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start cim");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.try_cli(&["status", "-o", "json"]).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "cim did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the controller again on the same state directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Runs a `cim` client command against this controller.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(cim_bin())
+            .args(args)
+            .env("CIM_API", &self.api)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cim")
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<Value> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_cli(&["status", "-o", "json"])
+            .unwrap_or_else(|| panic!("cim status failed:\n{}", self.log()))
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        match self.try_cli(&["events", "-o", "json"]) {
+            Some(Value::Array(evs)) => evs,
+            other => panic!("cim events failed: {other:?}\n{}", self.log()),
+        }
+    }
+
+    /// Events of `host` with `reason`.
+    pub fn events_of(&self, host: &str, reason: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["host"] == host && e["reason"] == reason)
+            .collect()
+    }
+
+    /// The status entry of `host`.
+    pub fn host(&self, host: &str) -> Value {
+        host_of(&self.status(), host)
+    }
+
+    /// Polls the status until `pred` holds; on timeout, panics showing the
+    /// status, the events and the controller's log.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_cli(&["status", "-o", "json"]) {
+                if pred(&status) {
+                    return status;
+                }
+                if Instant::now() > deadline {
+                    let events = self.cli(&["events"]);
+                    panic!(
+                        "timed out waiting for {what}\nstatus: {status:#}\nevents:\n{}\nlog:\n{}",
+                        String::from_utf8_lossy(&events.stdout),
+                        self.log()
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until every named host is Converged at `revision` (or at any
+    /// revision if `None`).
+    pub fn wait_converged(&self, hosts: &[&str], revision: Option<&str>) -> Value {
+        self.wait_until(
+            &format!("{hosts:?} converged at {revision:?}"),
+            Duration::from_secs(90),
+            |s| {
+                hosts.iter().all(|h| {
+                    let h = host_of(s, h);
+                    h["phase"] == "Converged" && revision.is_none_or(|r| h["observedRevision"] == r)
+                })
+            },
+        )
+    }
+}
+
+impl Drop for Cim {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The status entry of `host` in a status document (`Null` if absent).
+pub fn host_of(status: &Value, host: &str) -> Value {
+    status["hosts"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["name"] == host))
+        .cloned()
+        .unwrap_or(Value::Null)
+}

@@ -1,0 +1,323 @@
+//! End-to-end tests: the real `cim` binary, real nix, real sshd, against a
+//! sandbox fleet per test (tests run in parallel; fleets never collide and
+//! are torn down even when a test fails).
+
+use std::time::Duration;
+
+use cim_sandbox::harness::{host_of, Cim};
+use cim_sandbox::{host_spec, Fleet};
+
+fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
+    let fleet = Fleet::start(n).expect("sandbox fleet");
+    let state = tempfile::Builder::new()
+        .prefix("cim-state-")
+        .tempdir()
+        .expect("state dir");
+    (fleet, state)
+}
+
+fn state(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("state")
+}
+
+#[test]
+fn first_convergence_of_three_hosts() {
+    let (fleet, dir) = fleet(3);
+    let rev = fleet.commit("noop").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let status = cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
+    assert_eq!(status["revision"], rev.as_str());
+    for name in ["web-1", "web-2", "web-3"] {
+        let h = host_of(&status, name);
+        let on_host = fleet
+            .current_system(name)
+            .expect("host has a current system");
+        assert_eq!(h["currentSystem"], on_host.as_str());
+        assert_eq!(h["desiredSystem"], on_host.as_str());
+        assert!(
+            on_host.ends_with(&format!("nixos-system-{name}-1")),
+            "{on_host}"
+        );
+        assert_eq!(fleet.activations(name), vec![format!("switch {on_host}")]);
+        assert_eq!(h["failures"], 0);
+    }
+    let web1: Vec<String> = cim
+        .events()
+        .iter()
+        .filter(|e| e["host"] == "web-1")
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        web1,
+        [
+            "BuildStarted",
+            "BuildSucceeded",
+            "CopyStarted",
+            "CopySucceeded",
+            "ActivationStarted",
+            "Converged"
+        ]
+    );
+    let table = cim.cli(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("3/3 converged"), "{table}");
+}
+
+#[test]
+fn a_commit_that_changes_one_host_touches_only_that_host() {
+    let (fleet, dir) = fleet(3);
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let first = cim.wait_converged(&["web-1", "web-2", "web-3"], None);
+    let seq_before = cim.events().len();
+
+    fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
+    let rev = fleet.commit("web-2: version 2").unwrap();
+    let status = cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
+
+    let web2 = fleet.current_system("web-2").unwrap();
+    assert!(web2.ends_with("nixos-system-web-2-2"), "{web2}");
+    assert_eq!(fleet.activations("web-2").len(), 2);
+    for name in ["web-1", "web-3"] {
+        assert_eq!(
+            fleet.activations(name).len(),
+            1,
+            "{name} was activated again"
+        );
+        assert_eq!(
+            host_of(&status, name)["currentSystem"],
+            host_of(&first, name)["currentSystem"]
+        );
+    }
+    let later = &cim.events()[seq_before..];
+    for e in later {
+        if e["host"] == "web-1" || e["host"] == "web-3" {
+            assert!(
+                !["CopyStarted", "ActivationStarted"].contains(&e["reason"].as_str().unwrap()),
+                "unchanged host was worked on: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_commit_with_an_invalid_spec_is_refused() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let good = fleet.commit("start").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&good));
+
+    let h = fleet.host("web-1");
+    let bad = format!(
+        "{}  colour: blue\n---\n{}",
+        host_spec("web-1", &h.address, ""),
+        host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &bad).unwrap();
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let rev = fleet.commit("typo").unwrap();
+    let status = cim.wait_until(
+        "the invalid revision to be seen",
+        Duration::from_secs(30),
+        |s| s["latestRevision"] == rev.as_str(),
+    );
+    assert_eq!(
+        status["revision"],
+        good.as_str(),
+        "the invalid revision must not be deployed"
+    );
+    let invalid: Vec<_> = cim
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "SpecInvalid")
+        .collect();
+    assert_eq!(invalid.len(), 1);
+    let msg = invalid[0]["message"].as_str().unwrap();
+    assert!(msg.contains("specs/fleet.yaml:8:3"), "{msg}");
+    assert!(msg.contains("colour"), "{msg}");
+    assert_eq!(invalid[0]["type"], "Warning");
+    assert!(status["message"].as_str().unwrap().contains("colour"));
+
+    // Nothing changes on the hosts, even after a while.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fleet.activations("web-1").len(), 1);
+    assert!(fleet.current_system("web-1").unwrap().ends_with("-1"));
+
+    // The next valid commit is picked up.
+    fleet
+        .write(
+            "specs/fleet.yaml",
+            &format!(
+                "{}---\n{}",
+                host_spec("web-1", &h.address, ""),
+                host_spec("web-2", &fleet.host("web-2").address, "")
+            ),
+        )
+        .unwrap();
+    let fixed = fleet.commit("fix").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&fixed));
+    assert!(fleet
+        .current_system("web-1")
+        .unwrap()
+        .ends_with("nixos-system-web-1-2"));
+
+    // `cim validate` gives the same message offline.
+    fleet.write("specs/fleet.yaml", &bad).unwrap();
+    let out = cim.cli(&["validate", fleet.repo.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("colour"), "{stderr}");
+}
+
+#[test]
+fn an_evaluation_error_fails_only_that_host() {
+    let (fleet, dir) = fleet(3);
+    fleet
+        .set_host_config("web-2", "throw \"simulated evaluation error in web-2\"")
+        .unwrap();
+    let rev = fleet.commit("break web-2").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-3"], Some(&rev));
+    let status = cim.wait_until("web-2 to fail", Duration::from_secs(60), |s| {
+        host_of(s, "web-2")["phase"] == "Failed"
+    });
+    let web2 = host_of(&status, "web-2");
+    assert!(
+        web2["message"]
+            .as_str()
+            .unwrap()
+            .contains("simulated evaluation error in web-2"),
+        "{web2}"
+    );
+    let failed = cim.events_of("web-2", "BuildFailed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["fromPhase"], "Building");
+    assert!(fleet.current_system("web-2").is_none());
+    assert!(cim.events_of("web-1", "BuildFailed").is_empty());
+}
+
+#[test]
+fn a_failing_activation_is_reported_while_others_converge() {
+    let (fleet, dir) = fleet(3);
+    fleet
+        .set_host_config("web-3", "{ version = 1; activationExitCode = 1; }")
+        .unwrap();
+    let rev = fleet.commit("web-3 fails to activate").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-2"], Some(&rev));
+    let status = cim.wait_until("web-3 to fail twice", Duration::from_secs(60), |s| {
+        host_of(s, "web-3")["failures"].as_u64().unwrap_or(0) >= 2
+    });
+    let web3 = host_of(&status, "web-3");
+    assert_eq!(web3["phase"], "Failed");
+    assert!(web3["nextRetry"].is_string(), "{web3}");
+    let failed = cim.events_of("web-3", "ActivationFailed");
+    let msg = failed[0]["message"].as_str().unwrap();
+    assert!(msg.contains("exited with 1"), "{msg}");
+    assert!(
+        msg.contains("simulated activation failure of web-3"),
+        "{msg}"
+    );
+    assert!(fleet.current_system("web-3").is_none());
+}
+
+#[test]
+fn an_unreachable_host_is_retried_and_converges_when_back() {
+    let (fleet, dir) = fleet(3);
+    fleet.stop_sshd("web-2").unwrap();
+    let rev = fleet.commit("start").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-3"], Some(&rev));
+    let status = cim.wait_until("web-2 to be retried", Duration::from_secs(60), |s| {
+        host_of(s, "web-2")["failures"].as_u64().unwrap_or(0) >= 2
+    });
+    let web2 = host_of(&status, "web-2");
+    assert_eq!(web2["phase"], "Failed");
+    let unreachable = cim.events_of("web-2", "HostUnreachable");
+    assert!(unreachable.len() >= 2);
+    let msg = unreachable[0]["message"].as_str().unwrap();
+    assert!(msg.contains(&fleet.host("web-2").address), "{msg}");
+
+    fleet.start_sshd("web-2").unwrap();
+    let status = cim.wait_converged(&["web-2"], Some(&rev));
+    assert_eq!(host_of(&status, "web-2")["failures"], 0);
+    assert!(fleet.current_system("web-2").is_some());
+}
+
+#[test]
+fn drift_is_detected_and_repaired_by_resync() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
+    let status = cim.wait_converged(&["web-1", "web-2"], None);
+    let desired = host_of(&status, "web-1")["currentSystem"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = fleet.current_system("web-2").unwrap();
+    fleet.switch_by_hand("web-1", &other).unwrap();
+
+    cim.wait_until("drift to be detected", Duration::from_secs(30), |_| {
+        !cim.events_of("web-1", "DriftDetected").is_empty()
+    });
+    cim.wait_until("web-1 back on its system", Duration::from_secs(30), |s| {
+        host_of(s, "web-1")["phase"] == "Converged"
+            && fleet.current_system("web-1").as_deref() == Some(desired.as_str())
+    });
+    let drift = &cim.events_of("web-1", "DriftDetected")[0];
+    assert_eq!(drift["system"], other.as_str());
+    assert_eq!(drift["type"], "Warning");
+    assert!(cim.events_of("web-2", "DriftDetected").is_empty());
+}
+
+#[test]
+fn a_restarted_controller_resumes_from_its_store() {
+    let (fleet, dir) = fleet(3);
+    let rev = fleet.commit("start").unwrap();
+    let mut cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_until("work to start", Duration::from_secs(60), |_| {
+        cim.events().iter().any(|e| e["reason"] == "BuildSucceeded")
+    });
+    cim.kill();
+    cim.restart();
+    cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
+
+    let events = cim.events();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "gaps or duplicates"
+    );
+    // The restart did not see the same revision as new.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["reason"] == "RevisionDetected")
+            .count(),
+        1
+    );
+    for name in ["web-1", "web-2", "web-3"] {
+        assert!(
+            fleet.activations(name).len() <= 2,
+            "{name}: {:?}",
+            fleet.activations(name)
+        );
+    }
+
+    // With no controller running, the store answers directly.
+    cim.kill();
+    let out = cim.cli(&[
+        "status",
+        "-o",
+        "json",
+        "--state-dir",
+        cim.state_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stored["revision"], rev.as_str());
+    assert_eq!(host_of(&stored, "web-1")["phase"], "Converged");
+}
