@@ -262,6 +262,7 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    #[allow(clippy::disallowed_methods)]
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .args([

@@ -98,12 +98,11 @@ pub fn spawn(
     })
 }
 
+/// A new head and the result of validating its specs.
+type NewHead = (String, Result<FleetSpec, SpecErrors>);
+
 /// Fetches and, if the head moved since `known`, reads its specs and pins it.
-fn check(
-    mirror: &Mutex<Mirror>,
-    branch: &str,
-    known: Option<&str>,
-) -> Result<Option<(String, Result<FleetSpec, SpecErrors>)>, String> {
+fn check(mirror: &Mutex<Mirror>, branch: &str, known: Option<&str>) -> Result<Option<NewHead>, String> {
     let mirror = mirror
         .lock()
         .map_err(|_| "the mirror lock is poisoned".to_string())?;
