@@ -102,7 +102,11 @@ pub fn spawn(
 type NewHead = (String, Result<FleetSpec, SpecErrors>);
 
 /// Fetches and, if the head moved since `known`, reads its specs and pins it.
-fn check(mirror: &Mutex<Mirror>, branch: &str, known: Option<&str>) -> Result<Option<NewHead>, String> {
+fn check(
+    mirror: &Mutex<Mirror>,
+    branch: &str,
+    known: Option<&str>,
+) -> Result<Option<NewHead>, String> {
     let mirror = mirror
         .lock()
         .map_err(|_| "the mirror lock is poisoned".to_string())?;

@@ -424,9 +424,20 @@ impl Fleet {
             return;
         }
         self.owned = false;
-        for host in &self.hosts {
+        for (i, host) in self.hosts.iter().enumerate() {
             kill_netns(&host.netns);
-            let _ = sh("ip", &["netns", "del", &host.netns]);
+            // Deleting can fail with EBUSY while a dying mount namespace of
+            // the host still holds the netns mount; it clears in a moment.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while sh("ip", &["netns", "del", &host.netns]).is_err()
+                && Path::new("/run/netns").join(&host.netns).exists()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // The veth pair normally goes with the namespace, but the kernel
+            // may keep a dead namespace around for a while; remove it now.
+            let _ = sh("ip", &["link", "del", &format!("cim{}v{i}", self.index)]);
         }
         let _ = sh("ip", &["link", "del", &self.bridge]);
     }
