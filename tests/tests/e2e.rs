@@ -321,3 +321,193 @@ fn a_restarted_controller_resumes_from_its_store() {
     assert_eq!(stored["revision"], rev.as_str());
     assert_eq!(host_of(&stored, "web-1")["phase"], "Converged");
 }
+
+#[test]
+fn suspend_resume_and_removal_follow_the_specs() {
+    let (fleet, dir) = fleet(3);
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-2", "web-3"], None);
+    let specs = |web3_extra: &str, with_web2: bool| {
+        let mut s = host_spec("web-1", &fleet.host("web-1").address, "");
+        if with_web2 {
+            s.push_str("---\n");
+            s.push_str(&host_spec("web-2", &fleet.host("web-2").address, ""));
+        }
+        s.push_str("---\n");
+        s.push_str(&host_spec(
+            "web-3",
+            &fleet.host("web-3").address,
+            web3_extra,
+        ));
+        s
+    };
+
+    // Suspended: a new system for web-3 is not deployed.
+    fleet
+        .write("specs/fleet.yaml", &specs("  suspend: true\n", true))
+        .unwrap();
+    fleet.set_host_config("web-3", "{ version = 2; }").unwrap();
+    let rev = fleet.commit("suspend web-3").unwrap();
+    cim.wait_until("web-3 suspended", Duration::from_secs(30), |s| {
+        s["revision"] == rev.as_str() && host_of(s, "web-3")["phase"] == "Suspended"
+    });
+    assert_eq!(cim.events_of("web-3", "Suspended").len(), 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.activations("web-3").len(), 1);
+    let out = cim.cli(&["reconcile", "web-3"]);
+    assert!(
+        !out.status.success(),
+        "reconciling a suspended host must be refused"
+    );
+
+    // Removed: web-2 leaves the status but keeps running.
+    fleet
+        .write("specs/fleet.yaml", &specs("  suspend: true\n", false))
+        .unwrap();
+    let rev = fleet.commit("remove web-2").unwrap();
+    cim.wait_until("web-2 removed", Duration::from_secs(30), |s| {
+        s["revision"] == rev.as_str() && host_of(s, "web-2").is_null()
+    });
+    assert_eq!(cim.events_of("web-2", "HostRemoved").len(), 1);
+    assert!(
+        fleet.current_system("web-2").is_some(),
+        "a removed host is left running"
+    );
+
+    // Resumed: web-3 gets its new system.
+    fleet.write("specs/fleet.yaml", &specs("", false)).unwrap();
+    let rev = fleet.commit("resume web-3").unwrap();
+    cim.wait_converged(&["web-1", "web-3"], Some(&rev));
+    assert_eq!(cim.events_of("web-3", "Resumed").len(), 1);
+    assert!(fleet
+        .current_system("web-3")
+        .unwrap()
+        .ends_with("nixos-system-web-3-2"));
+}
+
+#[test]
+fn reconcile_on_request_and_the_event_stream() {
+    let (fleet, dir) = fleet(2);
+    fleet
+        .set_host_config("web-2", "throw \"broken web-2\"")
+        .unwrap();
+    let rev = fleet.commit("start").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1"], Some(&rev));
+    cim.wait_until("web-2 build failure", Duration::from_secs(30), |s| {
+        host_of(s, "web-2")["phase"] == "Failed"
+    });
+
+    // A build failure is only retried on request.
+    let out = cim.cli(&["reconcile", "web-2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reconciling web-2"));
+    cim.wait_until("a second build failure", Duration::from_secs(30), |_| {
+        cim.events_of("web-2", "BuildFailed").len() == 2
+    });
+    assert_eq!(cim.events_of("web-2", "ReconcileRequested").len(), 1);
+    let out = cim.cli(&["reconcile", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no host `nope`"));
+
+    // The stream resumes after Last-Event-ID, then follows live events.
+    let addr = cim.api.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{BufRead, Write};
+    write!(
+        stream,
+        "GET /api/v1/events/stream HTTP/1.1\r\nHost: {addr}\r\nLast-Event-ID: 3\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let total = cim.events().len() as u64;
+    let mut ids = Vec::new();
+    let mut line = String::new();
+    let mut requested = false;
+    while ids.last().copied().unwrap_or(0) <= total {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(id) = line.trim().strip_prefix("id:") {
+            ids.push(id.trim().parse::<u64>().unwrap());
+        }
+        if !requested && ids.last() == Some(&total) {
+            // Everything stored was replayed; now cause a live event.
+            assert!(cim.cli(&["reconcile", "web-1"]).status.success());
+            requested = true;
+        }
+    }
+    assert_eq!(
+        ids.first(),
+        Some(&4),
+        "replay must start after Last-Event-ID"
+    );
+    assert_eq!(
+        ids,
+        (4..=ids.len() as u64 + 3).collect::<Vec<_>>(),
+        "gaps or repeats"
+    );
+    assert!(*ids.last().unwrap() > total, "no live event arrived");
+
+    // `cim events --follow` prints the log and keeps going.
+    let mut follow = std::process::Command::new(cim_sandbox::harness::cim_bin())
+        .args(["events", "--follow", "--api", &cim.api])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(first.contains("RevisionDetected"), "{first}");
+}
+
+#[test]
+fn fetch_failures_are_reported_and_do_not_stop_reconciling() {
+    let (fleet, dir) = fleet(1);
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
+    cim.wait_converged(&["web-1"], None);
+    let moved = fleet.repo.with_extension("moved");
+    std::fs::rename(&fleet.repo, &moved).unwrap();
+    let status = cim.wait_until("a fetch failure", Duration::from_secs(30), |s| {
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fetching branch `main`"))
+    });
+    let failed: Vec<_> = cim
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "FetchFailed")
+        .collect();
+    assert!(!failed.is_empty(), "{status}");
+    assert_eq!(failed[0]["type"], "Warning");
+
+    // Drift is still repaired while git is unreachable.
+    fleet
+        .switch_by_hand(
+            "web-1",
+            "/nix/store/00000000000000000000000000000000-elsewhere",
+        )
+        .unwrap();
+    cim.wait_until("drift repaired without git", Duration::from_secs(30), |s| {
+        host_of(s, "web-1")["phase"] == "Converged"
+            && fleet
+                .current_system("web-1")
+                .is_some_and(|c| c.ends_with("nixos-system-web-1-1"))
+            && !cim.events_of("web-1", "DriftDetected").is_empty()
+    });
+
+    std::fs::rename(&moved, &fleet.repo).unwrap();
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let rev = fleet.commit("back").unwrap();
+    cim.wait_converged(&["web-1"], Some(&rev));
+}
