@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::{self, DriverConfig};
 use crate::event::{Event, NewEvent, Phase, Reason};
 use crate::queue::{backoff, WorkQueue};
-use crate::reconcile::{self, Outcome, Report, Step, WorkItem};
+use crate::reconcile::{self, Outcome, Report, Rollback, Step, WorkItem};
 use crate::spec::{Action, FleetSpec};
 use crate::status::FleetStatus;
 use crate::store::{Store, StoreError};
@@ -410,7 +410,9 @@ impl Controller {
                         ev = ev.phase(Phase::Pending);
                     }
                     self.record(ev);
-                    self.queue.enqueue(&host, now);
+                    if !self.held(&host) {
+                        self.queue.enqueue(&host, now);
+                    }
                 }
                 Ok(other) => self.build_failed(
                     &host,
@@ -450,7 +452,7 @@ impl Controller {
                     }),
                 _ => None,
             };
-            let Some(item) = item else {
+            let Some(item) = item.filter(|_| !self.held(&host)) else {
                 self.queue.done(&host);
                 continue;
             };
@@ -552,11 +554,75 @@ impl Controller {
                 );
                 self.queue.schedule(host, Instant::now() + delay);
             }
+            Outcome::ActivationFailed { message, rollback } => {
+                self.activation_failed(host, revision, message, rollback);
+            }
         }
         // A newer revision may have arrived while this host was busy.
         if self.current_revision() != Some(revision) && self.desired.contains_key(host) {
             self.queue.enqueue(host, Instant::now());
         }
+    }
+
+    /// Records a failed activation and its rollback. The host is held: it
+    /// is not retried for this revision (its status carries
+    /// `failedRevision`) until a new revision or `cim reconcile HOST`.
+    fn activation_failed(
+        &mut self,
+        host: &str,
+        revision: &str,
+        message: String,
+        rollback: Rollback,
+    ) {
+        let desired = self.desired.get(host).cloned().unwrap_or_default();
+        let outcome = match &rollback {
+            Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
+            Rollback::RolledBack { to } => format!("rolled back to {to}"),
+            Rollback::Failed { to, .. } => format!("rolling back to {to} failed"),
+        };
+        self.record(
+            NewEvent::host(
+                host,
+                Reason::ActivationFailed,
+                Some(revision),
+                format!("{message}\n{outcome}"),
+            )
+            .phase(Phase::Failed),
+        );
+        match rollback {
+            Rollback::NothingToRollBackTo => {}
+            Rollback::RolledBack { to } => {
+                self.record(
+                    NewEvent::host(
+                        host,
+                        Reason::RolledBack,
+                        Some(revision),
+                        format!("rolled back from {desired} to {to}; held until a new revision or `cim reconcile {host}`"),
+                    )
+                    .system(to),
+                );
+            }
+            Rollback::Failed { to, message } => {
+                self.record(NewEvent::host(
+                    host,
+                    Reason::RollbackFailed,
+                    Some(revision),
+                    format!("rolling back from {desired} to {to} failed: {message}"),
+                ));
+            }
+        }
+        self.queue.forget(host);
+    }
+
+    /// Whether `host` failed to activate the current revision and waits for
+    /// a new one or an explicit reconcile.
+    fn held(&self, host: &str) -> bool {
+        let failed = self
+            .status
+            .hosts
+            .get(host)
+            .and_then(|h| h.failed_revision.as_deref());
+        failed.is_some() && failed == self.current_revision()
     }
 
     /// Re-checks every host that is not already waiting for a retry.
@@ -567,7 +633,7 @@ impl Controller {
             let Some(spec) = self.host_spec(&host) else {
                 continue;
             };
-            if spec.suspend || self.queue.is_queued(&host) {
+            if spec.suspend || self.queue.is_queued(&host) || self.held(&host) {
                 continue;
             }
             // dry-activate changes nothing on the host, so there is nothing

@@ -351,6 +351,33 @@ impl HostSession {
         self.checked(&program, &[action.as_str()]).await
     }
 
+    /// Puts the host back on its previous generation after a failed
+    /// activation: the profile back to `previous_profile` (for switch and
+    /// boot), then the previous system's `switch-to-configuration`.
+    pub async fn roll_back(
+        &self,
+        action: Action,
+        previous_running: Option<&str>,
+        previous_profile: Option<&str>,
+    ) -> Result<(), ActivateError> {
+        if action.sets_profile() {
+            if let Some(profile) = previous_profile {
+                let args = ["-p", "/nix/var/nix/profiles/system", "--set", profile];
+                self.checked("nix-env", &args).await?;
+            }
+        }
+        let target = match action {
+            Action::Switch | Action::Test => previous_running,
+            Action::Boot => previous_profile,
+            Action::DryActivate => None,
+        };
+        if let Some(system) = target {
+            let program = format!("{system}/bin/switch-to-configuration");
+            self.checked(&program, &[action.as_str()]).await?;
+        }
+        Ok(())
+    }
+
     async fn checked(&self, program: &str, args: &[&str]) -> Result<CommandOutput, ActivateError> {
         let output = self.run(program, args).await?;
         match output.status {

@@ -61,6 +61,11 @@ pub enum Reason {
     Resumed,
     /// An operator asked for a reconcile through the API or CLI.
     ReconcileRequested,
+    /// After a failed activation the host was put back on its previous
+    /// system; `system` is the closure it is back on.
+    RolledBack,
+    /// Putting the host back on its previous system failed too.
+    RollbackFailed,
 }
 
 impl Reason {
@@ -72,7 +77,9 @@ impl Reason {
             | Reason::CopyFailed
             | Reason::ActivationFailed
             | Reason::HostUnreachable
-            | Reason::DriftDetected => EventType::Warning,
+            | Reason::DriftDetected
+            | Reason::RolledBack
+            | Reason::RollbackFailed => EventType::Warning,
             _ => EventType::Normal,
         }
     }

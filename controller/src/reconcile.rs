@@ -33,6 +33,21 @@ pub enum Step {
     ActivationStarted,
 }
 
+/// What happened when a failed activation was undone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollback {
+    /// The host had no previous system to go back to (first deployment).
+    NothingToRollBackTo,
+    /// The host is verified to be back on `to`.
+    RolledBack {
+        to: String,
+    },
+    Failed {
+        to: String,
+        message: String,
+    },
+}
+
 /// How a worker's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -43,6 +58,11 @@ pub enum Outcome {
     Failed {
         reason: Reason,
         message: String,
+    },
+    /// `switch-to-configuration` failed; the host was put back.
+    ActivationFailed {
+        message: String,
+        rollback: Rollback,
     },
     /// The controller is shutting down; nothing is recorded.
     Cancelled,
@@ -119,14 +139,32 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             return failed(Reason::CopyFailed, &e);
         }
         let _ = report(Step::CopySucceeded).await;
+        // What to go back to if activation fails: the running system and
+        // the generation the profile pointed at before it was moved.
+        let previous_profile = if item.host.action.sets_profile() {
+            match session.boot_system().await {
+                Ok(p) => p,
+                Err(e) => return failed(Reason::HostUnreachable, &e),
+            }
+        } else {
+            None
+        };
         let _ = report(Step::ActivationStarted).await;
         if let Err(e) = session.activate(&item.desired, item.host.action).await {
-            let reason = if e.is_unreachable() {
-                Reason::HostUnreachable
-            } else {
-                Reason::ActivationFailed
+            if e.is_unreachable() {
+                return failed(Reason::HostUnreachable, &e);
+            }
+            let rollback = roll_back(
+                &session,
+                item,
+                current.as_deref(),
+                previous_profile.as_deref(),
+            )
+            .await;
+            return Outcome::ActivationFailed {
+                message: error_chain(&e),
+                rollback,
             };
-            return failed(reason, &e);
         }
         verify(&session, item).await
     }
@@ -144,6 +182,47 @@ async fn observe(
     match action {
         Action::Boot => session.boot_system().await,
         _ => session.current_system().await,
+    }
+}
+
+/// Undoes a failed activation and checks that the host is back where it was.
+async fn roll_back(
+    session: &HostSession,
+    item: &WorkItem,
+    previous_running: Option<&str>,
+    previous_profile: Option<&str>,
+) -> Rollback {
+    let action = item.host.action;
+    let back_to = match action {
+        Action::Boot => previous_profile,
+        Action::Switch | Action::Test => previous_running,
+        Action::DryActivate => None,
+    };
+    let Some(to) = back_to.map(str::to_string) else {
+        return Rollback::NothingToRollBackTo;
+    };
+    if let Err(e) = session
+        .roll_back(action, previous_running, previous_profile)
+        .await
+    {
+        return Rollback::Failed {
+            to,
+            message: error_chain(&e),
+        };
+    }
+    match observe(session, action).await {
+        Ok(Some(now)) if now == to => Rollback::RolledBack { to },
+        Ok(now) => Rollback::Failed {
+            message: format!(
+                "the host is on {} after rolling back",
+                now.as_deref().unwrap_or("no system")
+            ),
+            to,
+        },
+        Err(e) => Rollback::Failed {
+            to,
+            message: error_chain(&e),
+        },
     }
 }
 

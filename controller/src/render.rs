@@ -69,10 +69,11 @@ fn one_line(message: &str, max: usize) -> String {
 }
 
 fn host_row(h: &HostStatus, now: OffsetDateTime) -> Vec<String> {
-    let retry = match (h.failures, h.next_retry) {
-        (0, _) => "-".to_string(),
-        (n, Some(at)) => format!("{n} (next {})", age(at, now)),
-        (n, None) => n.to_string(),
+    let retry = match (h.failures, h.next_retry, &h.failed_revision) {
+        (0, _, _) => "-".to_string(),
+        (n, Some(at), _) => format!("{n} (next {})", age(at, now)),
+        (n, None, Some(_)) => format!("{n} (held)"),
+        (n, None, None) => n.to_string(),
     };
     vec![
         h.name.clone(),
@@ -215,6 +216,7 @@ mod tests {
             last_transition_time: NOW - time::Duration::seconds(95),
             failures,
             next_retry: (failures > 0).then(|| NOW + time::Duration::seconds(30)),
+            failed_revision: None,
         }
     }
 

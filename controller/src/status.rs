@@ -41,6 +41,10 @@ pub struct HostStatus {
     pub failures: u32,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub next_retry: Option<OffsetDateTime>,
+    /// A revision whose activation failed on this host: it is not retried
+    /// until a new revision or an explicit reconcile.
+    #[serde(default)]
+    pub failed_revision: Option<String>,
 }
 
 /// The whole projection.
@@ -80,6 +84,7 @@ impl FleetStatus {
                 last_transition_time: ev.time,
                 failures: 0,
                 next_retry: None,
+                failed_revision: None,
             });
         if let Some(to) = ev.to_phase {
             if to != host.phase {
@@ -97,10 +102,13 @@ impl FleetStatus {
                 host.observed_revision = ev.revision.clone();
                 host.failures = 0;
                 host.next_retry = None;
+                host.failed_revision = None;
             }
-            Reason::DriftDetected => host.current_system = ev.system.clone(),
+            Reason::DriftDetected | Reason::RolledBack => host.current_system = ev.system.clone(),
+            Reason::ActivationFailed => host.failed_revision = ev.revision.clone(),
             Reason::Suspended | Reason::Resumed | Reason::ReconcileRequested => {
                 host.next_retry = None;
+                host.failed_revision = None;
             }
             _ => {}
         }

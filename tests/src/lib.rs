@@ -331,6 +331,16 @@ impl Fleet {
             .map(|p| p.display().to_string())
     }
 
+    /// What the host's system profile (`/nix/var/nix/profiles/system`)
+    /// points at: the generation it boots into.
+    pub fn profile_system(&self, name: &str) -> Option<String> {
+        let profiles = self.host(name).root.join("nix/var/nix/profiles");
+        let generation = fs::read_link(profiles.join("system")).ok()?;
+        fs::read_link(profiles.join(generation))
+            .ok()
+            .map(|p| p.display().to_string())
+    }
+
     /// Points the host's `/run/current-system` somewhere else, as an
     /// operator switching it by hand would.
     pub fn switch_by_hand(&self, name: &str, target: &str) -> Result<()> {

@@ -196,20 +196,20 @@ fn an_evaluation_error_fails_only_that_host() {
 }
 
 #[test]
-fn a_failing_activation_is_reported_while_others_converge() {
+fn a_failing_first_activation_is_held_until_asked_again() {
     let (fleet, dir) = fleet(3);
     fleet
         .set_host_config("web-3", "{ version = 1; activationExitCode = 1; }")
         .unwrap();
     let rev = fleet.commit("web-3 fails to activate").unwrap();
-    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "1s"]);
     cim.wait_converged(&["web-1", "web-2"], Some(&rev));
-    let status = cim.wait_until("web-3 to fail twice", Duration::from_secs(60), |s| {
-        host_of(s, "web-3")["failures"].as_u64().unwrap_or(0) >= 2
+    let status = cim.wait_until("web-3 to fail", Duration::from_secs(60), |s| {
+        host_of(s, "web-3")["phase"] == "Failed"
     });
     let web3 = host_of(&status, "web-3");
-    assert_eq!(web3["phase"], "Failed");
-    assert!(web3["nextRetry"].is_string(), "{web3}");
+    assert_eq!(web3["failedRevision"], rev.as_str());
+    assert!(web3["nextRetry"].is_null(), "{web3}");
     let failed = cim.events_of("web-3", "ActivationFailed");
     let msg = failed[0]["message"].as_str().unwrap();
     assert!(msg.contains("exited with 1"), "{msg}");
@@ -217,7 +217,69 @@ fn a_failing_activation_is_reported_while_others_converge() {
         msg.contains("simulated activation failure of web-3"),
         "{msg}"
     );
+    assert!(msg.contains("no previous system"), "{msg}");
     assert!(fleet.current_system("web-3").is_none());
+
+    // Held: resyncs do not retry the same revision...
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(cim.events_of("web-3", "ActivationFailed").len(), 1);
+    assert_eq!(fleet.activations("web-3").len(), 1);
+    // ...until an operator asks.
+    assert!(cim.cli(&["reconcile", "web-3"]).status.success());
+    cim.wait_until("a second attempt", Duration::from_secs(30), |_| {
+        cim.events_of("web-3", "ActivationFailed").len() == 2
+    });
+}
+
+#[test]
+fn a_failing_activation_is_rolled_back_to_the_previous_system() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "1s"]);
+    let status = cim.wait_converged(&["web-1", "web-2"], None);
+    let old = host_of(&status, "web-2")["currentSystem"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    fleet
+        .set_host_config("web-2", "{ version = 2; activationExitCode = 1; }")
+        .unwrap();
+    let bad = fleet.commit("web-2: broken version 2").unwrap();
+    cim.wait_until("web-2 rolled back", Duration::from_secs(60), |_| {
+        !cim.events_of("web-2", "RolledBack").is_empty()
+    });
+    let rolled = &cim.events_of("web-2", "RolledBack")[0];
+    assert_eq!(rolled["system"], old.as_str());
+    assert_eq!(rolled["revision"], bad.as_str());
+    let msg = rolled["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&old) && msg.contains("nixos-system-web-2-2"),
+        "{msg}"
+    );
+
+    // Verified on the host: running system, boot profile and activations.
+    assert_eq!(fleet.current_system("web-2").as_deref(), Some(old.as_str()));
+    assert_eq!(fleet.profile_system("web-2").as_deref(), Some(old.as_str()));
+    let acts = fleet.activations("web-2");
+    assert_eq!(acts.len(), 3, "{acts:?}");
+    assert!(acts[1].ends_with("nixos-system-web-2-2"), "{acts:?}");
+    assert_eq!(acts[2], format!("switch {old}"));
+    let web2 = cim.host("web-2");
+    assert_eq!(web2["phase"], "Failed");
+    assert_eq!(web2["currentSystem"], old.as_str());
+    assert_eq!(web2["failedRevision"], bad.as_str());
+
+    // Not retried for the same revision; a fixed revision goes through.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fleet.activations("web-2").len(), 3);
+    fleet.set_host_config("web-2", "{ version = 3; }").unwrap();
+    let fixed = fleet.commit("web-2: version 3").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&fixed));
+    assert!(fleet
+        .current_system("web-2")
+        .unwrap()
+        .ends_with("nixos-system-web-2-3"));
+    assert!(cim.host("web-2")["failedRevision"].is_null());
 }
 
 #[test]
