@@ -500,6 +500,9 @@ impl Controller {
                 format!("copying {desired}"),
             )
             .phase(Phase::Copying),
+            Step::ConfirmationTimedOut { message } => {
+                NewEvent::host(host, Reason::ConfirmationTimedOut, Some(revision), message)
+            }
             Step::CopySucceeded => NewEvent::host(
                 host,
                 Reason::CopySucceeded,
@@ -555,7 +558,10 @@ impl Controller {
                 self.queue.schedule(host, Instant::now() + delay);
             }
             Outcome::ActivationFailed { message, rollback } => {
-                self.activation_failed(host, revision, message, rollback);
+                self.activation_failed(host, revision, Some(message), rollback);
+            }
+            Outcome::NotConfirmed { rollback } => {
+                self.activation_failed(host, revision, None, rollback);
             }
         }
         // A newer revision may have arrived while this host was busy.
@@ -571,45 +577,52 @@ impl Controller {
         &mut self,
         host: &str,
         revision: &str,
-        message: String,
+        message: Option<String>,
         rollback: Rollback,
     ) {
         let desired = self.desired.get(host).cloned().unwrap_or_default();
-        let outcome = match &rollback {
-            Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
-            Rollback::RolledBack { to } => format!("rolled back to {to}"),
-            Rollback::Failed { to, .. } => format!("rolling back to {to} failed"),
-        };
-        self.record(
-            NewEvent::host(
-                host,
-                Reason::ActivationFailed,
-                Some(revision),
-                format!("{message}\n{outcome}"),
-            )
-            .phase(Phase::Failed),
-        );
-        match rollback {
-            Rollback::NothingToRollBackTo => {}
-            Rollback::RolledBack { to } => {
-                self.record(
-                    NewEvent::host(
-                        host,
-                        Reason::RolledBack,
-                        Some(revision),
-                        format!("rolled back from {desired} to {to}; held until a new revision or `cim reconcile {host}`"),
-                    )
-                    .system(to),
-                );
-            }
-            Rollback::Failed { to, message } => {
-                self.record(NewEvent::host(
+        // ActivationFailed already says when there is nothing to go back to.
+        let announced_nothing = message.is_some() && rollback == Rollback::NothingToRollBackTo;
+        if let Some(message) = message {
+            let outcome = match &rollback {
+                Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
+                Rollback::RolledBack { to } => format!("rolled back to {to}"),
+                Rollback::Failed { to, .. } => format!("rolling back to {to} failed"),
+            };
+            self.record(
+                NewEvent::host(
                     host,
-                    Reason::RollbackFailed,
+                    Reason::ActivationFailed,
                     Some(revision),
-                    format!("rolling back from {desired} to {to} failed: {message}"),
-                ));
-            }
+                    format!("{message}\n{outcome}"),
+                )
+                .phase(Phase::Failed),
+            );
+        }
+        let held = format!("held until a new revision or `cim reconcile {host}`");
+        let ev = match rollback {
+            Rollback::NothingToRollBackTo => NewEvent::host(
+                host,
+                Reason::RollbackFailed,
+                Some(revision),
+                format!("no previous system to roll back to from {desired}; {held}"),
+            ),
+            Rollback::RolledBack { to } => NewEvent::host(
+                host,
+                Reason::RolledBack,
+                Some(revision),
+                format!("rolled back from {desired} to {to}; {held}"),
+            )
+            .system(to),
+            Rollback::Failed { to, message } => NewEvent::host(
+                host,
+                Reason::RollbackFailed,
+                Some(revision),
+                format!("rolling back from {desired} to {to} failed: {message}; {held}"),
+            ),
+        };
+        if !announced_nothing {
+            self.record(ev.phase(Phase::Failed));
         }
         self.queue.forget(host);
     }

@@ -111,6 +111,12 @@ pub enum SshError {
         destination: String,
         source: openssh::Error,
     },
+    #[error("`{command}` on {destination} did not finish within {}s", .limit.as_secs())]
+    Timeout {
+        destination: String,
+        command: String,
+        limit: Duration,
+    },
     #[error("running `{command}` on {destination} failed")]
     Command {
         destination: String,
@@ -127,6 +133,11 @@ pub enum CopyError {
         command: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("`nix copy` to {destination} did not finish within {}s", .limit.as_secs())]
+    Timeout {
+        destination: String,
+        limit: Duration,
     },
     #[error("`nix copy` to {destination} exited with {}:\n{}", .output.exit(), tail(&.output.stderr, 20))]
     Failed {
@@ -152,6 +163,63 @@ impl ActivateError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ActivateError::Ssh(_))
     }
+}
+
+/// Longest a short remote command (readlink, cat, rm) may take.
+const REMOTE_COMMAND_LIMIT: Duration = Duration::from_secs(60);
+/// Longest `nix-env --set` or a `switch-to-configuration` may take.
+const ACTIVATION_LIMIT: Duration = Duration::from_secs(600);
+/// Longest a `nix copy` may take.
+const COPY_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Where the watchdog keeps its canary, exit code and log on the host.
+pub const WATCHDOG_DIR: &str = "/run/cim";
+
+/// The confirmed-activation watchdog, run on the host as
+/// `sh -c WATCHDOG cim-watchdog CLOSURE ACTION TIMEOUT TOKEN PREVIOUS PREVIOUS_PROFILE`.
+/// It is a constant: every value reaches it as a positional argument.
+pub const WATCHDOG: &str = r#"set -u
+closure=$1 action=$2 timeout=$3 token=$4 prev=$5 prevprofile=$6
+dir=/run/cim
+mkdir -p "$dir"
+exec </dev/null >"$dir/$token.log" 2>&1
+canary="$dir/$token.canary"
+: >"$canary"
+rc=0
+if [ "$action" = switch ]; then
+  nix-env -p /nix/var/nix/profiles/system --set "$closure" || rc=$?
+fi
+if [ "$rc" = 0 ]; then
+  "$closure/bin/switch-to-configuration" "$action" || rc=$?
+fi
+echo "$rc" >"$dir/$token.rc.tmp" && mv "$dir/$token.rc.tmp" "$dir/$token.rc"
+i=0
+while [ -e "$canary" ] && [ "$i" -lt "$timeout" ]; do
+  sleep 1
+  i=$((i + 1))
+done
+if [ -e "$canary" ]; then
+  rm -f "$canary"
+  echo "cim: not confirmed within ${timeout}s, reverting" >>"$dir/$token.result"
+  if [ "$action" = switch ] && [ -n "$prevprofile" ]; then
+    nix-env -p /nix/var/nix/profiles/system --set "$prevprofile"
+  fi
+  if [ -n "$prev" ]; then
+    "$prev/bin/switch-to-configuration" "$action"
+  fi
+fi
+"#;
+
+/// One confirmed activation.
+#[derive(Debug, Clone)]
+pub struct ConfirmedRun<'a> {
+    pub closure: &'a str,
+    pub action: Action,
+    pub timeout: Duration,
+    /// Names this attempt's files under [`WATCHDOG_DIR`].
+    pub token: &'a str,
+    pub previous_running: Option<&'a str>,
+    pub previous_profile: Option<&'a str>,
 }
 
 /// The flake output holding a host's system closure. The attribute is quoted,
@@ -260,13 +328,27 @@ impl HostSession {
     }
 
     async fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, SshError> {
-        let out = self
-            .session
-            .command(program)
-            .args(args)
-            .stdin(openssh::Stdio::null())
-            .output()
+        self.run_within(program, args, REMOTE_COMMAND_LIMIT).await
+    }
+
+    /// Runs a command on the host; a host that stops answering (a hung
+    /// command, a dead link) fails it after `limit` instead of blocking the
+    /// worker forever.
+    async fn run_within(
+        &self,
+        program: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<CommandOutput, SshError> {
+        let mut command = self.session.command(program);
+        command.args(args).stdin(openssh::Stdio::null());
+        let out = tokio::time::timeout(limit, command.output())
             .await
+            .map_err(|_| SshError::Timeout {
+                destination: self.destination.clone(),
+                command: describe(program, args),
+                limit,
+            })?
             .map_err(|source| SshError::Command {
                 destination: self.destination.clone(),
                 command: describe(program, args),
@@ -302,9 +384,12 @@ impl HostSession {
             .env("NIX_SSHOPTS", self.nix_sshopts(cfg));
         let command = nix.describe();
         tracing::debug!(%command, "copying");
-        let out = nix
-            .output()
+        let out = tokio::time::timeout(COPY_LIMIT, nix.output())
             .await
+            .map_err(|_| CopyError::Timeout {
+                destination: self.destination.clone(),
+                limit: COPY_LIMIT,
+            })?
             .map_err(|source| CopyError::Spawn { command, source })?;
         if out.status.success() {
             Ok(())
@@ -351,6 +436,56 @@ impl HostSession {
         self.checked(&program, &[action.as_str()]).await
     }
 
+    /// Starts a confirmed activation: [`WATCHDOG`] runs on the host in its
+    /// own session (it survives this connection dropping), activates
+    /// `closure`, and reverts to the previous generation unless
+    /// [`HostSession::confirm`] removes its canary within `timeout`.
+    pub async fn start_confirmed_activation(
+        &self,
+        run: &ConfirmedRun<'_>,
+    ) -> Result<(), ActivateError> {
+        let timeout = run.timeout.as_secs().max(1).to_string();
+        let args = [
+            "-f",
+            "sh",
+            "-c",
+            WATCHDOG,
+            "cim-watchdog",
+            run.closure,
+            run.action.as_str(),
+            &timeout,
+            run.token,
+            run.previous_running.unwrap_or(""),
+            run.previous_profile.unwrap_or(""),
+        ];
+        self.checked("setsid", &args).await.map(|_| ())
+    }
+
+    /// The exit code and output of a confirmed activation's
+    /// `switch-to-configuration`, once it has finished.
+    pub async fn activation_result(&self, token: &str) -> Result<Option<(i32, String)>, SshError> {
+        let rc = self
+            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.rc")])
+            .await?;
+        if rc.status != Some(0) {
+            return Ok(None);
+        }
+        let code = rc.stdout.trim().parse().unwrap_or(-1);
+        let log = self
+            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.log")])
+            .await?;
+        Ok(Some((code, log.stdout)))
+    }
+
+    /// Confirms a confirmed activation; false if the host had already given
+    /// up waiting (and reverted).
+    pub async fn confirm(&self, token: &str) -> Result<bool, SshError> {
+        let out = self
+            .run("rm", &[&format!("{WATCHDOG_DIR}/{token}.canary")])
+            .await?;
+        Ok(out.status == Some(0))
+    }
+
     /// Puts the host back on its previous generation after a failed
     /// activation: the profile back to `previous_profile` (for switch and
     /// boot), then the previous system's `switch-to-configuration`.
@@ -379,7 +514,7 @@ impl HostSession {
     }
 
     async fn checked(&self, program: &str, args: &[&str]) -> Result<CommandOutput, ActivateError> {
-        let output = self.run(program, args).await?;
+        let output = self.run_within(program, args, ACTIVATION_LIMIT).await?;
         match output.status {
             Some(0) => Ok(output),
             // ssh reports a lost connection as exit status 255.

@@ -66,6 +66,9 @@ pub enum Reason {
     RolledBack,
     /// Putting the host back on its previous system failed too.
     RollbackFailed,
+    /// A confirmed activation was not confirmed over a new SSH connection
+    /// in time; the host reverts itself.
+    ConfirmationTimedOut,
 }
 
 impl Reason {
@@ -79,7 +82,8 @@ impl Reason {
             | Reason::HostUnreachable
             | Reason::DriftDetected
             | Reason::RolledBack
-            | Reason::RollbackFailed => EventType::Warning,
+            | Reason::RollbackFailed
+            | Reason::ConfirmationTimedOut => EventType::Warning,
             _ => EventType::Normal,
         }
     }

@@ -4,6 +4,7 @@
 //! controller over a channel, and the controller turns them into events.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -11,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::driver::{self, DriverConfig, HostSession};
 use crate::event::Reason;
 use crate::spec::{Action, HostSpec};
+
+mod confirmed;
 
 /// What a worker is asked to do.
 #[derive(Debug, Clone)]
@@ -31,6 +34,11 @@ pub enum Step {
     CopyStarted,
     CopySucceeded,
     ActivationStarted,
+    /// The controller could not confirm a confirmed activation over a new
+    /// connection; the host will revert itself.
+    ConfirmationTimedOut {
+        message: String,
+    },
 }
 
 /// What happened when a failed activation was undone.
@@ -62,6 +70,10 @@ pub enum Outcome {
     /// `switch-to-configuration` failed; the host was put back.
     ActivationFailed {
         message: String,
+        rollback: Rollback,
+    },
+    /// A confirmed activation was not confirmed; the host reverted itself.
+    NotConfirmed {
         rollback: Rollback,
     },
     /// The controller is shutting down; nothing is recorded.
@@ -150,17 +162,22 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             None
         };
         let _ = report(Step::ActivationStarted).await;
+        if matches!(item.host.action, Action::Switch | Action::Test) {
+            let previous = Previous {
+                running: current.as_deref(),
+                profile: previous_profile.as_deref(),
+            };
+            return confirmed::activate(cfg, &session, item, previous, tx).await;
+        }
         if let Err(e) = session.activate(&item.desired, item.host.action).await {
             if e.is_unreachable() {
                 return failed(Reason::HostUnreachable, &e);
             }
-            let rollback = roll_back(
-                &session,
-                item,
-                current.as_deref(),
-                previous_profile.as_deref(),
-            )
-            .await;
+            let previous = Previous {
+                running: current.as_deref(),
+                profile: previous_profile.as_deref(),
+            };
+            let rollback = roll_back(&session, item, previous).await;
             return Outcome::ActivationFailed {
                 message: error_chain(&e),
                 rollback,
@@ -169,8 +186,16 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
         verify(&session, item).await
     }
     .await;
-    session.close().await;
+    // A host that cut its network leaves this connection hanging.
+    let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
     outcome
+}
+
+/// What a host ran before an activation, to go back to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Previous<'a> {
+    pub running: Option<&'a str>,
+    pub profile: Option<&'a str>,
 }
 
 /// What the host runs, as far as `action` is concerned: the booted-into
@@ -185,20 +210,24 @@ async fn observe(
     }
 }
 
+/// The system the host should be back on after undoing `action`.
+pub(crate) fn rollback_target<'a>(action: Action, previous: Previous<'a>) -> Option<&'a str> {
+    match action {
+        Action::Boot => previous.profile,
+        Action::Switch | Action::Test => previous.running,
+        Action::DryActivate => None,
+    }
+}
+
 /// Undoes a failed activation and checks that the host is back where it was.
-async fn roll_back(
+pub(crate) async fn roll_back(
     session: &HostSession,
     item: &WorkItem,
-    previous_running: Option<&str>,
-    previous_profile: Option<&str>,
+    previous: Previous<'_>,
 ) -> Rollback {
+    let (previous_running, previous_profile) = (previous.running, previous.profile);
     let action = item.host.action;
-    let back_to = match action {
-        Action::Boot => previous_profile,
-        Action::Switch | Action::Test => previous_running,
-        Action::DryActivate => None,
-    };
-    let Some(to) = back_to.map(str::to_string) else {
+    let Some(to) = rollback_target(action, previous).map(str::to_string) else {
         return Rollback::NothingToRollBackTo;
     };
     if let Err(e) = session
@@ -228,7 +257,7 @@ async fn roll_back(
 
 /// After activation, checks that the host really is on the new system, so
 /// that `Converged` is never claimed on the strength of an exit code alone.
-async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
+pub(crate) async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
     if item.host.action == Action::DryActivate {
         return Outcome::Converged {
             system: item.desired.clone(),
@@ -253,7 +282,7 @@ async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
     }
 }
 
-fn failed(reason: Reason, err: &dyn std::error::Error) -> Outcome {
+pub(crate) fn failed(reason: Reason, err: &dyn std::error::Error) -> Outcome {
     Outcome::Failed {
         reason,
         message: error_chain(err),

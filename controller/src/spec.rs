@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use miette::{Diagnostic, NamedSource, SourceSpan};
 use serde::Deserialize;
@@ -74,6 +75,27 @@ pub struct HostSpec {
     pub configuration: String,
     pub action: Action,
     pub suspend: bool,
+    pub rollout: RolloutSpec,
+}
+
+/// How a new system is rolled out on a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutSpec {
+    /// For `switch` and `test`: how long the host waits, after activating,
+    /// for the controller to confirm over a new SSH connection before it
+    /// reverts itself to the previous generation.
+    pub confirm_timeout: Duration,
+}
+
+/// Default of `spec.rollout.confirmTimeout`.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec {
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+        }
+    }
 }
 
 /// All hosts of one revision, by name.
@@ -142,6 +164,15 @@ struct RawHostSpec {
     action: Option<Action>,
     #[serde(default)]
     suspend: bool,
+    #[serde(default)]
+    rollout: Option<RawRollout>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRollout {
+    #[serde(default)]
+    confirm_timeout: Option<Spanned<String>>,
 }
 
 /// Parses and validates all spec files of a revision. Files are checked in
@@ -308,10 +339,30 @@ impl<'a> FileContext<'a> {
                 ));
             }
         }
+        let mut rollout = RolloutSpec::default();
+        if let Some(t) = spec
+            .rollout
+            .as_ref()
+            .and_then(|r| r.confirm_timeout.as_ref())
+        {
+            match parse_duration(&t.value) {
+                Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) => {
+                    rollout.confirm_timeout = d;
+                }
+                Ok(_) => errs.push(self.error(
+                    t.into(),
+                    format!("confirmTimeout `{}` must be between 1s and 1h", t.value),
+                )),
+                Err(why) => {
+                    errs.push(self.error(t.into(), format!("invalid confirmTimeout: {why}")))
+                }
+            }
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
         let host = HostSpec {
+            rollout,
             name: name.value.clone(),
             labels: doc.metadata.labels,
             address: spec.address.value.clone(),
@@ -375,6 +426,24 @@ fn first_line(message: &str) -> String {
         Some(i) if line[i..].contains(", column ") => line[..i].to_string(),
         _ => line.to_string(),
     }
+}
+
+/// `500ms`, `30s`, `5m`, `2h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s or 5m"))?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" | "" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    }
+    .ok_or_else(|| format!("`{s}` is too long"))
 }
 
 /// RFC 1123 DNS label, as Kubernetes object names.
@@ -525,6 +594,7 @@ spec:
         assert_eq!(db.configuration, "database");
         assert_eq!(db.action, Action::DryActivate);
         assert!(db.suspend);
+        assert_eq!(db.rollout.confirm_timeout, DEFAULT_CONFIRM_TIMEOUT);
     }
 
     #[test]
@@ -560,6 +630,28 @@ spec:
         let errs = errors_of(&[file("specs/web.yaml", &text)]);
         assert!(errs[0].starts_with("specs/web.yaml:8:"), "{}", errs[0]);
         assert!(errs[0].contains("reboot"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn confirm_timeouts_are_parsed_and_bounded() {
+        let with = |t: &str| format!("{WEB}  rollout:\n    confirmTimeout: {t}\n");
+        let fleet = parse_fleet(&[file("specs/web.yaml", &with("90s"))]).unwrap();
+        assert_eq!(
+            fleet.hosts["web-1"].rollout.confirm_timeout,
+            Duration::from_secs(90)
+        );
+        let errs = errors_of(&[file("specs/web.yaml", &with("2d"))]);
+        assert!(
+            errs[0].starts_with("specs/web.yaml:9:21: invalid confirmTimeout"),
+            "{}",
+            errs[0]
+        );
+        let errs = errors_of(&[file("specs/web.yaml", &with("2h"))]);
+        assert!(errs[0].contains("between 1s and 1h"), "{}", errs[0]);
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
     }
 
     #[test]

@@ -105,7 +105,9 @@ impl FleetStatus {
                 host.failed_revision = None;
             }
             Reason::DriftDetected | Reason::RolledBack => host.current_system = ev.system.clone(),
-            Reason::ActivationFailed => host.failed_revision = ev.revision.clone(),
+            Reason::ActivationFailed | Reason::ConfirmationTimedOut => {
+                host.failed_revision = ev.revision.clone();
+            }
             Reason::Suspended | Reason::Resumed | Reason::ReconcileRequested => {
                 host.next_retry = None;
                 host.failed_revision = None;

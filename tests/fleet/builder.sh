@@ -10,6 +10,13 @@ s="$out/bin/switch-to-configuration"
     echo "exit $activationExitCode"
   fi
   echo 'case "$1" in switch|test) /bin/ln -sfn '"$out"' /run/current-system ;; esac'
+  # A system either brings the host's network up or, to simulate a
+  # configuration that locks the controller out, takes it down.
+  if [ "$breakNetwork" = 1 ]; then
+    echo 'case "$1" in switch|test) /usr/sbin/ip link set eth0 down ;; esac'
+  else
+    echo 'case "$1" in switch|test) /usr/sbin/ip link set eth0 up ;; esac'
+  fi
 } > "$s"
 /bin/chmod +x "$s"
 echo "$hostName $version" > "$out/nixos-version"

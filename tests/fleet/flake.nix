@@ -3,7 +3,8 @@
 # switch-to-configuration records the activation in /run/cim-activations and
 # points /run/current-system at itself. hosts/NAME.nix sets the host's
 # `version` (change it to make a new system) and, to simulate a broken
-# activation, `activationExitCode`. A hosts/NAME.nix that throws is an
+# activation, `activationExitCode`, or `breakNetwork = true` for a system
+# that takes the host's network link down. A hosts/NAME.nix that throws is an
 # evaluation error of that host alone.
 {
   description = "cim sandbox fleet";
@@ -20,6 +21,7 @@
         hostName = name;
         version = toString cfg.version;
         activationExitCode = toString (cfg.activationExitCode or 0);
+        breakNetwork = if cfg.breakNetwork or false then "1" else "0";
       };
       host = file: {
         name = nameOf file;

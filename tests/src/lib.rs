@@ -209,7 +209,9 @@ impl Fleet {
 
     fn add_host(&self, host: &Host, client_key: &Path, i: usize) -> Result<()> {
         let etc = host.root.join("etc");
-        for d in ["nix/store", "nix/var/nix/profiles", "run", "etc"] {
+        // `home` becomes the host's /root: the machine's own root home (its
+        // shell start-up files, caches) must not leak into the hosts.
+        for d in ["nix/store", "nix/var/nix/profiles", "run", "etc", "home"] {
             fs::create_dir_all(host.root.join(d))?;
         }
         let host_key = etc.join("ssh_host_ed25519_key");
@@ -278,7 +280,7 @@ impl Fleet {
     pub fn start_sshd(&self, name: &str) -> Result<()> {
         let host = self.host(name);
         let script = format!(
-            "mount --bind {root}/nix /nix && mount --bind {root}/run /run && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f {root}/etc/sshd_config",
+            "mount --bind {root}/nix /nix && mount --bind {root}/run /run && mount --bind {root}/home /root && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f {root}/etc/sshd_config",
             root = host.root.display()
         );
         let log = fs::OpenOptions::new()

@@ -573,3 +573,62 @@ fn fetch_failures_are_reported_and_do_not_stop_reconciling() {
     let rev = fleet.commit("back").unwrap();
     cim.wait_converged(&["web-1"], Some(&rev));
 }
+
+#[test]
+fn a_system_that_cuts_the_network_reverts_itself() {
+    let (fleet, dir) = fleet(2);
+    let specs = format!(
+        "{}---\n{}",
+        host_spec("web-1", &fleet.host("web-1").address, ""),
+        host_spec(
+            "web-2",
+            &fleet.host("web-2").address,
+            "  rollout:\n    confirmTimeout: 3s\n"
+        )
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.commit("web-2 confirms within 3s").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
+    let status = cim.wait_converged(&["web-1", "web-2"], None);
+    let old = host_of(&status, "web-2")["currentSystem"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    fleet
+        .set_host_config("web-2", "{ version = 2; breakNetwork = true; }")
+        .unwrap();
+    let bad = fleet
+        .commit("web-2: a system that takes eth0 down")
+        .unwrap();
+    cim.wait_until("web-2 to revert", Duration::from_secs(90), |_| {
+        !cim.events_of("web-2", "RolledBack").is_empty()
+            || !cim.events_of("web-2", "RollbackFailed").is_empty()
+    });
+    let timed_out = cim.events_of("web-2", "ConfirmationTimedOut");
+    assert_eq!(timed_out.len(), 1);
+    assert_eq!(timed_out[0]["type"], "Warning");
+    let rolled = &cim.events_of("web-2", "RolledBack")[0];
+    assert_eq!(rolled["system"], old.as_str());
+    assert_eq!(rolled["revision"], bad.as_str());
+
+    // On the host: back on the old system, and reachable again.
+    assert_eq!(fleet.current_system("web-2").as_deref(), Some(old.as_str()));
+    assert_eq!(fleet.profile_system("web-2").as_deref(), Some(old.as_str()));
+    let acts = fleet.activations("web-2");
+    assert!(
+        acts.last().unwrap().ends_with(&old)
+            && acts[acts.len() - 2].ends_with("nixos-system-web-2-2"),
+        "{acts:?}"
+    );
+    let web2 = cim.host("web-2");
+    assert_eq!(web2["phase"], "Failed");
+    assert_eq!(web2["failedRevision"], bad.as_str());
+
+    // Held: the resync neither retries nor calls it drift; web-1 is untouched.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(cim.events_of("web-2", "ConfirmationTimedOut").len(), 1);
+    assert!(cim.events_of("web-2", "DriftDetected").is_empty());
+    assert_eq!(fleet.activations("web-1").len(), 1);
+    assert_eq!(cim.host("web-1")["phase"], "Converged");
+}

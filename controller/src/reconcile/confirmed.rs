@@ -1,0 +1,173 @@
+//! Confirmed ("magic") activation for `switch` and `test`: the host runs the
+//! activation under a watchdog detached from the SSH session, and reverts
+//! itself unless the controller confirms over a *new* connection within the
+//! host's `confirmTimeout`. This proves that the new system still lets the
+//! controller in; a system that breaks networking or sshd undoes itself.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{
+    failed, observe, roll_back, rollback_target, verify, Outcome, Previous, Report, Rollback, Step,
+    WorkItem,
+};
+use crate::driver::{tail, ConfirmedRun, DriverConfig, HostSession};
+use crate::event::Reason;
+
+/// How long `switch-to-configuration` may run before the controller stops
+/// waiting for its exit code.
+const ACTIVATION_LIMIT: Duration = Duration::from_secs(600);
+/// A single remote command that takes longer means the connection is gone.
+const COMMAND_LIMIT: Duration = Duration::from_secs(10);
+/// How long after the host should have reverted the controller keeps trying
+/// to reach it to verify.
+const VERIFY_WINDOW: Duration = Duration::from_secs(60);
+
+pub(super) async fn activate(
+    cfg: &DriverConfig,
+    session: &HostSession,
+    item: &WorkItem,
+    previous: Previous<'_>,
+    tx: &mpsc::Sender<Report>,
+) -> Outcome {
+    let token = format!(
+        "{}-{}",
+        item.host.name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let timeout = item.host.rollout.confirm_timeout;
+    let run = ConfirmedRun {
+        closure: &item.desired,
+        action: item.host.action,
+        timeout,
+        token: &token,
+        previous_running: previous.running,
+        previous_profile: previous.profile,
+    };
+    let started = Instant::now();
+    if let Err(e) = session.start_confirmed_activation(&run).await {
+        let reason = if e.is_unreachable() {
+            Reason::HostUnreachable
+        } else {
+            Reason::ActivationFailed
+        };
+        return failed(reason, &e);
+    }
+    match wait_for_exit(session, &token).await {
+        Some((0, _)) => {
+            if let Some(outcome) = confirm_over_new_connection(cfg, item, &token).await {
+                return outcome;
+            }
+        }
+        Some((code, log)) => {
+            // Stop the watchdog from reverting on its own, and undo the
+            // activation now rather than after the timeout.
+            let _ = session.confirm(&token).await;
+            let rollback = roll_back(session, item, previous).await;
+            return Outcome::ActivationFailed {
+                message: format!(
+                    "`switch-to-configuration {}` on {} exited with {code}:\n{}",
+                    item.host.action,
+                    crate::driver::destination(&item.host),
+                    tail(&log, 20)
+                ),
+                rollback,
+            };
+        }
+        None => {}
+    }
+    let message = format!(
+        "could not confirm {} over a new SSH connection; the host reverts itself {}s after activating",
+        item.desired,
+        timeout.as_secs()
+    );
+    let _ = tx
+        .send(Report::Step {
+            host: item.host.name.clone(),
+            revision: item.revision.clone(),
+            step: Step::ConfirmationTimedOut { message },
+        })
+        .await;
+    let rollback = verify_reverted(cfg, item, previous, started + timeout).await;
+    Outcome::NotConfirmed { rollback }
+}
+
+/// Polls for the activation's exit code over the existing connection.
+/// `None` when the connection stops answering (the new system may have cut
+/// it) or the activation runs too long.
+async fn wait_for_exit(session: &HostSession, token: &str) -> Option<(i32, String)> {
+    let deadline = Instant::now() + ACTIVATION_LIMIT;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(COMMAND_LIMIT, session.activation_result(token)).await {
+            Ok(Ok(Some(result))) => return Some(result),
+            Ok(Ok(None)) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Confirms over a fresh connection and verifies the host. `None` means it
+/// could not be confirmed (the watchdog will revert).
+async fn confirm_over_new_connection(
+    cfg: &DriverConfig,
+    item: &WorkItem,
+    token: &str,
+) -> Option<Outcome> {
+    let attempt = async {
+        let fresh = HostSession::connect(cfg, &item.host).await.ok()?;
+        let confirmed = fresh.confirm(token).await.ok()?;
+        let outcome = if confirmed {
+            Some(verify(&fresh, item).await)
+        } else {
+            None
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), fresh.close()).await;
+        outcome
+    };
+    tokio::time::timeout(cfg.connect_timeout + COMMAND_LIMIT, attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits until the host should have reverted, then reconnects (retrying
+/// for a while) and checks that it is back on its previous system.
+async fn verify_reverted(
+    cfg: &DriverConfig,
+    item: &WorkItem,
+    previous: Previous<'_>,
+    reverts_by: Instant,
+) -> Rollback {
+    let Some(to) = rollback_target(item.host.action, previous).map(str::to_string) else {
+        return Rollback::NothingToRollBackTo;
+    };
+    tokio::time::sleep_until((reverts_by + Duration::from_secs(1)).into()).await;
+    let give_up = Instant::now() + VERIFY_WINDOW;
+    let mut last = "the host did not answer".to_string();
+    while Instant::now() < give_up {
+        let attempt = async {
+            let s = HostSession::connect(cfg, &item.host)
+                .await
+                .map_err(|e| super::error_chain(&e))?;
+            let now = observe(&s, item.host.action)
+                .await
+                .map_err(|e| super::error_chain(&e));
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.close()).await;
+            now
+        };
+        match tokio::time::timeout(cfg.connect_timeout + COMMAND_LIMIT, attempt).await {
+            Ok(Ok(Some(now))) if now == to => return Rollback::RolledBack { to },
+            Ok(Ok(now)) => {
+                last = format!("the host is on {}", now.as_deref().unwrap_or("no system"))
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "the host did not answer in time".to_string(),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Rollback::Failed { to, message: last }
+}
