@@ -477,6 +477,28 @@ impl HostSession {
         Ok(Some((code, log.stdout)))
     }
 
+    /// Tokens of confirmed activations whose watchdog still waits for a
+    /// confirmation (started by a controller that has since died).
+    pub async fn pending_confirmations(&self) -> Result<Vec<String>, SshError> {
+        let out = self
+            .run(
+                "find",
+                &[WATCHDOG_DIR, "-maxdepth", "1", "-name", "*.canary"],
+            )
+            .await?;
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix(&format!("{WATCHDOG_DIR}/"))?
+                    .strip_suffix(".canary")
+            })
+            .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Confirms a confirmed activation; false if the host had already given
     /// up waiting (and reverted).
     pub async fn confirm(&self, token: &str) -> Result<bool, SshError> {
@@ -615,11 +637,25 @@ pub fn is_store_path(path: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
 }
 
-/// Creates the control directory (mode 0700: it holds live connections).
+/// Creates the control directory (mode 0700: it holds live connections)
+/// and removes what a previous controller left there. Called once at start,
+/// before any session exists: sessions must never clean each other's.
 pub fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".ssh-connection")
+        {
+            // A leftover master of a killed controller exits once its
+            // socket is gone and its connection idles out.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

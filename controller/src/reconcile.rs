@@ -132,6 +132,9 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
     let outcome = async {
+        if let Some(outcome) = confirmed::adopt(&session, item).await {
+            return outcome;
+        }
         let current = match observe(&session, item.host.action).await {
             Ok(c) => c,
             Err(e) => return failed(Reason::HostUnreachable, &e),

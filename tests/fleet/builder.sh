@@ -4,6 +4,9 @@
 s="$out/bin/switch-to-configuration"
 {
   echo '#!/bin/sh'
+  if [ "$activationDelay" != 0 ]; then
+    echo "/bin/sleep $activationDelay"
+  fi
   echo "echo \"\$1 $out\" >> /run/cim-activations"
   if [ "$activationExitCode" != 0 ]; then
     echo "echo 'simulated activation failure of $hostName' >&2"

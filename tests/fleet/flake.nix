@@ -4,7 +4,8 @@
 # points /run/current-system at itself. hosts/NAME.nix sets the host's
 # `version` (change it to make a new system) and, to simulate a broken
 # activation, `activationExitCode`, or `breakNetwork = true` for a system
-# that takes the host's network link down. A hosts/NAME.nix that throws is an
+# that takes the host's network link down, `activationDelay` (seconds) for a
+# slow activation. A hosts/NAME.nix that throws is an
 # evaluation error of that host alone.
 {
   description = "cim sandbox fleet";
@@ -22,6 +23,7 @@
         version = toString cfg.version;
         activationExitCode = toString (cfg.activationExitCode or 0);
         breakNetwork = if cfg.breakNetwork or false then "1" else "0";
+        activationDelay = toString (cfg.activationDelay or 0);
       };
       host = file: {
         name = nameOf file;

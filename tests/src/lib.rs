@@ -352,6 +352,16 @@ impl Fleet {
         Ok(())
     }
 
+    /// Whether a confirmed activation's watchdog is waiting on the host.
+    pub fn watchdog_pending(&self, name: &str) -> bool {
+        fs::read_dir(self.host(name).root.join("run/cim"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".canary"))
+            })
+            .unwrap_or(false)
+    }
+
     /// The activations recorded by the host's systems: `ACTION CLOSURE`.
     pub fn activations(&self, name: &str) -> Vec<String> {
         fs::read_to_string(self.host(name).root.join("run/cim-activations"))

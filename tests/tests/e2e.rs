@@ -632,3 +632,62 @@ fn a_system_that_cuts_the_network_reverts_itself() {
     assert_eq!(fleet.activations("web-1").len(), 1);
     assert_eq!(cim.host("web-1")["phase"], "Converged");
 }
+
+#[test]
+fn a_controller_killed_mid_activation_does_not_activate_twice() {
+    let (fleet, dir) = fleet(2);
+    let specs = format!(
+        "{}---\n{}",
+        host_spec(
+            "web-1",
+            &fleet.host("web-1").address,
+            "  rollout:\n    confirmTimeout: 3s\n"
+        ),
+        host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.commit("web-1 confirms within 3s").unwrap();
+    let mut cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let v1 = fleet.current_system("web-1").unwrap();
+
+    fleet
+        .set_host_config("web-1", "{ version = 2; activationDelay = 3; }")
+        .unwrap();
+    let rev = fleet.commit("web-1: slow version 2").unwrap();
+    cim.wait_until(
+        "web-1's watchdog to start on the host",
+        Duration::from_secs(60),
+        |_| fleet.watchdog_pending("web-1") && fleet.activations("web-1").len() == 1,
+    );
+    cim.kill();
+    cim.restart();
+    let status = cim.wait_converged(&["web-1", "web-2"], Some(&rev));
+    let v2 = fleet.current_system("web-1").unwrap();
+    assert!(v2.ends_with("nixos-system-web-1-2"), "{v2}");
+    assert_eq!(host_of(&status, "web-1")["currentSystem"], v2.as_str());
+
+    // Well past the confirm timeout: the restarted controller confirmed the
+    // activation it inherited, so the host did not revert, and it was not
+    // activated a second time.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v2.as_str()));
+    assert_eq!(
+        fleet.activations("web-1"),
+        vec![format!("switch {v1}"), format!("switch {v2}")],
+        "activated twice or reverted"
+    );
+    for reason in ["ConfirmationTimedOut", "RolledBack", "DriftDetected"] {
+        assert!(cim.events_of("web-1", reason).is_empty(), "{reason}");
+    }
+    let seqs: Vec<u64> = cim
+        .events()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "gaps or duplicates"
+    );
+}

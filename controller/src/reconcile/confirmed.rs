@@ -95,6 +95,43 @@ pub(super) async fn activate(
     Outcome::NotConfirmed { rollback }
 }
 
+/// Finishes what a controller that died mid-activation started: waits for
+/// any in-flight confirmed activation on the host and, since this is a new
+/// connection, confirms it. If the host ends up on the desired closure the
+/// reconcile is done, with no second activation. `None` means carry on
+/// normally.
+pub(super) async fn adopt(session: &HostSession, item: &WorkItem) -> Option<Outcome> {
+    let pending = session.pending_confirmations().await.ok()?;
+    if pending.is_empty() {
+        return None;
+    }
+    for token in &pending {
+        match wait_for_exit(session, token).await {
+            Some((0, _)) => {
+                let _ = session.confirm(token).await;
+            }
+            Some((code, log)) => {
+                // Leave the watchdog to revert the failed activation.
+                return Some(Outcome::Failed {
+                    reason: Reason::ActivationFailed,
+                    message: format!(
+                        "an activation started before a controller restart exited with {code}; the host reverts itself:\n{}",
+                        tail(&log, 20)
+                    ),
+                });
+            }
+            None => return None,
+        }
+    }
+    match observe(session, item.host.action).await {
+        Ok(Some(now)) if now == item.desired => Some(Outcome::Converged {
+            system: now,
+            changed: true,
+        }),
+        _ => None,
+    }
+}
+
 /// Polls for the activation's exit code over the existing connection.
 /// `None` when the connection stops answering (the new system may have cut
 /// it) or the activation runs too long.
