@@ -101,6 +101,8 @@ pub fn router(
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream))
         .route("/api/v1/reconcile", post(reconcile))
+        .route("/api/v1/hosts/{name}/rollback", post(rollback))
+        .route("/api/v1/hosts/{name}/resume", post(resume))
         .with_state(state)
 }
 
@@ -225,13 +227,25 @@ fn to_sse(ev: Event) -> Result<SseEvent, Infallible> {
 
 async fn reconcile(State(app): State<AppState>, body: Option<Json<ReconcileRequest>>) -> Response {
     let host = body.and_then(|Json(b)| b.host);
+    ask(&app, |reply| Request::Reconcile { host, reply }).await
+}
+
+async fn rollback(State(app): State<AppState>, Path(host): Path<String>) -> Response {
+    ask(&app, |reply| Request::Rollback { host, reply }).await
+}
+
+async fn resume(State(app): State<AppState>, Path(host): Path<String>) -> Response {
+    ask(&app, |reply| Request::Resume { host, reply }).await
+}
+
+/// Sends a request to the controller task and turns its answer into a
+/// response: 202 with a message, or 409 with the reason it was refused.
+async fn ask(
+    app: &AppState,
+    request: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Request,
+) -> Response {
     let (reply, answer) = oneshot::channel();
-    if app
-        .requests
-        .send(Request::Reconcile { host, reply })
-        .await
-        .is_err()
-    {
+    if app.requests.send(request(reply)).await.is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller is shutting down",
@@ -241,7 +255,7 @@ async fn reconcile(State(app): State<AppState>, body: Option<Json<ReconcileReque
         Ok(Ok(message)) => {
             (StatusCode::ACCEPTED, Json(ReconcileResponse { message })).into_response()
         }
-        Ok(Err(message)) => error(StatusCode::NOT_FOUND, message),
+        Ok(Err(message)) => error(StatusCode::CONFLICT, message),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller is shutting down",

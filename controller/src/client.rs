@@ -34,6 +34,8 @@ pub enum ClientError {
     Store(#[from] StoreError),
     #[error("no host `{0}`")]
     NoHost(String),
+    #[error("this needs a running controller (--api), not a store (--state-dir)")]
+    NeedsController,
 }
 
 /// The source of truth the CLI reads.
@@ -144,16 +146,31 @@ impl Source {
     }
 
     pub fn reconcile(&self, host: Option<String>) -> Result<String, ClientError> {
+        self.post("/api/v1/reconcile", ReconcileRequest { host })
+    }
+
+    pub fn rollback(&self, host: &str) -> Result<String, ClientError> {
+        self.post(
+            &format!("/api/v1/hosts/{host}/rollback"),
+            ReconcileRequest::default(),
+        )
+    }
+
+    pub fn resume(&self, host: &str) -> Result<String, ClientError> {
+        self.post(
+            &format!("/api/v1/hosts/{host}/resume"),
+            ReconcileRequest::default(),
+        )
+    }
+
+    /// Asks the controller to act; only a running controller can.
+    fn post(&self, path: &str, body: ReconcileRequest) -> Result<String, ClientError> {
         let Source::Api(base) = self else {
-            return Err(ClientError::Status {
-                url: "--state-dir".to_string(),
-                code: 400,
-                message: "reconcile needs a running controller (--api)".to_string(),
-            });
+            return Err(ClientError::NeedsController);
         };
-        let url = Self::url(base, "/api/v1/reconcile");
+        let url = Self::url(base, path);
         let resp = ureq::post(&url)
-            .send_json(ReconcileRequest { host })
+            .send_json(body)
             .map_err(|e| http_error(&url, e))?;
         let body: ReconcileResponse = resp
             .into_json()

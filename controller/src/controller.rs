@@ -48,6 +48,16 @@ pub enum Request {
         host: Option<String>,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Suspend a host and switch it to its previous generation.
+    Rollback {
+        host: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Hand a host suspended by `Rollback` back to the controller.
+    Resume {
+        host: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// Everything the controller task receives.
@@ -205,6 +215,12 @@ impl Controller {
             Msg::Request(Request::Reconcile { host, reply }) => {
                 let _ = reply.send(self.on_reconcile(host));
             }
+            Msg::Request(Request::Rollback { host, reply }) => {
+                let _ = reply.send(self.on_rollback(&host));
+            }
+            Msg::Request(Request::Resume { host, reply }) => {
+                let _ = reply.send(self.on_resume(&host));
+            }
         }
     }
 
@@ -316,7 +332,10 @@ impl Controller {
                     )
                     .phase(Phase::Suspended),
                 );
-            } else if !host.suspend && phase == Some(Phase::Suspended) {
+            } else if !host.suspend
+                && phase == Some(Phase::Suspended)
+                && !self.operator_suspended(&host.name)
+            {
                 self.record(
                     NewEvent::host(
                         &host.name,
@@ -560,6 +579,31 @@ impl Controller {
             Outcome::ActivationFailed { message, rollback } => {
                 self.activation_failed(host, revision, Some(message), rollback);
             }
+            Outcome::ManualRollback { rollback } => {
+                let ev = match rollback {
+                    Rollback::RolledBack { to } => NewEvent::host(
+                        host,
+                        Reason::RolledBack,
+                        Some(revision),
+                        format!("rolled back to the previous generation {to}; suspended until `cim resume {host}`"),
+                    )
+                    .system(to),
+                    Rollback::Failed { to, message } => NewEvent::host(
+                        host,
+                        Reason::RollbackFailed,
+                        Some(revision),
+                        format!("rolling back to {to} failed: {message}"),
+                    ),
+                    Rollback::NothingToRollBackTo => NewEvent::host(
+                        host,
+                        Reason::RollbackFailed,
+                        Some(revision),
+                        "no previous generation to roll back to",
+                    ),
+                };
+                self.record(ev);
+                return;
+            }
             Outcome::NotConfirmed { rollback } => {
                 self.activation_failed(host, revision, None, rollback);
             }
@@ -627,9 +671,20 @@ impl Controller {
         self.queue.forget(host);
     }
 
-    /// Whether `host` failed to activate the current revision and waits for
-    /// a new one or an explicit reconcile.
+    fn operator_suspended(&self, host: &str) -> bool {
+        self.status
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.operator_suspended)
+    }
+
+    /// Whether `host` must not be worked on now: an operator suspended it
+    /// with `cim rollback`, or it failed to activate the current revision
+    /// and waits for a new one or an explicit reconcile.
     fn held(&self, host: &str) -> bool {
+        if self.operator_suspended(host) {
+            return true;
+        }
         let failed = self
             .status
             .hosts
@@ -660,6 +715,76 @@ impl Controller {
         }
     }
 
+    /// Whether a build of `revision` is under way (its results will come).
+    fn building(&self, revision: &str) -> bool {
+        self.build
+            .as_ref()
+            .is_some_and(|(r, h)| r == revision && !h.is_finished())
+    }
+
+    fn on_rollback(&mut self, host: &str) -> Result<String, String> {
+        let revision = self.current_revision().unwrap_or_default().to_string();
+        let spec = self
+            .host_spec(host)
+            .cloned()
+            .ok_or_else(|| format!("no host `{host}` in the specs"))?;
+        if !self.queue.claim(host) {
+            return Err(format!(
+                "host `{host}` is being reconciled right now; try again in a moment"
+            ));
+        }
+        self.record(
+            NewEvent::host(
+                host,
+                Reason::RollbackRequested,
+                Some(&revision),
+                format!("suspended by `cim rollback`; switching {host} to its previous generation"),
+            )
+            .phase(Phase::Suspended),
+        );
+        self.workers.spawn(reconcile::run_rollback(
+            Arc::clone(&self.driver),
+            spec,
+            revision,
+            self.report_tx.clone(),
+            self.worker_cancel.child_token(),
+        ));
+        Ok(format!(
+            "rolling back {host}; it stays suspended until `cim resume {host}`"
+        ))
+    }
+
+    fn on_resume(&mut self, host: &str) -> Result<String, String> {
+        if !self.operator_suspended(host) {
+            return Err(format!("host `{host}` was not suspended by `cim rollback`"));
+        }
+        if self.queue.is_running(host) {
+            return Err(format!(
+                "the rollback of `{host}` is still running; try again in a moment"
+            ));
+        }
+        let revision = self.current_revision().map(str::to_string);
+        let suspended_by_spec = self.host_spec(host).is_none_or(|h| h.suspend);
+        let mut ev = NewEvent::host(
+            host,
+            Reason::Resumed,
+            revision.as_deref(),
+            "resumed by `cim resume`",
+        );
+        if !suspended_by_spec {
+            ev = ev.phase(Phase::Pending);
+        }
+        self.record(ev);
+        if let Some(revision) = revision.filter(|_| !suspended_by_spec) {
+            if self.desired.contains_key(host) {
+                self.queue.schedule(host, Instant::now());
+            } else if !self.building(&revision) {
+                self.start_build(&revision, vec![host.to_string()]);
+            }
+        }
+        Ok(format!("{host} is reconciled by cim again"))
+    }
+
     fn on_reconcile(&mut self, host: Option<String>) -> Result<String, String> {
         let Some(revision) = self.current_revision().map(str::to_string) else {
             self.fetch_now.notify_one();
@@ -673,11 +798,18 @@ impl Controller {
                 if spec.suspend {
                     return Err(format!("host `{name}` is suspended by its spec"));
                 }
+                if self.operator_suspended(name) {
+                    return Err(format!(
+                        "host `{name}` was suspended by `cim rollback`; `cim resume {name}` first"
+                    ));
+                }
                 vec![name.clone()]
             }
             None => {
                 self.fetch_now.notify_one();
-                self.active_hosts()
+                let mut hosts = self.active_hosts();
+                hosts.retain(|h| !self.operator_suspended(h));
+                hosts
             }
         };
         let now = Instant::now();
@@ -695,11 +827,7 @@ impl Controller {
                 rebuild.push(name.clone());
             }
         }
-        let building = self
-            .build
-            .as_ref()
-            .is_some_and(|(r, h)| *r == revision && !h.is_finished());
-        if !rebuild.is_empty() && !building {
+        if !rebuild.is_empty() && !self.building(&revision) {
             self.start_build(&revision, rebuild);
         }
         Ok(match host {

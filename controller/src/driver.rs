@@ -535,6 +535,37 @@ impl HostSession {
         Ok(())
     }
 
+    /// An operator's rollback: the system profile back one generation, and
+    /// that generation activated (`boot` for boot hosts, else `switch`).
+    /// Returns the closure the host is back on.
+    pub async fn roll_back_generation(&self, action: Action) -> Result<String, ActivateError> {
+        self.checked(
+            "nix-env",
+            &["-p", "/nix/var/nix/profiles/system", "--rollback"],
+        )
+        .await?;
+        let previous = self
+            .boot_system()
+            .await?
+            .ok_or_else(|| ActivateError::Failed {
+                destination: self.destination.clone(),
+                command: "readlink -f /nix/var/nix/profiles/system".to_string(),
+                output: CommandOutput {
+                    status: None,
+                    stdout: String::new(),
+                    stderr: "the system profile points at no store path".to_string(),
+                },
+            })?;
+        let how = if action == Action::Boot {
+            "boot"
+        } else {
+            "switch"
+        };
+        self.checked(&format!("{previous}/bin/switch-to-configuration"), &[how])
+            .await?;
+        Ok(previous)
+    }
+
     async fn checked(&self, program: &str, args: &[&str]) -> Result<CommandOutput, ActivateError> {
         let output = self.run_within(program, args, ACTIVATION_LIMIT).await?;
         match output.status {

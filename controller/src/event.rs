@@ -66,6 +66,9 @@ pub enum Reason {
     RolledBack,
     /// Putting the host back on its previous system failed too.
     RollbackFailed,
+    /// An operator ran `cim rollback`: the host is suspended and switched
+    /// to its previous generation.
+    RollbackRequested,
     /// A confirmed activation was not confirmed over a new SSH connection
     /// in time; the host reverts itself.
     ConfirmationTimedOut,
@@ -83,7 +86,8 @@ impl Reason {
             | Reason::DriftDetected
             | Reason::RolledBack
             | Reason::RollbackFailed
-            | Reason::ConfirmationTimedOut => EventType::Warning,
+            | Reason::ConfirmationTimedOut
+            | Reason::RollbackRequested => EventType::Warning,
             _ => EventType::Normal,
         }
     }

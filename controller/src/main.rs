@@ -68,6 +68,18 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Emergency: suspend a host and switch it to its previous generation.
+    Rollback {
+        host: String,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Hand a host suspended by `cim rollback` back to the controller.
+    Resume {
+        host: String,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
 }
 
 #[derive(Args)]
@@ -154,6 +166,8 @@ fn main() -> std::process::ExitCode {
             source,
         } => events(EventQuery { host, since, limit }, follow, &source),
         Command::Reconcile { host, source } => reconcile(host, &source),
+        Command::Rollback { host, source: s } => say(source(&s).rollback(&host)),
+        Command::Resume { host, source: s } => say(source(&s).resume(&host)),
     };
     match result {
         Ok(code) => code,
@@ -243,8 +257,12 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
 }
 
 fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
-    let message = source(args).reconcile(host)?;
-    println!("{message}");
+    say(source(args).reconcile(host))
+}
+
+/// Prints the controller's answer to a request.
+fn say(answer: Result<String, cim::client::ClientError>) -> Exit {
+    println!("{}", answer?);
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -75,6 +75,21 @@ impl<T: Ord + Copy> WorkQueue<T> {
         ready.into_iter().map(|(_, name)| name).collect()
     }
 
+    /// Marks `host` running outside the normal hand-out (an operator's
+    /// rollback); false if it is already running.
+    pub fn claim(&mut self, host: &str) -> bool {
+        let item = self.items.entry(host.to_string()).or_insert(Item {
+            due: None,
+            running: false,
+        });
+        if item.running {
+            return false;
+        }
+        item.running = true;
+        item.due = None;
+        true
+    }
+
     /// Marks a run finished. A request that arrived during the run stays
     /// queued and is handed out by a later [`WorkQueue::pop_ready`].
     pub fn done(&mut self, host: &str) {

@@ -76,6 +76,10 @@ pub enum Outcome {
     NotConfirmed {
         rollback: Rollback,
     },
+    /// The result of an operator's `cim rollback`.
+    ManualRollback {
+        rollback: Rollback,
+    },
     /// The controller is shutting down; nothing is recorded.
     Cancelled,
 }
@@ -192,6 +196,59 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
     // A host that cut its network leaves this connection hanging.
     let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
     outcome
+}
+
+/// Runs an operator's rollback of `host` (see [`HostSession::roll_back_generation`])
+/// and reports its outcome like a reconcile.
+pub async fn run_rollback(
+    cfg: Arc<DriverConfig>,
+    host: HostSpec,
+    revision: String,
+    tx: mpsc::Sender<Report>,
+    cancel: CancellationToken,
+) {
+    let name = host.name.clone();
+    let work = async {
+        let session = match HostSession::connect(&cfg, &host).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Rollback::Failed {
+                    to: "the previous generation".to_string(),
+                    message: error_chain(&e),
+                }
+            }
+        };
+        let result = match session.roll_back_generation(host.action).await {
+            Err(e) => Rollback::Failed {
+                to: "the previous generation".to_string(),
+                message: error_chain(&e),
+            },
+            Ok(to) => match observe(&session, host.action).await {
+                Ok(Some(now)) if now == to => Rollback::RolledBack { to },
+                Ok(now) => Rollback::Failed {
+                    message: format!("the host is on {}", now.as_deref().unwrap_or("no system")),
+                    to,
+                },
+                Err(e) => Rollback::Failed {
+                    to,
+                    message: error_chain(&e),
+                },
+            },
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+        result
+    };
+    let outcome = tokio::select! {
+        rollback = work => Outcome::ManualRollback { rollback },
+        () = cancel.cancelled() => Outcome::Cancelled,
+    };
+    let _ = tx
+        .send(Report::Done {
+            host: name,
+            revision,
+            outcome,
+        })
+        .await;
 }
 
 /// What a host ran before an activation, to go back to.

@@ -217,6 +217,7 @@ mod tests {
             failures,
             next_retry: (failures > 0).then(|| NOW + time::Duration::seconds(30)),
             failed_revision: None,
+            operator_suspended: false,
         }
     }
 

@@ -45,6 +45,10 @@ pub struct HostStatus {
     /// until a new revision or an explicit reconcile.
     #[serde(default)]
     pub failed_revision: Option<String>,
+    /// Suspended by `cim rollback` (not by its spec): stays suspended until
+    /// `cim resume`.
+    #[serde(default)]
+    pub operator_suspended: bool,
 }
 
 /// The whole projection.
@@ -85,6 +89,7 @@ impl FleetStatus {
                 failures: 0,
                 next_retry: None,
                 failed_revision: None,
+                operator_suspended: false,
             });
         if let Some(to) = ev.to_phase {
             if to != host.phase {
@@ -108,7 +113,16 @@ impl FleetStatus {
             Reason::ActivationFailed | Reason::ConfirmationTimedOut => {
                 host.failed_revision = ev.revision.clone();
             }
-            Reason::Suspended | Reason::Resumed | Reason::ReconcileRequested => {
+            Reason::RollbackRequested => {
+                host.operator_suspended = true;
+                host.next_retry = None;
+            }
+            Reason::Resumed => {
+                host.operator_suspended = false;
+                host.next_retry = None;
+                host.failed_revision = None;
+            }
+            Reason::Suspended | Reason::ReconcileRequested => {
                 host.next_retry = None;
                 host.failed_revision = None;
             }

@@ -691,3 +691,63 @@ fn a_controller_killed_mid_activation_does_not_activate_twice() {
         "gaps or duplicates"
     );
 }
+
+#[test]
+fn cim_rollback_suspends_and_switches_to_the_previous_generation() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let v1 = fleet.current_system("web-1").unwrap();
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let rev2 = fleet.commit("web-1: version 2").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&rev2));
+    let v2 = fleet.current_system("web-1").unwrap();
+    assert_ne!(v1, v2);
+
+    let out = cim.cli(&["rollback", "web-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cim.wait_until("the rollback to finish", Duration::from_secs(30), |_| {
+        !cim.events_of("web-1", "RolledBack").is_empty()
+    });
+    assert_eq!(cim.events_of("web-1", "RollbackRequested").len(), 1);
+    assert_eq!(
+        cim.events_of("web-1", "RolledBack")[0]["system"],
+        v1.as_str()
+    );
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
+    assert_eq!(fleet.profile_system("web-1").as_deref(), Some(v1.as_str()));
+    let web1 = cim.host("web-1");
+    assert_eq!(web1["phase"], "Suspended");
+    assert_eq!(web1["currentSystem"], v1.as_str());
+    assert_eq!(web1["operatorSuspended"], true);
+
+    // Suspended: neither resync (drift) nor a new commit touches it.
+    fleet.set_host_config("web-1", "{ version = 3; }").unwrap();
+    fleet.set_host_config("web-2", "{ version = 3; }").unwrap();
+    let rev3 = fleet.commit("version 3").unwrap();
+    cim.wait_converged(&["web-2"], Some(&rev3));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
+    assert!(cim.events_of("web-1", "DriftDetected").is_empty());
+    let out = cim.cli(&["reconcile", "web-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cim resume web-1"));
+
+    // Resumed: it converges to the newest revision.
+    let out = cim.cli(&["resume", "web-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cim.wait_converged(&["web-1"], Some(&rev3));
+    assert!(fleet
+        .current_system("web-1")
+        .unwrap()
+        .ends_with("nixos-system-web-1-3"));
+    assert_eq!(cim.host("web-1")["operatorSuspended"], false);
+}
