@@ -29,6 +29,8 @@ use crate::status::FleetStatus;
 use crate::store::{Store, StoreError};
 use crate::watch::Found;
 
+mod requests;
+
 /// Tunables of the reconcile loop.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -713,127 +715,6 @@ impl Controller {
             }
             self.queue.enqueue(&host, now);
         }
-    }
-
-    /// Whether a build of `revision` is under way (its results will come).
-    fn building(&self, revision: &str) -> bool {
-        self.build
-            .as_ref()
-            .is_some_and(|(r, h)| r == revision && !h.is_finished())
-    }
-
-    fn on_rollback(&mut self, host: &str) -> Result<String, String> {
-        let revision = self.current_revision().unwrap_or_default().to_string();
-        let spec = self
-            .host_spec(host)
-            .cloned()
-            .ok_or_else(|| format!("no host `{host}` in the specs"))?;
-        if !self.queue.claim(host) {
-            return Err(format!(
-                "host `{host}` is being reconciled right now; try again in a moment"
-            ));
-        }
-        self.record(
-            NewEvent::host(
-                host,
-                Reason::RollbackRequested,
-                Some(&revision),
-                format!("suspended by `cim rollback`; switching {host} to its previous generation"),
-            )
-            .phase(Phase::Suspended),
-        );
-        self.workers.spawn(reconcile::run_rollback(
-            Arc::clone(&self.driver),
-            spec,
-            revision,
-            self.report_tx.clone(),
-            self.worker_cancel.child_token(),
-        ));
-        Ok(format!(
-            "rolling back {host}; it stays suspended until `cim resume {host}`"
-        ))
-    }
-
-    fn on_resume(&mut self, host: &str) -> Result<String, String> {
-        if !self.operator_suspended(host) {
-            return Err(format!("host `{host}` was not suspended by `cim rollback`"));
-        }
-        if self.queue.is_running(host) {
-            return Err(format!(
-                "the rollback of `{host}` is still running; try again in a moment"
-            ));
-        }
-        let revision = self.current_revision().map(str::to_string);
-        let suspended_by_spec = self.host_spec(host).is_none_or(|h| h.suspend);
-        let mut ev = NewEvent::host(
-            host,
-            Reason::Resumed,
-            revision.as_deref(),
-            "resumed by `cim resume`",
-        );
-        if !suspended_by_spec {
-            ev = ev.phase(Phase::Pending);
-        }
-        self.record(ev);
-        if let Some(revision) = revision.filter(|_| !suspended_by_spec) {
-            if self.desired.contains_key(host) {
-                self.queue.schedule(host, Instant::now());
-            } else if !self.building(&revision) {
-                self.start_build(&revision, vec![host.to_string()]);
-            }
-        }
-        Ok(format!("{host} is reconciled by cim again"))
-    }
-
-    fn on_reconcile(&mut self, host: Option<String>) -> Result<String, String> {
-        let Some(revision) = self.current_revision().map(str::to_string) else {
-            self.fetch_now.notify_one();
-            return Ok("no valid revision yet; fetching now".to_string());
-        };
-        let hosts = match &host {
-            Some(name) => {
-                let spec = self.host_spec(name).ok_or_else(|| {
-                    format!("no host `{name}` in the specs at {}", short(&revision))
-                })?;
-                if spec.suspend {
-                    return Err(format!("host `{name}` is suspended by its spec"));
-                }
-                if self.operator_suspended(name) {
-                    return Err(format!(
-                        "host `{name}` was suspended by `cim rollback`; `cim resume {name}` first"
-                    ));
-                }
-                vec![name.clone()]
-            }
-            None => {
-                self.fetch_now.notify_one();
-                let mut hosts = self.active_hosts();
-                hosts.retain(|h| !self.operator_suspended(h));
-                hosts
-            }
-        };
-        let now = Instant::now();
-        let mut rebuild = Vec::new();
-        for name in &hosts {
-            self.record(NewEvent::host(
-                name,
-                Reason::ReconcileRequested,
-                Some(&revision),
-                "reconcile requested",
-            ));
-            if self.desired.contains_key(name) {
-                self.queue.schedule(name, now);
-            } else {
-                rebuild.push(name.clone());
-            }
-        }
-        if !rebuild.is_empty() && !self.building(&revision) {
-            self.start_build(&revision, rebuild);
-        }
-        Ok(match host {
-            Some(name) => format!("reconciling {name} at {}", short(&revision)),
-            None => format!("reconciling {} hosts at {}", hosts.len(), short(&revision)),
-        })
     }
 }
 
