@@ -521,6 +521,19 @@ impl Controller {
                 format!("copying {desired}"),
             )
             .phase(Phase::Copying),
+            Step::Verifying => {
+                let names: Vec<&str> = self
+                    .host_spec(host)
+                    .map(|h| h.health_checks.iter().map(|c| c.name.as_str()).collect())
+                    .unwrap_or_default();
+                NewEvent::host(
+                    host,
+                    Reason::HealthChecksStarted,
+                    Some(revision),
+                    format!("running health checks: {}", names.join(", ")),
+                )
+                .phase(Phase::Verifying)
+            }
             Step::ConfirmationTimedOut { message } => {
                 NewEvent::host(host, Reason::ConfirmationTimedOut, Some(revision), message)
             }
@@ -579,7 +592,12 @@ impl Controller {
                 self.queue.schedule(host, Instant::now() + delay);
             }
             Outcome::ActivationFailed { message, rollback } => {
-                self.activation_failed(host, revision, Some(message), rollback);
+                let failure = (Reason::ActivationFailed, message);
+                self.activation_failed(host, revision, Some(failure), rollback);
+            }
+            Outcome::HealthCheckFailed { message, rollback } => {
+                let failure = (Reason::HealthCheckFailed, message);
+                self.activation_failed(host, revision, Some(failure), rollback);
             }
             Outcome::ManualRollback { rollback } => {
                 let ev = match rollback {
@@ -623,13 +641,13 @@ impl Controller {
         &mut self,
         host: &str,
         revision: &str,
-        message: Option<String>,
+        failure: Option<(Reason, String)>,
         rollback: Rollback,
     ) {
         let desired = self.desired.get(host).cloned().unwrap_or_default();
-        // ActivationFailed already says when there is nothing to go back to.
-        let announced_nothing = message.is_some() && rollback == Rollback::NothingToRollBackTo;
-        if let Some(message) = message {
+        // The failure event already says when there is nothing to go back to.
+        let announced_nothing = failure.is_some() && rollback == Rollback::NothingToRollBackTo;
+        if let Some((reason, message)) = failure {
             let outcome = match &rollback {
                 Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
                 Rollback::RolledBack { to } => format!("rolled back to {to}"),
@@ -638,7 +656,7 @@ impl Controller {
             self.record(
                 NewEvent::host(
                     host,
-                    Reason::ActivationFailed,
+                    reason,
                     Some(revision),
                     format!("{message}\n{outcome}"),
                 )

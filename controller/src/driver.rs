@@ -357,6 +357,17 @@ impl HostSession {
         Ok(CommandOutput::from_output(&out))
     }
 
+    /// Runs a health-check command (an argument vector from a validated
+    /// spec) within `limit`.
+    pub async fn run_check(
+        &self,
+        argv: &[String],
+        limit: Duration,
+    ) -> Result<CommandOutput, SshError> {
+        let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+        self.run_within(&argv[0], &args, limit).await
+    }
+
     /// The closure `/run/current-system` points at, or `None` on a host that
     /// has none yet.
     pub async fn current_system(&self) -> Result<Option<String>, SshError> {

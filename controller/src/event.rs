@@ -25,6 +25,8 @@ pub enum Phase {
     Building,
     Copying,
     Activating,
+    /// Health checks run after activation.
+    Verifying,
     Converged,
     Failed,
     Suspended,
@@ -66,6 +68,10 @@ pub enum Reason {
     RolledBack,
     /// Putting the host back on its previous system failed too.
     RollbackFailed,
+    /// Activation succeeded; the host's health checks are running.
+    HealthChecksStarted,
+    /// A health check failed after activation; the host is rolled back.
+    HealthCheckFailed,
     /// An operator ran `cim rollback`: the host is suspended and switched
     /// to its previous generation.
     RollbackRequested,
@@ -87,7 +93,8 @@ impl Reason {
             | Reason::RolledBack
             | Reason::RollbackFailed
             | Reason::ConfirmationTimedOut
-            | Reason::RollbackRequested => EventType::Warning,
+            | Reason::RollbackRequested
+            | Reason::HealthCheckFailed => EventType::Warning,
             _ => EventType::Normal,
         }
     }

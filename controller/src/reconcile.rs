@@ -14,6 +14,7 @@ use crate::event::Reason;
 use crate::spec::{Action, HostSpec};
 
 mod confirmed;
+mod health;
 
 /// What a worker is asked to do.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub enum Step {
     CopyStarted,
     CopySucceeded,
     ActivationStarted,
+    /// The host's health checks are running.
+    Verifying,
     /// The controller could not confirm a confirmed activation over a new
     /// connection; the host will revert itself.
     ConfirmationTimedOut {
@@ -74,6 +77,11 @@ pub enum Outcome {
     },
     /// A confirmed activation was not confirmed; the host reverted itself.
     NotConfirmed {
+        rollback: Rollback,
+    },
+    /// A health check failed after activation; the host was put back.
+    HealthCheckFailed {
+        message: String,
         rollback: Rollback,
     },
     /// The result of an operator's `cim rollback`.
@@ -169,28 +177,23 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             None
         };
         let _ = report(Step::ActivationStarted).await;
-        if matches!(item.host.action, Action::Switch | Action::Test) {
-            let previous = Previous {
-                running: current.as_deref(),
-                profile: previous_profile.as_deref(),
-            };
-            return confirmed::activate(cfg, &session, item, previous, tx).await;
-        }
-        if let Err(e) = session.activate(&item.desired, item.host.action).await {
-            if e.is_unreachable() {
-                return failed(Reason::HostUnreachable, &e);
+        let previous = Previous {
+            running: current.as_deref(),
+            profile: previous_profile.as_deref(),
+        };
+        let activated = if matches!(item.host.action, Action::Switch | Action::Test) {
+            confirmed::activate(cfg, &session, item, previous, tx).await
+        } else {
+            match session.activate(&item.desired, item.host.action).await {
+                Ok(_) => verify(&session, item).await,
+                Err(e) if e.is_unreachable() => failed(Reason::HostUnreachable, &e),
+                Err(e) => Outcome::ActivationFailed {
+                    message: error_chain(&e),
+                    rollback: roll_back(&session, item, previous).await,
+                },
             }
-            let previous = Previous {
-                running: current.as_deref(),
-                profile: previous_profile.as_deref(),
-            };
-            let rollback = roll_back(&session, item, previous).await;
-            return Outcome::ActivationFailed {
-                message: error_chain(&e),
-                rollback,
-            };
-        }
-        verify(&session, item).await
+        };
+        health::after_activation(&session, item, previous, activated, tx).await
     }
     .await;
     // A host that cut its network leaves this connection hanging.

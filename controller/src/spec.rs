@@ -76,6 +76,32 @@ pub struct HostSpec {
     pub action: Action,
     pub suspend: bool,
     pub rollout: RolloutSpec,
+    /// Checks that must pass after activation before the host counts as
+    /// converged.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// One health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub name: String,
+    pub probe: Probe,
+    /// Limit of one attempt.
+    pub timeout: Duration,
+    /// Pause between attempts.
+    pub interval: Duration,
+    /// Attempts before the check counts as failed.
+    pub retries: u32,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A command run on the host over SSH, as an argument vector; healthy
+    /// when it exits 0.
+    Command(Vec<String>),
+    /// An HTTP GET made from the controller; healthy on `expected_status`.
+    Http { url: String, expected_status: u16 },
 }
 
 /// How a new system is rolled out on a host.
@@ -151,7 +177,7 @@ struct RawMetadata {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawHostSpec {
     address: Spanned<String>,
     #[serde(default)]
@@ -166,6 +192,33 @@ struct RawHostSpec {
     suspend: bool,
     #[serde(default)]
     rollout: Option<RawRollout>,
+    #[serde(default)]
+    health_checks: Vec<Spanned<RawHealthCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHealthCheck {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    http: Option<RawHttpCheck>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    retries: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttpCheck {
+    url: String,
+    #[serde(default)]
+    expected_status: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -358,11 +411,21 @@ impl<'a> FileContext<'a> {
                 }
             }
         }
+        let mut health_checks = Vec::new();
+        for (i, raw) in spec.health_checks.iter().enumerate() {
+            match health_check(&raw.value, i) {
+                Ok(check) => health_checks.push(check),
+                Err(why) => {
+                    errs.push(self.error(raw.into(), format!("invalid health check: {why}")))
+                }
+            }
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
         let host = HostSpec {
             rollout,
+            health_checks,
             name: name.value.clone(),
             labels: doc.metadata.labels,
             address: spec.address.value.clone(),
@@ -426,6 +489,59 @@ fn first_line(message: &str) -> String {
         Some(i) if line[i..].contains(", column ") => line[..i].to_string(),
         _ => line.to_string(),
     }
+}
+
+fn health_check(raw: &RawHealthCheck, index: usize) -> Result<HealthCheck, String> {
+    let probe = match (&raw.command, &raw.http) {
+        (Some(argv), None) => {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err("`command` needs a program".to_string());
+            }
+            Probe::Command(argv.clone())
+        }
+        (None, Some(http)) => {
+            let rest = http
+                .url
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("url `{}` must start with http://", http.url))?;
+            if rest.is_empty() || rest.starts_with('/') {
+                return Err(format!("url `{}` has no host", http.url));
+            }
+            let expected_status = http.expected_status.unwrap_or(200);
+            if !(100..=599).contains(&expected_status) {
+                return Err(format!(
+                    "expectedStatus {expected_status} is not an HTTP status"
+                ));
+            }
+            Probe::Http {
+                url: http.url.clone(),
+                expected_status,
+            }
+        }
+        _ => return Err("give exactly one of `command` and `http`".to_string()),
+    };
+    let duration = |field: &str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(v) => match parse_duration(v) {
+            Ok(d) if d > Duration::ZERO && d <= Duration::from_secs(3600) => Ok(d),
+            Ok(_) => Err(format!("`{field}` must be more than 0 and at most 1h")),
+            Err(why) => Err(format!("`{field}`: {why}")),
+        },
+    };
+    let retries = raw.retries.unwrap_or(3);
+    if !(1..=100).contains(&retries) {
+        return Err(format!("`retries` must be 1 to 100, not {retries}"));
+    }
+    Ok(HealthCheck {
+        name: raw
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("check-{}", index + 1)),
+        probe,
+        timeout: duration("timeout", &raw.timeout, Duration::from_secs(5))?,
+        interval: duration("interval", &raw.interval, Duration::from_secs(2))?,
+        retries,
+    })
 }
 
 /// `500ms`, `30s`, `5m`, `2h` (a bare number is seconds).
@@ -652,6 +768,50 @@ spec:
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn health_checks_are_parsed_and_checked() {
+        let text = format!(
+            "{WEB}  healthChecks:\n    - name: nginx\n      command: [systemctl, is-active, nginx]\n      retries: 5\n    - http: {{url: 'http://10.0.0.2/health', expectedStatus: 204}}\n      timeout: 1s\n      interval: 500ms\n"
+        );
+        let fleet = parse_fleet(&[file("specs/web.yaml", &text)]).unwrap();
+        let checks = &fleet.hosts["web-1"].health_checks;
+        assert_eq!(checks.len(), 2);
+        assert_eq!(checks[0].name, "nginx");
+        assert_eq!(
+            checks[0].probe,
+            Probe::Command(vec!["systemctl".into(), "is-active".into(), "nginx".into()])
+        );
+        assert_eq!(checks[0].retries, 5);
+        assert_eq!(checks[0].timeout, Duration::from_secs(5));
+        assert_eq!(checks[1].name, "check-2");
+        assert_eq!(
+            checks[1].probe,
+            Probe::Http {
+                url: "http://10.0.0.2/health".into(),
+                expected_status: 204
+            }
+        );
+        assert_eq!(checks[1].interval, Duration::from_millis(500));
+
+        for (bad, why) in [
+            ("{command: []}", "needs a program"),
+            ("{name: x}", "exactly one"),
+            ("{command: [a], http: {url: 'http://a/'}}", "exactly one"),
+            ("{http: {url: 'https://a/'}}", "http://"),
+            ("{command: [a], retries: 0}", "retries"),
+            ("{command: [a], timeout: 0s}", "timeout"),
+        ] {
+            let text = format!("{WEB}  healthChecks:\n    - {bad}\n");
+            let errs = errors_of(&[file("specs/web.yaml", &text)]);
+            assert!(
+                errs[0].starts_with("specs/web.yaml:9:7: invalid health check"),
+                "{bad}: {}",
+                errs[0]
+            );
+            assert!(errs[0].contains(why), "{bad}: {}", errs[0]);
+        }
     }
 
     #[test]

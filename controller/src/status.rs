@@ -110,7 +110,7 @@ impl FleetStatus {
                 host.failed_revision = None;
             }
             Reason::DriftDetected | Reason::RolledBack => host.current_system = ev.system.clone(),
-            Reason::ActivationFailed | Reason::ConfirmationTimedOut => {
+            Reason::ActivationFailed | Reason::ConfirmationTimedOut | Reason::HealthCheckFailed => {
                 host.failed_revision = ev.revision.clone();
             }
             Reason::RollbackRequested => {

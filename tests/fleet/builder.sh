@@ -13,6 +13,12 @@ s="$out/bin/switch-to-configuration"
     echo "exit $activationExitCode"
   fi
   echo 'case "$1" in switch|test) /bin/ln -sfn '"$out"' /run/current-system ;; esac'
+  # What a health check of the host reads.
+  if [ "$healthy" = 1 ]; then
+    echo 'echo ok > /run/cim-health'
+  else
+    echo 'echo "degraded: simulated unhealthy system" > /run/cim-health'
+  fi
   # A system either brings the host's network up or, to simulate a
   # configuration that locks the controller out, takes it down.
   if [ "$breakNetwork" = 1 ]; then

@@ -5,7 +5,8 @@
 # `version` (change it to make a new system) and, to simulate a broken
 # activation, `activationExitCode`, or `breakNetwork = true` for a system
 # that takes the host's network link down, `activationDelay` (seconds) for a
-# slow activation. A hosts/NAME.nix that throws is an
+# slow activation, `healthy = false` for a system whose /run/cim-health says
+# it is degraded. A hosts/NAME.nix that throws is an
 # evaluation error of that host alone.
 {
   description = "cim sandbox fleet";
@@ -24,6 +25,7 @@
         activationExitCode = toString (cfg.activationExitCode or 0);
         breakNetwork = if cfg.breakNetwork or false then "1" else "0";
         activationDelay = toString (cfg.activationDelay or 0);
+        healthy = if cfg.healthy or true then "1" else "0";
       };
       host = file: {
         name = nameOf file;

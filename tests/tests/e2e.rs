@@ -751,3 +751,43 @@ fn cim_rollback_suspends_and_switches_to_the_previous_generation() {
         .ends_with("nixos-system-web-1-3"));
     assert_eq!(cim.host("web-1")["operatorSuspended"], false);
 }
+
+#[test]
+fn a_failing_health_check_rolls_the_host_back() {
+    let (fleet, dir) = fleet(2);
+    let check = "  healthChecks:\n    - name: health-file\n      command: [grep, -q, ok, /run/cim-health]\n      retries: 2\n      interval: 500ms\n";
+    let specs = format!(
+        "{}---\n{}",
+        host_spec("web-1", &fleet.host("web-1").address, check),
+        host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.commit("web-1 is health-checked").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    assert_eq!(cim.events_of("web-1", "HealthChecksStarted").len(), 1);
+    assert_eq!(
+        cim.events_of("web-1", "HealthChecksStarted")[0]["toPhase"],
+        "Verifying"
+    );
+    let v1 = fleet.current_system("web-1").unwrap();
+
+    fleet
+        .set_host_config("web-1", "{ version = 2; healthy = false; }")
+        .unwrap();
+    let bad = fleet.commit("web-1: an unhealthy version 2").unwrap();
+    cim.wait_until("web-1 rolled back", Duration::from_secs(60), |_| {
+        !cim.events_of("web-1", "RolledBack").is_empty()
+    });
+    let failed = cim.events_of("web-1", "HealthCheckFailed");
+    assert_eq!(failed.len(), 1);
+    let msg = failed[0]["message"].as_str().unwrap();
+    assert!(msg.contains("health check `health-file` failed"), "{msg}");
+    assert!(msg.contains("after 2 attempts"), "{msg}");
+    assert_eq!(failed[0]["fromPhase"], "Verifying");
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
+    let web1 = cim.host("web-1");
+    assert_eq!(web1["phase"], "Failed");
+    assert_eq!(web1["failedRevision"], bad.as_str());
+    assert_eq!(web1["currentSystem"], v1.as_str());
+}
