@@ -791,3 +791,44 @@ fn a_failing_health_check_rolls_the_host_back() {
     assert_eq!(web1["failedRevision"], bad.as_str());
     assert_eq!(web1["currentSystem"], v1.as_str());
 }
+
+#[test]
+fn a_commit_that_fails_evaluation_everywhere_touches_nothing() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let before: Vec<_> = ["web-1", "web-2"]
+        .iter()
+        .map(|h| fleet.current_system(h))
+        .collect();
+
+    fleet
+        .write(
+            "flake.nix",
+            "{ outputs = { self }: throw \"the whole flake is broken\"; }\n",
+        )
+        .unwrap();
+    let bad = fleet.commit("break the flake").unwrap();
+    cim.wait_until(
+        "both hosts to fail their build",
+        Duration::from_secs(60),
+        |s| {
+            ["web-1", "web-2"]
+                .iter()
+                .all(|h| host_of(s, h)["phase"] == "Failed" && s["revision"] == bad.as_str())
+        },
+    );
+    for (i, h) in ["web-1", "web-2"].iter().enumerate() {
+        let failed = cim.events_of(h, "BuildFailed");
+        assert!(failed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the whole flake is broken"));
+        assert_eq!(fleet.current_system(h), before[i], "{h} was touched");
+        assert_eq!(fleet.activations(h).len(), 1);
+        assert!(
+            cim.events_of(h, "CopyStarted").len() == 1,
+            "{h} was copied to again"
+        );
+    }
+}
