@@ -68,6 +68,13 @@ pub enum Reason {
     RolledBack,
     /// Putting the host back on its previous system failed too.
     RollbackFailed,
+    /// The revision's failure budget (`maxFailures`) is spent: hosts not yet
+    /// touched stay as they are.
+    RolloutHalted,
+    /// A halted rollout was resumed by `cim reconcile` (all hosts).
+    RolloutResumed,
+    /// A wave of the rollout started (`kind: Fleet` waves).
+    WaveStarted,
     /// Activation succeeded; the host's health checks are running.
     HealthChecksStarted,
     /// A health check failed after activation; the host is rolled back.
@@ -94,7 +101,8 @@ impl Reason {
             | Reason::RollbackFailed
             | Reason::ConfirmationTimedOut
             | Reason::RollbackRequested
-            | Reason::HealthCheckFailed => EventType::Warning,
+            | Reason::HealthCheckFailed
+            | Reason::RolloutHalted => EventType::Warning,
             _ => EventType::Normal,
         }
     }

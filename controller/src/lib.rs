@@ -14,6 +14,7 @@ pub mod git;
 pub mod queue;
 pub mod reconcile;
 pub mod render;
+pub mod rollout;
 pub mod spec;
 pub mod status;
 pub mod store;

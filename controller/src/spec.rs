@@ -15,6 +15,9 @@ use miette::{Diagnostic, NamedSource, SourceSpan};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod fleet;
+pub use fleet::{Dependency, MaxFailures, RolloutPolicy, Selector, Wave};
+
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "cim/v1";
 
@@ -79,6 +82,8 @@ pub struct HostSpec {
     /// Checks that must pass after activation before the host counts as
     /// converged.
     pub health_checks: Vec<HealthCheck>,
+    /// Hosts that must be converged on the same revision first.
+    pub depends_on: Vec<Dependency>,
 }
 
 /// One health check.
@@ -124,10 +129,11 @@ impl Default for RolloutSpec {
     }
 }
 
-/// All hosts of one revision, by name.
+/// All hosts of one revision, by name, and how the revision rolls out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetSpec {
     pub hosts: BTreeMap<String, HostSpec>,
+    pub policy: RolloutPolicy,
 }
 
 /// One problem in one spec file.
@@ -165,7 +171,7 @@ struct RawDocument {
     api_version: Spanned<String>,
     kind: Spanned<String>,
     metadata: RawMetadata,
-    spec: RawHostSpec,
+    spec: RawSpec,
 }
 
 #[derive(Deserialize)]
@@ -176,10 +182,14 @@ struct RawMetadata {
     labels: BTreeMap<String, String>,
 }
 
+/// The fields of both kinds' `spec`; validation refuses the other kind's
+/// fields with their location. (One struct rather than a tagged enum keeps
+/// serde-saphyr's locations, which buffering for an enum would lose.)
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawHostSpec {
-    address: Spanned<String>,
+struct RawSpec {
+    #[serde(default)]
+    address: Option<Spanned<String>>,
     #[serde(default)]
     port: Option<Spanned<u16>>,
     #[serde(default)]
@@ -189,11 +199,25 @@ struct RawHostSpec {
     #[serde(default)]
     action: Option<Action>,
     #[serde(default)]
-    suspend: bool,
+    suspend: Option<bool>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
     health_checks: Vec<Spanned<RawHealthCheck>>,
+    #[serde(default)]
+    depends_on: Vec<Spanned<fleet::RawDependency>>,
+    #[serde(default)]
+    max_parallel: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_failures: Option<Spanned<fleet::RawMaxFailures>>,
+    #[serde(default)]
+    waves: Vec<Spanned<fleet::RawWave>>,
+}
+
+/// A validated document.
+enum Doc {
+    Host(HostSpec, Loc, Vec<(Dependency, Loc)>),
+    Fleet(RolloutPolicy, Loc),
 }
 
 #[derive(Deserialize)]
@@ -235,6 +259,8 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
     let mut errors = Vec::new();
     let mut hosts: BTreeMap<String, HostSpec> = BTreeMap::new();
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut policy: Option<(RolloutPolicy, String)> = None;
+    let mut declared = Vec::new();
     for file in files {
         let source = match checked_source(file) {
             Ok(text) => text,
@@ -248,24 +274,47 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
             path: &file.path,
             source,
         };
-        for host in ctx.parse(&mut errors) {
-            let (spec, name_loc) = host;
-            if let Some(first) = seen.get(&spec.name) {
-                errors.push(ctx.error(
-                    name_loc,
-                    format!(
-                        "duplicate host name `{}` (first defined in {first})",
-                        spec.name
-                    ),
-                ));
-                continue;
+        for doc in ctx.parse(&mut errors) {
+            match doc {
+                Doc::Fleet(p, loc) => match &policy {
+                    Some((_, first)) => errors.push(ctx.error(
+                        loc,
+                        format!("a second `kind: Fleet` document (the first is in {first})"),
+                    )),
+                    None => policy = Some((p, file.path.clone())),
+                },
+                Doc::Host(spec, name_loc, deps) => {
+                    if let Some(first) = seen.get(&spec.name) {
+                        errors.push(ctx.error(
+                            name_loc,
+                            format!(
+                                "duplicate host name `{}` (first defined in {first})",
+                                spec.name
+                            ),
+                        ));
+                        continue;
+                    }
+                    seen.insert(spec.name.clone(), file.path.clone());
+                    declared.push(fleet::DeclaredDeps {
+                        host: spec.name.clone(),
+                        ctx_path: &file.path,
+                        ctx_source: source,
+                        deps,
+                    });
+                    hosts.insert(spec.name.clone(), spec);
+                }
             }
-            seen.insert(spec.name.clone(), file.path.clone());
-            hosts.insert(spec.name.clone(), spec);
+        }
+    }
+    fleet::check_dependencies(&hosts, &declared, &mut errors);
+    let policy = policy.map(|(p, _)| p).unwrap_or_default();
+    for host in hosts.values_mut() {
+        if host.health_checks.is_empty() {
+            host.health_checks = policy.health_checks.clone();
         }
     }
     if errors.is_empty() {
-        Ok(FleetSpec { hosts })
+        Ok(FleetSpec { hosts, policy })
     } else {
         Err(SpecErrors { errors })
     }
@@ -287,7 +336,7 @@ struct FileContext<'a> {
 }
 
 #[derive(Clone, Copy)]
-struct Loc {
+pub(crate) struct Loc {
     line: u64,
     column: u64,
 }
@@ -306,7 +355,7 @@ impl<'a> FileContext<'a> {
         SpecError::at(self.path, self.source, loc.line, loc.column, message)
     }
 
-    fn parse(&self, errors: &mut Vec<SpecError>) -> Vec<(HostSpec, Loc)> {
+    fn parse(&self, errors: &mut Vec<SpecError>) -> Vec<Doc> {
         let options = serde_saphyr::options! { with_snippet: false };
         let docs: Vec<Option<RawDocument>> =
             match serde_saphyr::from_multiple_with_options(self.source, options) {
@@ -338,7 +387,7 @@ impl<'a> FileContext<'a> {
             .collect()
     }
 
-    fn validate(&self, doc: RawDocument) -> Result<(HostSpec, Loc), Vec<SpecError>> {
+    fn validate(&self, doc: RawDocument) -> Result<Doc, Vec<SpecError>> {
         let mut errs = Vec::new();
         if doc.api_version.value != API_VERSION {
             errs.push(self.error(
@@ -349,12 +398,83 @@ impl<'a> FileContext<'a> {
                 ),
             ));
         }
-        if doc.kind.value != "Host" {
-            errs.push(self.error(
-                (&doc.kind).into(),
-                format!("unknown kind `{}`, expected `Host`", doc.kind.value),
-            ));
+        let spec = &doc.spec;
+        let mut health_checks = Vec::new();
+        for (i, raw) in spec.health_checks.iter().enumerate() {
+            match health_check(&raw.value, i) {
+                Ok(check) => health_checks.push(check),
+                Err(why) => {
+                    errs.push(self.error(raw.into(), format!("invalid health check: {why}")))
+                }
+            }
         }
+        let fleet_fields = fleet::FleetFields {
+            max_parallel: &spec.max_parallel,
+            max_failures: &spec.max_failures,
+            waves: &spec.waves,
+        };
+        match doc.kind.value.as_str() {
+            "Host" => {
+                if let Some((field, loc)) = fleet_fields.first_present() {
+                    errs.push(self.error(
+                        loc,
+                        format!("`{field}` belongs in a `kind: Fleet` document"),
+                    ));
+                }
+                self.validate_host(&doc, health_checks, errs)
+            }
+            "Fleet" => {
+                let host_only = [
+                    ("address", spec.address.as_ref().map(Loc::from)),
+                    ("port", spec.port.as_ref().map(Loc::from)),
+                    ("user", spec.user.as_ref().map(Loc::from)),
+                    ("configuration", spec.configuration.as_ref().map(Loc::from)),
+                    ("dependsOn", spec.depends_on.first().map(Loc::from)),
+                ];
+                for (field, loc) in host_only.into_iter().filter_map(|(f, l)| l.map(|l| (f, l))) {
+                    errs.push(
+                        self.error(loc, format!("`{field}` belongs in a `kind: Host` document")),
+                    );
+                }
+                for (field, present) in [
+                    ("action", spec.action.is_some()),
+                    ("suspend", spec.suspend.is_some()),
+                    ("rollout", spec.rollout.is_some()),
+                ] {
+                    if present {
+                        let loc = (&doc.metadata.name).into();
+                        errs.push(
+                            self.error(
+                                loc,
+                                format!("`{field}` belongs in a `kind: Host` document"),
+                            ),
+                        );
+                    }
+                }
+                let policy =
+                    self.fleet_policy(&doc.metadata.name, fleet_fields, health_checks, &mut errs);
+                if errs.is_empty() {
+                    Ok(Doc::Fleet(policy, (&doc.metadata.name).into()))
+                } else {
+                    Err(errs)
+                }
+            }
+            other => {
+                errs.push(self.error(
+                    (&doc.kind).into(),
+                    format!("unknown kind `{other}`, expected `Host` or `Fleet`"),
+                ));
+                Err(errs)
+            }
+        }
+    }
+
+    fn validate_host(
+        &self,
+        doc: &RawDocument,
+        health_checks: Vec<HealthCheck>,
+        mut errs: Vec<SpecError>,
+    ) -> Result<Doc, Vec<SpecError>> {
         let name = &doc.metadata.name;
         if let Err(why) = check_dns_label(&name.value) {
             errs.push(self.error(
@@ -368,12 +488,21 @@ impl<'a> FileContext<'a> {
             }
         }
         let spec = &doc.spec;
-        if let Err(why) = check_address(&spec.address.value) {
-            errs.push(self.error(
-                (&spec.address).into(),
-                format!("invalid address `{}`: {why}", spec.address.value),
-            ));
-        }
+        let address = match &spec.address {
+            None => {
+                errs.push(self.error(name.into(), "a Host needs `spec.address`".to_string()));
+                String::new()
+            }
+            Some(a) => {
+                if let Err(why) = check_address(&a.value) {
+                    errs.push(
+                        self.error(a.into(), format!("invalid address `{}`: {why}", a.value)),
+                    );
+                }
+                a.value.clone()
+            }
+        };
+        let depends_on = self.dependencies(&spec.depends_on, &mut errs);
         if let Some(port) = &spec.port {
             if port.value == 0 {
                 errs.push(self.error(port.into(), "invalid port 0".to_string()));
@@ -411,24 +540,16 @@ impl<'a> FileContext<'a> {
                 }
             }
         }
-        let mut health_checks = Vec::new();
-        for (i, raw) in spec.health_checks.iter().enumerate() {
-            match health_check(&raw.value, i) {
-                Ok(check) => health_checks.push(check),
-                Err(why) => {
-                    errs.push(self.error(raw.into(), format!("invalid health check: {why}")))
-                }
-            }
-        }
         if !errs.is_empty() {
             return Err(errs);
         }
         let host = HostSpec {
             rollout,
             health_checks,
+            depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),
             name: name.value.clone(),
-            labels: doc.metadata.labels,
-            address: spec.address.value.clone(),
+            labels: doc.metadata.labels.clone(),
+            address,
             port: spec.port.as_ref().map_or(22, |p| p.value),
             user: spec
                 .user
@@ -439,9 +560,9 @@ impl<'a> FileContext<'a> {
                 .as_ref()
                 .map_or_else(|| name.value.clone(), |c| c.value.clone()),
             action: spec.action.unwrap_or(Action::Switch),
-            suspend: spec.suspend,
+            suspend: spec.suspend.unwrap_or(false),
         };
-        Ok((host, name.into()))
+        Ok(Doc::Host(host, name.into(), depends_on))
     }
 }
 

@@ -22,6 +22,12 @@ pub struct RepoStatus {
     pub message: Option<String>,
     /// Sequence number of the last event folded in.
     pub last_seq: u64,
+    /// The revision whose rollout the failure budget halted.
+    #[serde(default)]
+    pub halted_revision: Option<String>,
+    /// The wave being rolled out (named in the last `WaveStarted`).
+    #[serde(default)]
+    pub wave: Option<String>,
 }
 
 /// One host's status.
@@ -143,7 +149,18 @@ impl FleetStatus {
             Reason::SpecsLoaded => {
                 self.repo.revision = ev.revision.clone();
                 self.repo.message = None;
+                self.repo.halted_revision = None;
+                self.repo.wave = None;
             }
+            Reason::RolloutHalted => {
+                self.repo.halted_revision = ev.revision.clone();
+                self.repo.message = Some(ev.message.clone());
+            }
+            Reason::RolloutResumed => {
+                self.repo.halted_revision = None;
+                self.repo.message = None;
+            }
+            Reason::WaveStarted => self.repo.wave = ev.system.clone(),
             Reason::SpecInvalid | Reason::FetchFailed => {
                 self.repo.message = Some(ev.message.clone());
             }

@@ -1,0 +1,300 @@
+//! Rollout policy decisions: which hosts may be worked on now for the
+//! current revision (waves, `dependsOn`), and whether the revision's failure
+//! budget is spent. Pure functions of the specs and the status projection,
+//! so the controller asks and the tests check without any IO.
+
+use std::collections::BTreeMap;
+
+use crate::event::Phase;
+use crate::spec::{FleetSpec, HostSpec, MaxFailures, Selector};
+use crate::status::{FleetStatus, HostStatus};
+
+/// Whether `labels` match every `key: value` of `selector`.
+pub fn matches(selector: &Selector, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The wave a host belongs to: the first whose selector matches it; hosts
+/// matching none roll out after the last wave.
+pub fn wave_of(fleet: &FleetSpec, host: &HostSpec) -> usize {
+    fleet
+        .policy
+        .waves
+        .iter()
+        .position(|w| matches(&w.selector, &host.labels))
+        .unwrap_or(fleet.policy.waves.len())
+}
+
+/// Done with `revision`: converged at it (or left alone by a suspension).
+fn done(status: Option<&HostStatus>, revision: &str) -> bool {
+    match status {
+        Some(h) if h.phase == Phase::Suspended => true,
+        Some(h) => h.phase == Phase::Converged && h.observed_revision.as_deref() == Some(revision),
+        None => false,
+    }
+}
+
+/// Why a host must wait, or `None` if it may be worked on now.
+pub fn blocked_by(
+    fleet: &FleetSpec,
+    status: &FleetStatus,
+    revision: &str,
+    host: &HostSpec,
+) -> Option<String> {
+    // A host already done with this revision is only being re-checked.
+    if done(status.hosts.get(&host.name), revision) {
+        return None;
+    }
+    if status.repo.halted_revision.as_deref() == Some(revision) {
+        return Some(format!("the rollout of {} is halted", short(revision)));
+    }
+    let wave = wave_of(fleet, host);
+    let waiting: Vec<&str> = fleet
+        .hosts
+        .values()
+        .filter(|other| {
+            wave_of(fleet, other) < wave && !done(status.hosts.get(&other.name), revision)
+        })
+        .map(|other| other.name.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        return Some(format!(
+            "waiting for an earlier wave: {}",
+            waiting.join(", ")
+        ));
+    }
+    let deps: Vec<&str> = fleet
+        .hosts
+        .values()
+        .filter(|other| other.name != host.name && host.depends_on.iter().any(|d| d.matches(other)))
+        .filter(|other| !done(status.hosts.get(&other.name), revision))
+        .map(|other| other.name.as_str())
+        .collect();
+    if !deps.is_empty() {
+        return Some(format!("waiting for dependencies: {}", deps.join(", ")));
+    }
+    None
+}
+
+/// The hosts that failed the current revision, if they exhaust the failure
+/// budget (and the rollout is not already halted).
+pub fn over_budget(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> Option<Vec<String>> {
+    if status.repo.halted_revision.as_deref() == Some(revision) {
+        return None;
+    }
+    let limit = match fleet.policy.max_failures {
+        MaxFailures::Unlimited => return None,
+        MaxFailures::Count(n) => n,
+        MaxFailures::Percent(p) => {
+            let total = fleet.hosts.len() as u64;
+            // Rounded up, and at least one: "25%" of 3 hosts is 1.
+            u32::try_from((total * u64::from(p)).div_ceil(100).max(1)).unwrap_or(u32::MAX)
+        }
+    };
+    let failed: Vec<String> = fleet
+        .hosts
+        .keys()
+        .filter(|h| {
+            status
+                .hosts
+                .get(*h)
+                .is_some_and(|s| s.phase == Phase::Failed)
+        })
+        .cloned()
+        .collect();
+    (failed.len() as u64 >= u64::from(limit)).then_some(failed)
+}
+
+/// Progress of the current revision's rollout, for the status API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub revision: Option<String>,
+    pub done: usize,
+    pub failed: usize,
+    pub pending: usize,
+    /// Set when the failure budget halted the rollout.
+    pub halted: bool,
+    /// The wave being rolled out, as recorded by the last `WaveStarted`.
+    pub wave: Option<String>,
+}
+
+/// Counts hosts by where they stand relative to the current revision.
+pub fn progress(status: &FleetStatus) -> Progress {
+    let Some(revision) = status.repo.revision.clone() else {
+        return Progress::default();
+    };
+    let mut p = Progress {
+        halted: status.repo.halted_revision.as_deref() == Some(revision.as_str()),
+        wave: status.repo.wave.clone(),
+        revision: Some(revision.clone()),
+        ..Progress::default()
+    };
+    for h in status.hosts.values() {
+        match h.phase {
+            Phase::Failed => p.failed += 1,
+            _ if done(Some(h), &revision) => p.done += 1,
+            _ => p.pending += 1,
+        }
+    }
+    p
+}
+
+fn short(revision: &str) -> &str {
+    &revision[..revision.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NewEvent, Reason};
+    use crate::spec::{parse_fleet, SpecFile};
+    use time::OffsetDateTime;
+
+    fn fleet(extra_fleet: &str, hosts: &[(&str, &str, &str)]) -> FleetSpec {
+        let spec = if extra_fleet.is_empty() {
+            " {}\n"
+        } else {
+            "\n"
+        };
+        let mut text = format!(
+            "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:{spec}{extra_fleet}"
+        );
+        for (name, role, extra) in hosts {
+            text.push_str(&format!(
+                "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{role: {role}}}}}\nspec:\n  address: 10.0.0.1\n{extra}"
+            ));
+        }
+        parse_fleet(&[SpecFile {
+            path: "specs/f.yaml".into(),
+            contents: text.into_bytes(),
+        }])
+        .unwrap()
+    }
+
+    fn status(events: Vec<NewEvent>) -> FleetStatus {
+        let mut s = FleetStatus::default();
+        for (i, ev) in events.into_iter().enumerate() {
+            let from = ev.host.as_deref().and_then(|h| s.phase_of(h));
+            s.apply(&ev.into_event(i as u64 + 1, OffsetDateTime::UNIX_EPOCH, from));
+        }
+        s
+    }
+
+    fn converged(host: &str) -> NewEvent {
+        NewEvent::host(host, Reason::Converged, Some("r"), "")
+            .phase(Phase::Converged)
+            .system("/nix/store/x")
+    }
+
+    fn failed(host: &str) -> NewEvent {
+        NewEvent::host(host, Reason::ActivationFailed, Some("r"), "").phase(Phase::Failed)
+    }
+
+    const WAVES: &str = "  maxFailures: 1\n  waves:\n    - {name: canary, selector: {role: canary}}\n    - {name: web, selector: {role: web}}\n";
+
+    #[test]
+    fn waves_go_in_order() {
+        let f = fleet(
+            WAVES,
+            &[
+                ("c-1", "canary", ""),
+                ("w-1", "web", ""),
+                ("x-1", "other", ""),
+            ],
+        );
+        assert_eq!(wave_of(&f, &f.hosts["c-1"]), 0);
+        assert_eq!(wave_of(&f, &f.hosts["w-1"]), 1);
+        assert_eq!(wave_of(&f, &f.hosts["x-1"]), 2);
+        let s = status(vec![]);
+        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["c-1"]), None);
+        assert!(blocked_by(&f, &s, "r", &f.hosts["w-1"])
+            .unwrap()
+            .contains("c-1"));
+        let s = status(vec![converged("c-1")]);
+        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["w-1"]), None);
+        assert!(blocked_by(&f, &s, "r", &f.hosts["x-1"])
+            .unwrap()
+            .contains("w-1"));
+        // Converged at an older revision does not count.
+        assert!(blocked_by(&f, &s, "r2", &f.hosts["w-1"]).is_some());
+    }
+
+    #[test]
+    fn dependencies_by_name_and_selector() {
+        let f = fleet(
+            "",
+            &[
+                ("db-1", "db", ""),
+                ("app-1", "app", "  dependsOn:\n    - {host: db-1}\n"),
+                (
+                    "web-1",
+                    "web",
+                    "  dependsOn:\n    - {selector: {role: app}}\n",
+                ),
+            ],
+        );
+        let s = status(vec![]);
+        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["db-1"]), None);
+        assert!(blocked_by(&f, &s, "r", &f.hosts["app-1"])
+            .unwrap()
+            .contains("db-1"));
+        assert!(blocked_by(&f, &s, "r", &f.hosts["web-1"])
+            .unwrap()
+            .contains("app-1"));
+        let s = status(vec![converged("db-1"), converged("app-1")]);
+        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["web-1"]), None);
+    }
+
+    #[test]
+    fn the_failure_budget_halts_and_blocks_untouched_hosts() {
+        let f = fleet(
+            WAVES,
+            &[
+                ("c-1", "canary", ""),
+                ("w-1", "web", ""),
+                ("w-2", "web", ""),
+            ],
+        );
+        assert_eq!(over_budget(&f, &status(vec![]), "r"), None);
+        let s = status(vec![failed("c-1")]);
+        assert_eq!(over_budget(&f, &s, "r"), Some(vec!["c-1".to_string()]));
+        let halted = status(vec![
+            converged("w-1"),
+            failed("c-1"),
+            NewEvent::repo(Reason::RolloutHalted, Some("r"), "halted"),
+        ]);
+        assert_eq!(over_budget(&f, &halted, "r"), None, "halting twice");
+        assert!(blocked_by(&f, &halted, "r", &f.hosts["w-2"])
+            .unwrap()
+            .contains("halted"));
+        assert_eq!(
+            blocked_by(&f, &halted, "r", &f.hosts["w-1"]),
+            None,
+            "done hosts may be resynced"
+        );
+        let p = progress(&FleetStatus {
+            repo: crate::status::RepoStatus {
+                revision: Some("r".into()),
+                ..halted.repo.clone()
+            },
+            hosts: halted.hosts.clone(),
+        });
+        assert_eq!((p.done, p.failed, p.pending, p.halted), (1, 1, 0, true));
+    }
+
+    #[test]
+    fn percentages_round_up() {
+        let f = fleet(
+            "  maxFailures: 25%\n",
+            &[("a", "x", ""), ("b", "x", ""), ("c", "x", "")],
+        );
+        assert!(over_budget(&f, &status(vec![failed("a")]), "r").is_some());
+        let f = fleet(
+            "  maxFailures: 50%\n",
+            &[("a", "x", ""), ("b", "x", ""), ("c", "x", "")],
+        );
+        assert!(over_budget(&f, &status(vec![failed("a")]), "r").is_none());
+        assert!(over_budget(&f, &status(vec![failed("a"), failed("b")]), "r").is_some());
+    }
+}
