@@ -37,12 +37,16 @@ pub struct StatusResponse {
     pub latest_revision: Option<String>,
     /// Why the latest revision is not being reconciled, or why fetching fails.
     pub message: Option<String>,
+    /// Progress of the current revision's rollout.
+    #[serde(default)]
+    pub rollout: crate::rollout::Progress,
     pub hosts: Vec<HostStatus>,
 }
 
 impl From<FleetStatus> for StatusResponse {
     fn from(s: FleetStatus) -> Self {
         StatusResponse {
+            rollout: crate::rollout::progress(&s),
             revision: s.repo.revision,
             latest_revision: s.repo.latest_revision,
             message: s.repo.message,

@@ -24,6 +24,7 @@ use crate::driver::{self, DriverConfig};
 use crate::event::{Event, NewEvent, Phase, Reason};
 use crate::queue::{backoff, WorkQueue};
 use crate::reconcile::{self, Outcome, Report, Rollback, Step, WorkItem};
+use crate::rollout;
 use crate::spec::{Action, FleetSpec};
 use crate::status::FleetStatus;
 use crate::store::{Store, StoreError};
@@ -100,6 +101,9 @@ pub struct Controller {
     msg_rx: Option<mpsc::Receiver<Msg>>,
     report_tx: mpsc::Sender<Report>,
     report_rx: Option<mpsc::Receiver<Report>>,
+    /// Hosts due but held back by the rollout policy (waves, dependsOn, a
+    /// halt); queued again whenever another host's state changes.
+    gated: std::collections::BTreeSet<String>,
 }
 
 const CHANNEL_CAPACITY: usize = 256;
@@ -120,6 +124,7 @@ impl Controller {
             msg_rx: Some(msg_rx),
             report_tx,
             report_rx: Some(report_rx),
+            gated: std::collections::BTreeSet::new(),
             cfg,
             driver: Arc::new(driver),
             store,
@@ -443,6 +448,85 @@ impl Controller {
                 Err(message) => self.build_failed(&host, &revision, message),
             }
         }
+        self.advance_rollout();
+    }
+
+    /// After any host's state changed: halt the rollout if its failure
+    /// budget is spent, announce a new wave, and let gated hosts be
+    /// re-evaluated.
+    fn advance_rollout(&mut self) {
+        let Some((revision, fleet)) = self.specs.as_ref() else {
+            return;
+        };
+        let revision = revision.clone();
+        if let Some(failed) = rollout::over_budget(fleet, &self.status, &revision) {
+            let message = format!(
+                "rollout of {} halted: {} failed ({}); hosts not yet touched stay as they are until a new revision or `cim reconcile`",
+                short(&revision),
+                failed.join(", "),
+                match fleet.policy.max_failures {
+                    crate::spec::MaxFailures::Count(n) => format!("maxFailures {n}"),
+                    crate::spec::MaxFailures::Percent(p) => format!("maxFailures {p}%"),
+                    crate::spec::MaxFailures::Unlimited => String::new(),
+                }
+            );
+            self.record(NewEvent::repo(
+                Reason::RolloutHalted,
+                Some(&revision),
+                message,
+            ));
+        }
+        let Some((_, fleet)) = self.specs.as_ref() else {
+            return;
+        };
+        if !fleet.policy.waves.is_empty() {
+            let current = fleet
+                .hosts
+                .values()
+                .filter(|h| {
+                    let s = self.status.hosts.get(&h.name);
+                    !s.is_some_and(|s| {
+                        s.phase == Phase::Suspended
+                            || (s.phase == Phase::Converged
+                                && s.observed_revision.as_deref() == Some(&revision))
+                    })
+                })
+                .map(|h| rollout::wave_of(fleet, h))
+                .min();
+            let name = current.map(|w| {
+                fleet
+                    .policy
+                    .waves
+                    .get(w)
+                    .map_or_else(|| "rest".to_string(), |wave| wave.name.clone())
+            });
+            if let (Some(w), Some(name)) = (current, name) {
+                if self.status.repo.wave.as_deref() != Some(name.as_str()) {
+                    let members: Vec<&str> = fleet
+                        .hosts
+                        .values()
+                        .filter(|h| rollout::wave_of(fleet, h) == w)
+                        .map(|h| h.name.as_str())
+                        .collect();
+                    let mut ev = NewEvent::repo(
+                        Reason::WaveStarted,
+                        Some(&revision),
+                        format!(
+                            "wave {} of {}: {name} ({})",
+                            w + 1,
+                            fleet.policy.waves.len() + 1,
+                            members.join(", ")
+                        ),
+                    );
+                    ev.wave = Some(name);
+                    self.record(ev);
+                }
+            }
+        }
+        let now = Instant::now();
+        for host in std::mem::take(&mut self.gated) {
+            self.queue.enqueue(&host, now);
+        }
     }
 
     /// A build error is deterministic for a given revision, so it is not
@@ -456,7 +540,12 @@ impl Controller {
 
     /// Hands due hosts to workers, within `--max-parallel`.
     fn dispatch(&mut self) {
-        let free = self.cfg.max_parallel.saturating_sub(self.queue.running());
+        let limit = self
+            .specs
+            .as_ref()
+            .and_then(|(_, f)| f.policy.max_parallel)
+            .map_or(self.cfg.max_parallel, |p| p.min(self.cfg.max_parallel));
+        let free = limit.saturating_sub(self.queue.running());
         if free == 0 {
             return;
         }
@@ -477,6 +566,14 @@ impl Controller {
                 self.queue.done(&host);
                 continue;
             };
+            if let Some((revision, fleet)) = self.specs.as_ref() {
+                if let Some(why) = rollout::blocked_by(fleet, &self.status, revision, &item.host) {
+                    tracing::debug!(host = %host, "{why}");
+                    self.queue.done(&host);
+                    self.gated.insert(host);
+                    continue;
+                }
+            }
             self.workers.spawn(reconcile::run(
                 Arc::clone(&self.driver),
                 item,
@@ -556,6 +653,11 @@ impl Controller {
 
     fn on_done(&mut self, host: &str, revision: &str, outcome: Outcome) {
         self.queue.done(host);
+        self.handle_outcome(host, revision, outcome);
+        self.advance_rollout();
+    }
+
+    fn handle_outcome(&mut self, host: &str, revision: &str, outcome: Outcome) {
         if self.host_spec(host).is_none_or(|h| h.suspend) || !self.status.hosts.contains_key(host) {
             return;
         }

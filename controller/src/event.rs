@@ -158,6 +158,9 @@ pub struct Event {
         with = "time::serde::rfc3339::option"
     )]
     pub next_retry: Option<OffsetDateTime>,
+    /// The rollout wave a `WaveStarted` event is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<String>,
 }
 
 /// An event before the store has given it a sequence number.
@@ -170,6 +173,7 @@ pub struct NewEvent {
     pub to_phase: Option<Phase>,
     pub system: Option<String>,
     pub next_retry: Option<OffsetDateTime>,
+    pub wave: Option<String>,
 }
 
 impl NewEvent {
@@ -182,6 +186,7 @@ impl NewEvent {
             to_phase: None,
             system: None,
             next_retry: None,
+            wave: None,
         }
     }
 
@@ -228,6 +233,7 @@ impl NewEvent {
             to_phase: if changes_phase { self.to_phase } else { None },
             system: self.system,
             next_retry: self.next_retry,
+            wave: self.wave,
         }
     }
 }

@@ -62,9 +62,13 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
-    /// Reconcile one host, or all, now.
+    /// Reconcile one host, or all, now (all also resumes a halted rollout).
     Reconcile {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
         host: Option<String>,
+        /// Every host.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -165,7 +169,11 @@ fn main() -> std::process::ExitCode {
             limit,
             source,
         } => events(EventQuery { host, since, limit }, follow, &source),
-        Command::Reconcile { host, source } => reconcile(host, &source),
+        Command::Reconcile {
+            host,
+            all: _,
+            source,
+        } => reconcile(host, &source),
         Command::Rollback { host, source: s } => say(source(&s).rollback(&host)),
         Command::Resume { host, source: s } => say(source(&s).resume(&host)),
     };

@@ -106,9 +106,24 @@ pub fn status(s: &StatusResponse, now: OffsetDateTime) -> String {
         .filter(|h| h.phase == crate::event::Phase::Converged)
         .count();
     out.push_str(&format!(
-        "\nhosts:    {converged}/{} converged\n\n",
+        "\nhosts:    {converged}/{} converged",
         s.hosts.len()
     ));
+    let r = &s.rollout;
+    if r.revision.is_some() {
+        let mut line = format!(
+            "{} done, {} failed, {} pending",
+            r.done, r.failed, r.pending
+        );
+        if let Some(w) = &r.wave {
+            line = format!("wave {w}: {line}");
+        }
+        if r.halted {
+            line.push_str(" — HALTED (`cim reconcile --all` resumes)");
+        }
+        out.push_str(&format!("\nrollout:  {line}"));
+    }
+    out.push_str("\n\n");
     let mut t = table(&[
         "NAME", "PHASE", "REVISION", "SYSTEM", "FAILURES", "AGE", "MESSAGE",
     ]);
@@ -229,6 +244,14 @@ mod tests {
             message: Some(
                 "specs at fedcba987654 are invalid: specs/web.yaml:3:1: unknown field `foo`".into(),
             ),
+            rollout: crate::rollout::Progress {
+                revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                done: 1,
+                failed: 1,
+                pending: 0,
+                halted: true,
+                wave: Some("canary".into()),
+            },
             hosts: vec![
                 host("web-1", Phase::Converged, 0, "switched to /nix/store/…"),
                 host(

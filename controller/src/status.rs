@@ -160,7 +160,7 @@ impl FleetStatus {
                 self.repo.halted_revision = None;
                 self.repo.message = None;
             }
-            Reason::WaveStarted => self.repo.wave = ev.system.clone(),
+            Reason::WaveStarted => self.repo.wave = ev.wave.clone(),
             Reason::SpecInvalid | Reason::FetchFailed => {
                 self.repo.message = Some(ev.message.clone());
             }

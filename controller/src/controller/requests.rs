@@ -104,6 +104,13 @@ impl Controller {
             }
             None => {
                 self.fetch_now.notify_one();
+                if self.status.repo.halted_revision.as_deref() == Some(revision.as_str()) {
+                    self.record(NewEvent::repo(
+                        Reason::RolloutResumed,
+                        Some(&revision),
+                        "rollout resumed by `cim reconcile --all`",
+                    ));
+                }
                 let mut hosts = self.active_hosts();
                 hosts.retain(|h| !self.operator_suspended(h));
                 hosts
