@@ -104,6 +104,8 @@ pub struct Controller {
     /// Hosts due but held back by the rollout policy (waves, dependsOn, a
     /// halt); queued again whenever another host's state changes.
     gated: std::collections::BTreeSet<String>,
+    /// Hosts whose `cim rollback` waits for their current reconcile to end.
+    pending_rollbacks: std::collections::BTreeSet<String>,
 }
 
 const CHANNEL_CAPACITY: usize = 256;
@@ -125,6 +127,7 @@ impl Controller {
             report_tx,
             report_rx: Some(report_rx),
             gated: std::collections::BTreeSet::new(),
+            pending_rollbacks: std::collections::BTreeSet::new(),
             cfg,
             driver: Arc::new(driver),
             store,
@@ -659,6 +662,30 @@ impl Controller {
 
     fn handle_outcome(&mut self, host: &str, revision: &str, outcome: Outcome) {
         if self.host_spec(host).is_none_or(|h| h.suspend) || !self.status.hosts.contains_key(host) {
+            return;
+        }
+        if self.operator_suspended(host) && !matches!(outcome, Outcome::ManualRollback { .. }) {
+            // A reconcile that was in flight when `cim rollback` came in:
+            // record what it changed on the host, keep the host suspended,
+            // and run the waiting rollback now.
+            if let Outcome::Converged {
+                system,
+                changed: true,
+            } = outcome
+            {
+                self.record(
+                    NewEvent::host(
+                        host,
+                        Reason::Converged,
+                        Some(revision),
+                        format!("switched to {system}"),
+                    )
+                    .system(system),
+                );
+            }
+            if self.pending_rollbacks.remove(host) {
+                self.start_rollback(host);
+            }
             return;
         }
         match outcome {

@@ -1,6 +1,10 @@
 # Builds a sandbox "system". PATH is unset in nix builders, hence the
 # absolute paths; echo is a shell builtin.
+if [ "$buildDelay" != 0 ]; then /bin/sleep "$buildDelay"; fi
 /bin/mkdir -p "$out/bin"
+if [ "$payloadKiB" != 0 ]; then
+  /bin/dd if=/dev/urandom of="$out/payload" bs=1024 count="$payloadKiB" 2>/dev/null
+fi
 s="$out/bin/switch-to-configuration"
 {
   echo '#!/bin/sh'

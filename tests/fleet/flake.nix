@@ -6,7 +6,8 @@
 # activation, `activationExitCode`, or `breakNetwork = true` for a system
 # that takes the host's network link down, `activationDelay` (seconds) for a
 # slow activation, `healthy = false` for a system whose /run/cim-health says
-# it is degraded. A hosts/NAME.nix that throws is an
+# it is degraded, `buildDelay` (seconds) for a slow build and `payloadKiB`
+# for a larger closure (slow to copy over a throttled link). A hosts/NAME.nix that throws is an
 # evaluation error of that host alone.
 {
   description = "cim sandbox fleet";
@@ -26,6 +27,8 @@
         breakNetwork = if cfg.breakNetwork or false then "1" else "0";
         activationDelay = toString (cfg.activationDelay or 0);
         healthy = if cfg.healthy or true then "1" else "0";
+        buildDelay = toString (cfg.buildDelay or 0);
+        payloadKiB = toString (cfg.payloadKiB or 0);
       };
       host = file: {
         name = nameOf file;

@@ -35,6 +35,9 @@ pub struct Host {
     pub address: String,
     /// Holds the host's `nix/`, `run/` and `etc/` (sshd config and key).
     pub root: PathBuf,
+    /// The bridge side of the host's link.
+    #[serde(default)]
+    pub veth: String,
 }
 
 /// A running sandbox fleet.
@@ -182,9 +185,10 @@ impl Fleet {
                 netns: format!("cim{}-{}", self.index, name),
                 address: format!("{subnet}.{}", i + 2),
                 root: self.dir.join("hosts").join(&name),
+                veth: format!("cim{}v{}", self.index, i),
                 name,
             };
-            self.add_host(&host, &key, i)?;
+            self.add_host(&host, &key)?;
             let pubkey = fs::read_to_string(host.root.join("etc/ssh_host_ed25519_key.pub"))?;
             let mut fields = pubkey.split_whitespace();
             let (kind, data) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
@@ -207,7 +211,7 @@ impl Fleet {
         Ok(())
     }
 
-    fn add_host(&self, host: &Host, client_key: &Path, i: usize) -> Result<()> {
+    fn add_host(&self, host: &Host, client_key: &Path) -> Result<()> {
         let etc = host.root.join("etc");
         // `home` becomes the host's /root: the machine's own root home (its
         // shell start-up files, caches) must not leak into the hosts.
@@ -235,13 +239,13 @@ impl Fleet {
             ),
         )?;
         sh("ip", &["netns", "add", &host.netns])?;
-        let veth = format!("cim{}v{}", self.index, i);
+        let veth = host.veth.as_str();
         sh(
             "ip",
             &[
                 "link",
                 "add",
-                &veth,
+                veth,
                 "type",
                 "veth",
                 "peer",
@@ -251,7 +255,7 @@ impl Fleet {
                 &host.netns,
             ],
         )?;
-        sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
+        sh("ip", &["link", "set", veth, "master", &self.bridge, "up"])?;
         sh(
             "ip",
             &[
@@ -323,6 +327,54 @@ impl Fleet {
     /// went down.
     pub fn stop_sshd(&self, name: &str) -> Result<()> {
         kill_netns(&self.host(name).netns);
+        Ok(())
+    }
+
+    /// Kills the host's sshd (listener and sessions) but nothing else: the
+    /// host stays up, only unreachable.
+    pub fn kill_sshd(&self, name: &str) -> Result<()> {
+        let pids = sh("ip", &["netns", "pids", &self.host(name).netns])?;
+        for pid in pids.split_whitespace() {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sshd" {
+                let _ = sh("kill", &["-9", pid]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Limits the host's link to `rate` (e.g. `4mbit`), to make copies slow.
+    pub fn throttle(&self, name: &str, rate: &str) -> Result<()> {
+        let veth = &self.host(name).veth;
+        sh(
+            "tc",
+            &[
+                "qdisc", "replace", "dev", veth, "root", "tbf", "rate", rate, "burst", "32kbit",
+                "latency", "400ms",
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn unthrottle(&self, name: &str) -> Result<()> {
+        let _ = sh(
+            "tc",
+            &["qdisc", "del", "dev", &self.host(name).veth, "root"],
+        );
+        Ok(())
+    }
+
+    /// Takes the host's link down (`false`) or up (`true`).
+    pub fn set_link(&self, name: &str, up: bool) -> Result<()> {
+        sh(
+            "ip",
+            &[
+                "link",
+                "set",
+                &self.host(name).veth,
+                if up { "up" } else { "down" },
+            ],
+        )?;
         Ok(())
     }
 

@@ -19,16 +19,16 @@ impl Controller {
             .is_some_and(|(r, h)| r == revision && !h.is_finished())
     }
 
+    /// Suspends `host` at once and rolls it back to its previous
+    /// generation — right away, or as soon as a reconcile in flight ends
+    /// (an emergency button must not be refused for a routine check).
     pub(super) fn on_rollback(&mut self, host: &str) -> Result<String, String> {
         let revision = self.current_revision().unwrap_or_default().to_string();
-        let spec = self
-            .host_spec(host)
-            .cloned()
-            .ok_or_else(|| format!("no host `{host}` in the specs"))?;
-        if !self.queue.claim(host) {
-            return Err(format!(
-                "host `{host}` is being reconciled right now; try again in a moment"
-            ));
+        if self.host_spec(host).is_none() {
+            return Err(format!("no host `{host}` in the specs"));
+        }
+        if self.operator_suspended(host) && self.pending_rollbacks.contains(host) {
+            return Ok(format!("a rollback of {host} is already waiting"));
         }
         self.record(
             NewEvent::host(
@@ -39,6 +39,28 @@ impl Controller {
             )
             .phase(Phase::Suspended),
         );
+        self.queue.forget(host);
+        if self.start_rollback(host) {
+            Ok(format!(
+                "rolling back {host}; it stays suspended until `cim resume {host}`"
+            ))
+        } else {
+            self.pending_rollbacks.insert(host.to_string());
+            Ok(format!(
+                "{host} is suspended; it rolls back as soon as its current reconcile ends, and stays suspended until `cim resume {host}`"
+            ))
+        }
+    }
+
+    /// Starts the rollback worker of `host` unless a worker already runs.
+    pub(super) fn start_rollback(&mut self, host: &str) -> bool {
+        let Some(spec) = self.host_spec(host).cloned() else {
+            return false;
+        };
+        if !self.queue.claim(host) {
+            return false;
+        }
+        let revision = self.current_revision().unwrap_or_default().to_string();
         self.workers.spawn(reconcile::run_rollback(
             Arc::clone(&self.driver),
             spec,
@@ -46,9 +68,7 @@ impl Controller {
             self.report_tx.clone(),
             self.worker_cancel.child_token(),
         ));
-        Ok(format!(
-            "rolling back {host}; it stays suspended until `cim resume {host}`"
-        ))
+        true
     }
 
     pub(super) fn on_resume(&mut self, host: &str) -> Result<String, String> {
