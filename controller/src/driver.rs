@@ -279,6 +279,30 @@ pub async fn build(
         .collect()
 }
 
+/// The names under the flake's `nixosConfigurations`. `attrNames` does not
+/// evaluate the configurations themselves, so this stays cheap.
+pub async fn configurations(cfg: &DriverConfig, flake: &str) -> Result<Vec<String>, BuildError> {
+    let mut nix = NixCommand::new(cfg, "eval");
+    nix.cmd
+        .arg("--json")
+        .arg(format!("{flake}#nixosConfigurations"))
+        .args(["--apply", "builtins.attrNames"]);
+    let command = nix.describe();
+    let out = nix
+        .output()
+        .await
+        .map_err(|source| BuildError::Spawn { command, source })?;
+    let output = CommandOutput::from_output(&out);
+    if !out.status.success() {
+        return Err(BuildError::Failed {
+            attribute: "nixosConfigurations".to_string(),
+            output,
+        });
+    }
+    serde_json::from_str(output.stdout.trim())
+        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
+}
+
 /// `user@address`, as ssh and nix store URLs want it.
 pub fn destination(host: &HostSpec) -> String {
     if host.address.contains(':') {

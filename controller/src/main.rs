@@ -332,6 +332,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         nix_options: args.nix_options.clone(),
         connect_timeout: args.connect_timeout,
     };
+    let driver_for_watch = Arc::new(driver.clone());
     let fetch_now = Arc::new(Notify::new());
     let mut controller = Controller::new(
         ControllerConfig {
@@ -367,6 +368,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             branch: args.branch.clone(),
             poll_interval: args.poll_interval,
         },
+        driver_for_watch,
         found_tx,
         fetch_now,
         cancel.clone(),

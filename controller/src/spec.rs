@@ -84,6 +84,17 @@ pub struct HostSpec {
     pub health_checks: Vec<HealthCheck>,
     /// Hosts that must be converged on the same revision first.
     pub depends_on: Vec<Dependency>,
+    /// Where `configuration` (or, defaulted, the name) was written, for
+    /// errors found later against the flake.
+    pub configuration_at: SpecLocation,
+}
+
+/// A place in a spec file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecLocation {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
 }
 
 /// One health check.
@@ -250,6 +261,32 @@ struct RawHttpCheck {
 struct RawRollout {
     #[serde(default)]
     confirm_timeout: Option<Spanned<String>>,
+}
+
+/// Checks every host's `configuration` against the flake's
+/// `nixosConfigurations` names.
+pub fn check_configurations(fleet: &FleetSpec, available: &[String]) -> Result<(), SpecErrors> {
+    let errors: Vec<SpecError> = fleet
+        .hosts
+        .values()
+        .filter(|h| !available.contains(&h.configuration))
+        .map(|h| {
+            SpecError::located(
+                &h.configuration_at,
+                format!(
+                    "configuration `{}` of host `{}` is not in the flake's nixosConfigurations (it has: {})",
+                    h.configuration,
+                    h.name,
+                    if available.is_empty() { "none".to_string() } else { available.join(", ") }
+                ),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecErrors { errors })
+    }
 }
 
 /// Parses and validates all spec files of a revision. Files are checked in
@@ -543,7 +580,19 @@ impl<'a> FileContext<'a> {
         if !errs.is_empty() {
             return Err(errs);
         }
+        let configuration_at = {
+            let loc: Loc = spec
+                .configuration
+                .as_ref()
+                .map_or_else(|| name.into(), Loc::from);
+            SpecLocation {
+                file: self.path.to_string(),
+                line: loc.line,
+                column: loc.column,
+            }
+        };
         let host = HostSpec {
+            configuration_at,
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),
@@ -567,6 +616,18 @@ impl<'a> FileContext<'a> {
 }
 
 impl SpecError {
+    /// An error found after parsing (against the flake), without the source.
+    pub fn located(at: &SpecLocation, message: String) -> Self {
+        SpecError {
+            file: at.file.clone(),
+            line: at.line,
+            column: at.column,
+            message,
+            src: NamedSource::new(&at.file, String::new()),
+            span: None,
+        }
+    }
+
     fn at(path: &str, source: &str, line: u64, column: u64, message: String) -> Self {
         let offset = offset_of(source, line, column);
         SpecError {
@@ -933,6 +994,24 @@ spec:
             );
             assert!(errs[0].contains(why), "{bad}: {}", errs[0]);
         }
+    }
+
+    #[test]
+    fn configurations_are_checked_against_the_flake() {
+        let text = format!("{WEB}  configuration: web-9\n");
+        let fleet = parse_fleet(&[file("specs/web.yaml", &text)]).unwrap();
+        let errs = check_configurations(&fleet, &["web-1".into(), "web-2".into()]).unwrap_err();
+        let e = errs.errors[0].to_string();
+        assert!(
+            e.starts_with("specs/web.yaml:8:18: configuration `web-9` of host `web-1`"),
+            "{e}"
+        );
+        assert!(e.contains("it has: web-1, web-2"), "{e}");
+        // Defaulted to the name: located at the name.
+        let fleet = parse_fleet(&[file("specs/web.yaml", WEB)]).unwrap();
+        let e = check_configurations(&fleet, &[]).unwrap_err().errors[0].to_string();
+        assert!(e.starts_with("specs/web.yaml:4:9:"), "{e}");
+        assert!(check_configurations(&fleet, &["web-1".into()]).is_ok());
     }
 
     #[test]

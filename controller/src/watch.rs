@@ -16,6 +16,7 @@ use notify_debouncer_full::notify::RecursiveMode;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::driver::DriverConfig;
 use crate::git::Mirror;
 use crate::spec::{parse_fleet, FleetSpec, SpecErrors};
 
@@ -43,6 +44,7 @@ pub fn spawn(
     mirror: Mirror,
     local_source: Option<PathBuf>,
     cfg: WatchConfig,
+    driver: Arc<DriverConfig>,
     tx: mpsc::Sender<Found>,
     trigger: Arc<Notify>,
     cancel: CancellationToken,
@@ -51,6 +53,7 @@ pub fn spawn(
         let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
         // Kept alive for the life of the task; dropping it stops watching.
         let _debouncer = local_source.as_deref().and_then(|p| watch_refs(p, fs_tx));
+        let mirror_path = mirror.path().to_path_buf();
         let mirror = Arc::new(Mutex::new(mirror));
         let mut last_sent: Option<String> = None;
         let mut retry: Option<backon::ExponentialBackoff> = None;
@@ -77,6 +80,11 @@ pub fn spawn(
                 Ok(Some((revision, specs))) => {
                     retry = None;
                     last_sent = Some(revision.clone());
+                    let flake = crate::git::flake_ref(&mirror_path, &revision);
+                    let specs = match specs {
+                        Ok(fleet) => against_flake(&driver, &flake, fleet).await,
+                        Err(e) => Err(e),
+                    };
                     Found::Revision { revision, specs }
                 }
                 Err(message) => {
@@ -96,6 +104,23 @@ pub fn spawn(
             }
         }
     })
+}
+
+/// Checks the hosts' configurations against the flake. If the flake cannot
+/// even be listed, the specs pass here: building will report that error for
+/// every host, with nix's message.
+async fn against_flake(
+    driver: &DriverConfig,
+    flake: &str,
+    fleet: FleetSpec,
+) -> Result<FleetSpec, SpecErrors> {
+    match crate::driver::configurations(driver, flake).await {
+        Ok(names) => crate::spec::check_configurations(&fleet, &names).map(|()| fleet),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the flake's nixosConfigurations; leaving it to the build");
+            Ok(fleet)
+        }
+    }
 }
 
 /// A new head and the result of validating its specs.

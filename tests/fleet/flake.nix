@@ -7,7 +7,8 @@
 # that takes the host's network link down, `activationDelay` (seconds) for a
 # slow activation, `healthy = false` for a system whose /run/cim-health says
 # it is degraded, `buildDelay` (seconds) for a slow build and `payloadKiB`
-# for a larger closure (slow to copy over a throttled link). A hosts/NAME.nix that throws is an
+# for a larger closure (slow to copy over a throttled link), `nonce` to force
+# a fresh build that the machine's store cannot already hold. A hosts/NAME.nix that throws is an
 # evaluation error of that host alone.
 {
   description = "cim sandbox fleet";
@@ -29,6 +30,7 @@
         healthy = if cfg.healthy or true then "1" else "0";
         buildDelay = toString (cfg.buildDelay or 0);
         payloadKiB = toString (cfg.payloadKiB or 0);
+        nonce = cfg.nonce or "";
       };
       host = file: {
         name = nameOf file;

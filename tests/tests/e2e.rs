@@ -901,3 +901,51 @@ fn waves_roll_out_in_order_and_a_failing_canary_halts_the_rest() {
     assert_eq!(status["rollout"]["halted"], false);
     assert_eq!(status["rollout"]["done"], 3);
 }
+
+#[test]
+fn a_spec_naming_a_missing_configuration_is_refused() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let good = cim.wait_converged(&["web-1", "web-2"], None)["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let specs = format!(
+        "{}---\n{}",
+        host_spec(
+            "web-1",
+            &fleet.host("web-1").address,
+            "  configuration: web-9\n"
+        ),
+        host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
+    let bad = fleet
+        .commit("point web-1 at a configuration that does not exist")
+        .unwrap();
+    let status = cim.wait_until("the revision to be refused", Duration::from_secs(30), |s| {
+        s["latestRevision"] == bad.as_str()
+    });
+    assert_eq!(
+        status["revision"],
+        good.as_str(),
+        "nothing of the bad revision is deployed"
+    );
+    let invalid: Vec<_> = cim
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "SpecInvalid")
+        .collect();
+    let msg = invalid[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("specs/fleet.yaml:8:18: configuration `web-9` of host `web-1`"),
+        "{msg}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fleet.activations("web-2").len(),
+        1,
+        "web-2 must not get version 2 either"
+    );
+}

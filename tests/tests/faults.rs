@@ -58,8 +58,12 @@ fn assert_converged_once(fleet: &Fleet, cim: &Cim, hosts: &[&str]) {
 #[test]
 fn controller_killed_while_building() {
     let (fleet, dir) = fleet(2);
+    let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
     fleet
-        .set_host_config("web-1", "{ version = 1; buildDelay = 4; }")
+        .set_host_config(
+            "web-1",
+            &format!("{{ version = 1; buildDelay = 4; nonce = \"{nonce}\"; }}"),
+        )
         .unwrap();
     let rev = fleet.commit("slow build").unwrap();
     let mut cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
