@@ -190,3 +190,66 @@ fn cim_rollback_during_an_activation_waits_for_it_then_rolls_back() {
     assert_eq!(cim.host("web-1")["phase"], "Suspended");
     assert_gap_free(&cim);
 }
+
+#[test]
+fn sshd_killed_mid_activation_makes_the_host_revert_itself() {
+    let (fleet, dir) = fleet(2);
+    let specs = format!(
+        "{}---\n{}",
+        cim_sandbox::host_spec(
+            "web-1",
+            &fleet.host("web-1").address,
+            "  rollout:\n    confirmTimeout: 3s\n"
+        ),
+        cim_sandbox::host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.commit("web-1 confirms within 3s").unwrap();
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let v1 = fleet.current_system("web-1").unwrap();
+
+    fleet
+        .set_host_config("web-1", "{ version = 2; activationDelay = 2; }")
+        .unwrap();
+    let rev = fleet.commit("slow version 2").unwrap();
+    cim.wait_until("web-1's watchdog to start", Duration::from_secs(30), |_| {
+        fleet.watchdog_pending("web-1")
+    });
+    fleet.kill_sshd("web-1").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.start_sshd("web-1").unwrap();
+
+    cim.wait_until(
+        "the unconfirmed activation to be reverted",
+        Duration::from_secs(90),
+        |_| {
+            !cim.events_of("web-1", "RolledBack").is_empty()
+                || !cim.events_of("web-1", "RollbackFailed").is_empty()
+        },
+    );
+    assert_eq!(cim.events_of("web-1", "ConfirmationTimedOut").len(), 1);
+    assert_eq!(
+        cim.events_of("web-1", "RolledBack")[0]["system"],
+        v1.as_str()
+    );
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
+    assert_eq!(
+        fleet.profile_system("web-1").as_deref(),
+        Some(v1.as_str()),
+        "half-switched"
+    );
+    let web1 = cim.host("web-1");
+    assert_eq!(web1["phase"], "Failed");
+    assert_eq!(web1["failedRevision"], rev.as_str());
+    assert_eq!(cim.host("web-2")["phase"], "Converged");
+    assert_gap_free(&cim);
+
+    // The operator retries once the cause is understood.
+    assert!(cim.cli(&["reconcile", "web-1"]).status.success());
+    cim.wait_converged(&["web-1"], Some(&rev));
+    assert!(fleet
+        .current_system("web-1")
+        .unwrap()
+        .ends_with("nixos-system-web-1-2"));
+}
