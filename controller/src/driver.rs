@@ -183,6 +183,7 @@ closure=$1 action=$2 timeout=$3 token=$4 prev=$5 prevprofile=$6
 dir=/run/cim
 mkdir -p "$dir"
 exec </dev/null >"$dir/$token.log" 2>&1
+printf '%s\n%s\n' "$prev" "$prevprofile" >"$dir/$token.prev"
 canary="$dir/$token.canary"
 : >"$canary"
 rc=0
@@ -532,6 +533,25 @@ impl HostSession {
             .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
             .map(str::to_string)
             .collect())
+    }
+
+    /// What a confirmed activation would revert to: the running system and
+    /// the profile's generation before it (empty when there was none).
+    pub async fn activation_previous(
+        &self,
+        token: &str,
+    ) -> Result<(Option<String>, Option<String>), SshError> {
+        let out = self
+            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.prev")])
+            .await?;
+        let mut lines = out.stdout.lines().map(str::trim);
+        let mut next = || {
+            lines
+                .next()
+                .filter(|l| is_store_path(l))
+                .map(str::to_string)
+        };
+        Ok((next(), next()))
     }
 
     /// Confirms a confirmed activation; false if the host had already given

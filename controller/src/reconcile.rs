@@ -144,8 +144,12 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
     let outcome = async {
-        if let Some(outcome) = confirmed::adopt(&session, item).await {
-            return outcome;
+        if let Some(adopted) = confirmed::adopt(&session, item).await {
+            let previous = Previous {
+                running: adopted.previous_running.as_deref(),
+                profile: adopted.previous_profile.as_deref(),
+            };
+            return health::after_activation(&session, item, previous, adopted.outcome, tx).await;
         }
         let current = match observe(&session, item.host.action).await {
             Ok(c) => c,

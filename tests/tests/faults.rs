@@ -253,3 +253,42 @@ fn sshd_killed_mid_activation_makes_the_host_revert_itself() {
         .unwrap()
         .ends_with("nixos-system-web-1-2"));
 }
+
+#[test]
+fn an_adopted_activation_is_still_health_checked() {
+    let (fleet, dir) = fleet(1);
+    let extra = "  healthChecks:\n    - {name: health-file, command: [grep, -q, ok, /run/cim-health], retries: 1}\n";
+    fleet
+        .write(
+            "specs/fleet.yaml",
+            &cim_sandbox::host_spec("web-1", &fleet.host("web-1").address, extra),
+        )
+        .unwrap();
+    fleet.commit("health-checked").unwrap();
+    let mut cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], None);
+    let v1 = fleet.current_system("web-1").unwrap();
+
+    fleet
+        .set_host_config(
+            "web-1",
+            "{ version = 2; activationDelay = 3; healthy = false; }",
+        )
+        .unwrap();
+    let rev = fleet.commit("slow, unhealthy version 2").unwrap();
+    cim.wait_until("web-1's watchdog to start", Duration::from_secs(30), |_| {
+        fleet.watchdog_pending("web-1")
+    });
+    cim.kill();
+    cim.restart();
+    cim.wait_until(
+        "the adopted activation to be rolled back",
+        Duration::from_secs(60),
+        |_| !cim.events_of("web-1", "RolledBack").is_empty(),
+    );
+    assert_eq!(cim.events_of("web-1", "HealthCheckFailed").len(), 1);
+    assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
+    assert_eq!(fleet.profile_system("web-1").as_deref(), Some(v1.as_str()));
+    assert_eq!(cim.host("web-1")["failedRevision"], rev.as_str());
+    assert_gap_free(&cim);
+}

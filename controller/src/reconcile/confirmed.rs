@@ -100,36 +100,54 @@ pub(super) async fn activate(
 /// connection, confirms it. If the host ends up on the desired closure the
 /// reconcile is done, with no second activation. `None` means carry on
 /// normally.
-pub(super) async fn adopt(session: &HostSession, item: &WorkItem) -> Option<Outcome> {
+pub(super) async fn adopt(session: &HostSession, item: &WorkItem) -> Option<Adopted> {
     let pending = session.pending_confirmations().await.ok()?;
     if pending.is_empty() {
         return None;
     }
+    let mut previous = (None, None);
     for token in &pending {
         match wait_for_exit(session, token).await {
             Some((0, _)) => {
+                previous = session.activation_previous(token).await.unwrap_or_default();
                 let _ = session.confirm(token).await;
             }
             Some((code, log)) => {
                 // Leave the watchdog to revert the failed activation.
-                return Some(Outcome::Failed {
-                    reason: Reason::ActivationFailed,
-                    message: format!(
-                        "an activation started before a controller restart exited with {code}; the host reverts itself:\n{}",
-                        tail(&log, 20)
-                    ),
+                return Some(Adopted {
+                    outcome: Outcome::Failed {
+                        reason: Reason::ActivationFailed,
+                        message: format!(
+                            "an activation started before a controller restart exited with {code}; the host reverts itself:\n{}",
+                            tail(&log, 20)
+                        ),
+                    },
+                    previous_running: None,
+                    previous_profile: None,
                 });
             }
             None => return None,
         }
     }
     match observe(session, item.host.action).await {
-        Ok(Some(now)) if now == item.desired => Some(Outcome::Converged {
-            system: now,
-            changed: true,
+        Ok(Some(now)) if now == item.desired => Some(Adopted {
+            outcome: Outcome::Converged {
+                system: now,
+                changed: true,
+            },
+            previous_running: previous.0,
+            previous_profile: previous.1,
         }),
         _ => None,
     }
+}
+
+/// An activation finished on behalf of a controller that died, and what the
+/// host ran before it (for rolling back if its health checks fail).
+pub(super) struct Adopted {
+    pub outcome: Outcome,
+    pub previous_running: Option<String>,
+    pub previous_profile: Option<String>,
 }
 
 /// Polls for the activation's exit code over the existing connection.
