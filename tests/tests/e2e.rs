@@ -949,3 +949,34 @@ fn a_spec_naming_a_missing_configuration_is_refused() {
         "web-2 must not get version 2 either"
     );
 }
+
+#[test]
+fn a_host_waits_for_the_hosts_it_depends_on() {
+    let (fleet, dir) = fleet(3);
+    fleet
+        .set_host_config("web-1", "{ version = 1; activationDelay = 2; }")
+        .unwrap();
+    let specs = format!(
+        "{}---\n{}---\n{}",
+        host_spec("web-1", &fleet.host("web-1").address, ""),
+        host_spec(
+            "web-2",
+            &fleet.host("web-2").address,
+            "  dependsOn:\n    - {host: web-1}\n"
+        ),
+        host_spec("web-3", &fleet.host("web-3").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    let rev = fleet.commit("web-2 depends on web-1").unwrap();
+    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
+    let seq = |host: &str, reason: &str| cim.events_of(host, reason)[0]["seq"].as_u64().unwrap();
+    assert!(
+        seq("web-2", "CopyStarted") > seq("web-1", "Converged"),
+        "web-2 did not wait for web-1"
+    );
+    assert!(
+        seq("web-3", "CopyStarted") < seq("web-1", "Converged"),
+        "web-3 waited for nothing"
+    );
+}
