@@ -343,6 +343,37 @@ impl Fleet {
         Ok(())
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the host's sshd listener:
+    /// open sessions keep working, new connections hang.
+    pub fn pause_sshd_listener(&self, name: &str, paused: bool) -> Result<()> {
+        let pids = sh("ip", &["netns", "pids", &self.host(name).netns])?;
+        for pid in pids.split_whitespace() {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("sshd") && cmdline.contains(" -D ") {
+                sh("kill", &[if paused { "-STOP" } else { "-CONT" }, pid])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a confirmed activation on the host has finished (its exit
+    /// code is written) but is not confirmed yet.
+    pub fn watchdog_awaiting_confirmation(&self, name: &str) -> bool {
+        let dir = self.host(name).root.join("run/cim");
+        let names: Vec<String> = fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.iter().any(|n| {
+            n.strip_suffix(".canary")
+                .is_some_and(|token| names.contains(&format!("{token}.rc")))
+        })
+    }
+
     /// Limits the host's link to `rate` (e.g. `4mbit`), to make copies slow.
     pub fn throttle(&self, name: &str, rate: &str) -> Result<()> {
         let veth = &self.host(name).veth;

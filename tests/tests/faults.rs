@@ -292,3 +292,45 @@ fn an_adopted_activation_is_still_health_checked() {
     assert_eq!(cim.host("web-1")["failedRevision"], rev.as_str());
     assert_gap_free(&cim);
 }
+
+#[test]
+fn controller_killed_while_waiting_for_confirmation() {
+    let (fleet, dir) = fleet(1);
+    let mut cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], None);
+    let v1 = fleet.current_system("web-1").unwrap();
+
+    fleet
+        .set_host_config("web-1", "{ version = 2; activationDelay = 1; }")
+        .unwrap();
+    let rev = fleet.commit("version 2").unwrap();
+    cim.wait_until("web-1's watchdog to start", Duration::from_secs(30), |_| {
+        fleet.watchdog_pending("web-1")
+    });
+    // New connections now hang, so the controller cannot confirm...
+    fleet.pause_sshd_listener("web-1", true).unwrap();
+    cim.wait_until(
+        "the activation to finish unconfirmed",
+        Duration::from_secs(30),
+        |_| fleet.watchdog_awaiting_confirmation("web-1"),
+    );
+    // ...and dies while it waits.
+    cim.kill();
+    fleet.pause_sshd_listener("web-1", false).unwrap();
+    cim.restart();
+    cim.wait_converged(&["web-1"], Some(&rev));
+    let v2 = fleet.current_system("web-1").unwrap();
+    assert!(v2.ends_with("nixos-system-web-1-2"), "{v2}");
+    assert_eq!(
+        fleet.activations("web-1"),
+        vec![format!("switch {v1}"), format!("switch {v2}")]
+    );
+    assert!(
+        !fleet.watchdog_pending("web-1"),
+        "the restarted controller confirmed it"
+    );
+    for reason in ["ConfirmationTimedOut", "RolledBack"] {
+        assert!(cim.events_of("web-1", reason).is_empty(), "{reason}");
+    }
+    assert_gap_free(&cim);
+}
