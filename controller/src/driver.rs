@@ -34,10 +34,11 @@ pub struct DriverConfig {
 /// A `nix` command line with the flags every invocation needs.
 struct NixCommand {
     cmd: Command,
+    subcommand: &'static str,
 }
 
 impl NixCommand {
-    fn new(cfg: &DriverConfig, subcommand: &str) -> NixCommand {
+    fn new(cfg: &DriverConfig, subcommand: &'static str) -> NixCommand {
         // The one place a local process is started (clippy.toml bans it
         // elsewhere).
         #[allow(clippy::disallowed_methods)]
@@ -49,7 +50,7 @@ impl NixCommand {
         }
         cmd.arg(subcommand);
         cmd.stdin(Stdio::null()).kill_on_drop(true);
-        NixCommand { cmd }
+        NixCommand { cmd, subcommand }
     }
 
     fn describe(&self) -> String {
@@ -61,6 +62,28 @@ impl NixCommand {
 
     async fn output(mut self) -> Result<std::process::Output, std::io::Error> {
         self.cmd.output().await
+    }
+
+    /// Runs to completion; a non-zero exit is [`BuildError::Failed`] about
+    /// `what`, with nix's stderr.
+    async fn run(self, what: String) -> Result<CommandOutput, BuildError> {
+        let command = self.describe();
+        let subcommand = self.subcommand;
+        tracing::debug!(%command, "running nix");
+        let out = self
+            .output()
+            .await
+            .map_err(|source| BuildError::Spawn { command, source })?;
+        let output = CommandOutput::from_output(&out);
+        if out.status.success() {
+            Ok(output)
+        } else {
+            Err(BuildError::Failed {
+                subcommand,
+                attribute: what,
+                output,
+            })
+        }
     }
 }
 
@@ -95,8 +118,9 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`nix build` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
+    #[error("`nix {subcommand}` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
     Failed {
+        subcommand: &'static str,
         attribute: String,
         output: CommandOutput,
     },
@@ -247,19 +271,7 @@ pub async fn build(
     for attr in attributes {
         nix.cmd.arg(format!("{flake}#{attr}"));
     }
-    let command = nix.describe();
-    tracing::debug!(%command, "building");
-    let out = nix
-        .output()
-        .await
-        .map_err(|source| BuildError::Spawn { command, source })?;
-    let output = CommandOutput::from_output(&out);
-    if !out.status.success() {
-        return Err(BuildError::Failed {
-            attribute: attributes.join(", "),
-            output,
-        });
-    }
+    let output = nix.run(attributes.join(", ")).await?;
     let results: Vec<BuildResult> = serde_json::from_str(output.stdout.trim())
         .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))?;
     if results.len() != attributes.len() {
@@ -288,18 +300,7 @@ pub async fn configurations(cfg: &DriverConfig, flake: &str) -> Result<Vec<Strin
         .arg("--json")
         .arg(format!("{flake}#nixosConfigurations"))
         .args(["--apply", "builtins.attrNames"]);
-    let command = nix.describe();
-    let out = nix
-        .output()
-        .await
-        .map_err(|source| BuildError::Spawn { command, source })?;
-    let output = CommandOutput::from_output(&out);
-    if !out.status.success() {
-        return Err(BuildError::Failed {
-            attribute: "nixosConfigurations".to_string(),
-            output,
-        });
-    }
+    let output = nix.run("nixosConfigurations".to_string()).await?;
     serde_json::from_str(output.stdout.trim())
         .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
 }

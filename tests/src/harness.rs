@@ -34,6 +34,17 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A new sandbox fleet of `n` hosts and a temporary directory for the
+/// controller's state (`DIR/state`).
+pub fn fleet_and_state(n: usize) -> (Fleet, tempfile::TempDir) {
+    let fleet = Fleet::start(n).expect("sandbox fleet");
+    let state = tempfile::Builder::new()
+        .prefix("cim-state-")
+        .tempdir()
+        .expect("state dir");
+    (fleet, state)
+}
+
 /// A running `cim run`, killed when dropped.
 pub struct Cim {
     child: Option<Child>,

@@ -8,12 +8,7 @@ use cim_sandbox::harness::{host_of, Cim};
 use cim_sandbox::{host_spec, Fleet};
 
 fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
-    let fleet = Fleet::start(n).expect("sandbox fleet");
-    let state = tempfile::Builder::new()
-        .prefix("cim-state-")
-        .tempdir()
-        .expect("state dir");
-    (fleet, state)
+    cim_sandbox::harness::fleet_and_state(n)
 }
 
 fn state(dir: &tempfile::TempDir) -> std::path::PathBuf {

@@ -9,12 +9,7 @@ use cim_sandbox::harness::{host_of, Cim};
 use cim_sandbox::Fleet;
 
 fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
-    let fleet = Fleet::start(n).expect("sandbox fleet");
-    let state = tempfile::Builder::new()
-        .prefix("cim-state-")
-        .tempdir()
-        .expect("state dir");
-    (fleet, state)
+    cim_sandbox::harness::fleet_and_state(n)
 }
 
 fn assert_gap_free(cim: &Cim) {
