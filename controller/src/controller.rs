@@ -462,69 +462,38 @@ impl Controller {
             return;
         };
         let revision = revision.clone();
-        if let Some(failed) = rollout::over_budget(fleet, &self.status, &revision) {
-            let message = format!(
-                "rollout of {} halted: {} failed ({}); hosts not yet touched stay as they are until a new revision or `cim reconcile`",
+        let halt = rollout::over_budget(fleet, &self.status, &revision).map(|failed| {
+            format!(
+                "rollout of {} halted: {} failed ({}); hosts not yet touched stay as they are until a new revision or `cim reconcile --all`",
                 short(&revision),
                 failed.join(", "),
-                match fleet.policy.max_failures {
-                    crate::spec::MaxFailures::Count(n) => format!("maxFailures {n}"),
-                    crate::spec::MaxFailures::Percent(p) => format!("maxFailures {p}%"),
-                    crate::spec::MaxFailures::Unlimited => String::new(),
-                }
-            );
+                fleet.policy.max_failures
+            )
+        });
+        let waves = fleet.policy.waves.len();
+        let wave = rollout::current_wave(fleet, &self.status, &revision)
+            .filter(|w| self.status.repo.wave.as_deref() != Some(w.name.as_str()));
+        if let Some(message) = halt {
             self.record(NewEvent::repo(
                 Reason::RolloutHalted,
                 Some(&revision),
                 message,
             ));
         }
-        let Some((_, fleet)) = self.specs.as_ref() else {
-            return;
-        };
-        if !fleet.policy.waves.is_empty() {
-            let current = fleet
-                .hosts
-                .values()
-                .filter(|h| {
-                    let s = self.status.hosts.get(&h.name);
-                    !s.is_some_and(|s| {
-                        s.phase == Phase::Suspended
-                            || (s.phase == Phase::Converged
-                                && s.observed_revision.as_deref() == Some(&revision))
-                    })
-                })
-                .map(|h| rollout::wave_of(fleet, h))
-                .min();
-            let name = current.map(|w| {
-                fleet
-                    .policy
-                    .waves
-                    .get(w)
-                    .map_or_else(|| "rest".to_string(), |wave| wave.name.clone())
-            });
-            if let (Some(w), Some(name)) = (current, name) {
-                if self.status.repo.wave.as_deref() != Some(name.as_str()) {
-                    let members: Vec<&str> = fleet
-                        .hosts
-                        .values()
-                        .filter(|h| rollout::wave_of(fleet, h) == w)
-                        .map(|h| h.name.as_str())
-                        .collect();
-                    let mut ev = NewEvent::repo(
-                        Reason::WaveStarted,
-                        Some(&revision),
-                        format!(
-                            "wave {} of {}: {name} ({})",
-                            w + 1,
-                            fleet.policy.waves.len() + 1,
-                            members.join(", ")
-                        ),
-                    );
-                    ev.wave = Some(name);
-                    self.record(ev);
-                }
-            }
+        if let Some(w) = wave {
+            let mut ev = NewEvent::repo(
+                Reason::WaveStarted,
+                Some(&revision),
+                format!(
+                    "wave {} of {}: {} ({})",
+                    w.index + 1,
+                    waves + 1,
+                    w.name,
+                    w.members.join(", ")
+                ),
+            );
+            ev.wave = Some(w.name);
+            self.record(ev);
         }
         let now = Instant::now();
         for host in std::mem::take(&mut self.gated) {

@@ -117,10 +117,10 @@ struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
     /// How often to fetch (local repositories are also watched for changes).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = spec::parse_duration)]
     poll_interval: Duration,
     /// How often every host is re-checked for drift.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = spec::parse_duration)]
     resync_interval: Duration,
     /// Hosts worked on at once.
     #[arg(long, default_value_t = 10)]
@@ -132,21 +132,17 @@ struct RunArgs {
     #[arg(long = "nix-option", value_parser = parse_nix_option)]
     nix_options: Vec<(String, String)>,
     /// First retry delay of a failed host; doubles per failure.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = spec::parse_duration)]
     backoff_base: Duration,
     /// Longest retry delay.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = spec::parse_duration)]
     backoff_max: Duration,
     /// SSH connect timeout.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = spec::parse_duration)]
     connect_timeout: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    spec::parse_duration(s)
 }
 
 fn parse_nix_option(s: &str) -> Result<(String, String), String> {
@@ -415,15 +411,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("m").is_err());
-    }
 
     #[test]
     fn nix_options_parse() {

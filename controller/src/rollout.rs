@@ -105,6 +105,49 @@ pub fn over_budget(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> O
     (failed.len() as u64 >= u64::from(limit)).then_some(failed)
 }
 
+/// The wave a rollout is at: the earliest wave with a host not yet done
+/// with `revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentWave {
+    /// 0-based; `waves.len()` is the implicit last wave of unmatched hosts.
+    pub index: usize,
+    pub name: String,
+    pub members: Vec<String>,
+}
+
+/// `None` without waves, or when every host is done with `revision`.
+pub fn current_wave(
+    fleet: &FleetSpec,
+    status: &FleetStatus,
+    revision: &str,
+) -> Option<CurrentWave> {
+    if fleet.policy.waves.is_empty() {
+        return None;
+    }
+    let index = fleet
+        .hosts
+        .values()
+        .filter(|h| !done(status.hosts.get(&h.name), revision))
+        .map(|h| wave_of(fleet, h))
+        .min()?;
+    let name = fleet
+        .policy
+        .waves
+        .get(index)
+        .map_or_else(|| "rest".to_string(), |w| w.name.clone());
+    let members = fleet
+        .hosts
+        .values()
+        .filter(|h| wave_of(fleet, h) == index)
+        .map(|h| h.name.clone())
+        .collect();
+    Some(CurrentWave {
+        index,
+        name,
+        members,
+    })
+}
+
 /// Progress of the current revision's rollout, for the status API.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -211,8 +254,17 @@ mod tests {
         assert!(blocked_by(&f, &s, "r", &f.hosts["w-1"])
             .unwrap()
             .contains("c-1"));
+        let s0 = status(vec![]);
+        let wave = current_wave(&f, &s0, "r").unwrap();
+        assert_eq!(
+            (wave.index, wave.name.as_str(), wave.members.as_slice()),
+            (0, "canary", &["c-1".to_string()][..])
+        );
         let s = status(vec![converged("c-1")]);
         assert_eq!(blocked_by(&f, &s, "r", &f.hosts["w-1"]), None);
+        assert_eq!(current_wave(&f, &s, "r").unwrap().name, "web");
+        let all = status(vec![converged("c-1"), converged("w-1"), converged("x-1")]);
+        assert_eq!(current_wave(&f, &all, "r"), None);
         assert!(blocked_by(&f, &s, "r", &f.hosts["x-1"])
             .unwrap()
             .contains("w-1"));

@@ -36,6 +36,16 @@ pub enum MaxFailures {
     Percent(u32),
 }
 
+impl std::fmt::Display for MaxFailures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaxFailures::Unlimited => f.write_str("no maxFailures"),
+            MaxFailures::Count(n) => write!(f, "maxFailures {n}"),
+            MaxFailures::Percent(p) => write!(f, "maxFailures {p}%"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wave {
     pub name: String,
