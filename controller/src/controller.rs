@@ -30,7 +30,10 @@ use crate::status::FleetStatus;
 use crate::store::{Store, StoreError};
 use crate::watch::Found;
 
+mod evaluation;
 mod requests;
+
+pub(crate) use evaluation::Purpose;
 
 /// Tunables of the reconcile loop.
 #[derive(Debug, Clone)]
@@ -41,6 +44,9 @@ pub struct ControllerConfig {
     pub backoff_max: Duration,
     /// Path of the bare mirror nix builds from.
     pub mirror_path: PathBuf,
+    /// `--substitute-on-destination`: hosts fetch from their own binary
+    /// caches, unless their spec or the Fleet document says otherwise.
+    pub substitute_on_destination: bool,
 }
 
 /// A request from the API.
@@ -68,9 +74,10 @@ pub enum Request {
 enum Msg {
     Found(Found),
     Report(Report),
-    Built {
+    Evaluated {
         revision: String,
-        results: BTreeMap<String, Result<String, String>>,
+        purpose: Purpose,
+        result: Result<driver::Evaluation, String>,
     },
     Request(Request),
 }
@@ -90,9 +97,17 @@ pub struct Controller {
     events: broadcast::Sender<Event>,
     /// The current valid revision and its specs.
     specs: Option<(String, FleetSpec)>,
-    /// Closures built for the current revision, by host.
-    desired: BTreeMap<String, String>,
-    build: Option<(String, tokio::task::JoinHandle<()>)>,
+    /// Each host's system at the current revision (evaluated; built by
+    /// its worker when needed).
+    desired: BTreeMap<String, driver::Toplevel>,
+    /// Closures known to exist in the local store (built this run).
+    built: std::collections::BTreeSet<String>,
+    /// Closures pushed to the binary cache this run.
+    pushed: std::collections::BTreeSet<String>,
+    /// The evaluation in flight and the revision it is of.
+    evaluation: Option<(String, tokio::task::JoinHandle<()>)>,
+    /// A revision whose invalid specs were already reported.
+    judged: Option<String>,
     queue: WorkQueue<Instant>,
     workers: JoinSet<()>,
     worker_cancel: CancellationToken,
@@ -118,6 +133,12 @@ impl Controller {
         fetch_now: Arc<Notify>,
     ) -> Result<Controller, StoreError> {
         let status = store.load_status()?;
+        // A newest revision that is not the deployed one and carries a
+        // message was refused before this restart; do not report it again.
+        let judged =
+            status.repo.latest_revision.clone().filter(|l| {
+                Some(l) != status.repo.revision.as_ref() && status.repo.message.is_some()
+            });
         let (events, _) = broadcast::channel(1024);
         let (msg_tx, msg_rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -135,7 +156,10 @@ impl Controller {
             events,
             specs: None,
             desired: BTreeMap::new(),
-            build: None,
+            built: std::collections::BTreeSet::new(),
+            pushed: std::collections::BTreeSet::new(),
+            evaluation: None,
+            judged,
             queue: WorkQueue::default(),
             workers: JoinSet::new(),
             worker_cancel: CancellationToken::new(),
@@ -157,8 +181,7 @@ impl Controller {
     pub fn resume(&mut self, revision: String, specs: FleetSpec) {
         tracing::info!(%revision, hosts = specs.hosts.len(), "resuming the last valid revision");
         self.specs = Some((revision.clone(), specs));
-        let hosts = self.active_hosts();
-        self.start_build(&revision, hosts);
+        self.start_evaluation(&revision, Purpose::Refresh);
     }
 
     /// Runs until `cancel` fires. `found` carries the watcher's reports,
@@ -194,14 +217,15 @@ impl Controller {
         }
         tracing::info!("shutting down: stopping workers");
         self.worker_cancel.cancel();
-        if let Some((_, build)) = self.build.take() {
-            build.abort();
+        if let Some((_, evaluation)) = self.evaluation.take() {
+            evaluation.abort();
         }
         while self.workers.join_next().await.is_some() {}
     }
 
     fn handle(&mut self, msg: Msg) {
         match msg {
+            Msg::Found(Found::Head { revision }) => self.on_head(&revision),
             Msg::Found(Found::Revision { revision, specs }) => self.on_revision(revision, specs),
             Msg::Found(Found::FetchFailed { message }) => {
                 let revision = self.status.repo.latest_revision.clone();
@@ -211,7 +235,11 @@ impl Controller {
                     message,
                 ));
             }
-            Msg::Built { revision, results } => self.on_built(revision, results),
+            Msg::Evaluated {
+                revision,
+                purpose,
+                result,
+            } => self.on_evaluated(revision, purpose, result),
             Msg::Report(Report::Step {
                 host,
                 revision,
@@ -275,35 +303,52 @@ impl Controller {
             .unwrap_or_default()
     }
 
-    fn on_revision(&mut self, revision: String, specs: Result<FleetSpec, crate::spec::SpecErrors>) {
-        let already_current = self.current_revision() == Some(revision.as_str());
-        let already_seen = self.status.repo.latest_revision.as_deref() == Some(revision.as_str());
-        if already_current || (already_seen && specs.is_err()) {
+    /// The branch moved: said at once, before specs are read or anything
+    /// is evaluated.
+    fn on_head(&mut self, revision: &str) {
+        if self.status.repo.latest_revision.as_deref() == Some(revision)
+            || self.current_revision() == Some(revision)
+        {
             return;
         }
         self.record(NewEvent::repo(
             Reason::RevisionDetected,
-            Some(&revision),
-            format!("new head {} of the watched branch", short(&revision)),
+            Some(revision),
+            format!("new head {} of the watched branch", short(revision)),
         ));
-        match specs {
-            Err(errors) => {
-                let keeping = self
-                    .current_revision()
-                    .map_or("nothing is deployed".to_string(), |r| {
-                        format!("still reconciling {}", short(r))
-                    });
-                self.record(NewEvent::repo(
-                    Reason::SpecInvalid,
-                    Some(&revision),
-                    format!(
-                        "specs at {} are invalid, {keeping}: {errors}",
-                        short(&revision)
-                    ),
-                ));
-            }
-            Ok(fleet) => self.apply_specs(revision, fleet),
+    }
+
+    fn on_revision(&mut self, revision: String, specs: Result<FleetSpec, crate::spec::SpecErrors>) {
+        if self.current_revision() == Some(revision.as_str()) {
+            return;
         }
+        self.on_head(&revision);
+        match specs {
+            Err(errors) => self.spec_invalid(&revision, &errors),
+            Ok(fleet) => self.start_evaluation(&revision, Purpose::New(fleet)),
+        }
+    }
+
+    /// Reports a revision whose specs do not validate (once per revision);
+    /// the current one stays deployed.
+    fn spec_invalid(&mut self, revision: &str, errors: &crate::spec::SpecErrors) {
+        if self.judged.as_deref() == Some(revision) {
+            return;
+        }
+        self.judged = Some(revision.to_string());
+        let keeping = self
+            .current_revision()
+            .map_or("nothing is deployed".to_string(), |r| {
+                format!("still reconciling {}", short(r))
+            });
+        self.record(NewEvent::repo(
+            Reason::SpecInvalid,
+            Some(revision),
+            format!(
+                "specs at {} are invalid, {keeping}: {errors}",
+                short(revision)
+            ),
+        ));
     }
 
     fn apply_specs(&mut self, revision: String, fleet: FleetSpec) {
@@ -357,101 +402,8 @@ impl Controller {
                 );
             }
         }
-        self.specs = Some((revision.clone(), fleet));
+        self.specs = Some((revision, fleet));
         self.desired.clear();
-        let hosts = self.active_hosts();
-        self.start_build(&revision, hosts);
-    }
-
-    /// Builds `hosts` at `revision` in the background, replacing any build
-    /// in flight (a newer revision makes it moot).
-    fn start_build(&mut self, revision: &str, hosts: Vec<String>) {
-        if let Some((_, old)) = self.build.take() {
-            old.abort();
-        }
-        if hosts.is_empty() {
-            return;
-        }
-        let mut jobs = Vec::new();
-        for name in &hosts {
-            let Some(spec) = self.host_spec(name).cloned() else {
-                continue;
-            };
-            jobs.push((
-                name.clone(),
-                driver::toplevel_attribute(&spec.configuration),
-            ));
-            if !self.queue.is_running(name) {
-                self.record(
-                    NewEvent::host(
-                        name,
-                        Reason::BuildStarted,
-                        Some(revision),
-                        format!(
-                            "building configuration {} at {}",
-                            spec.configuration,
-                            short(revision)
-                        ),
-                    )
-                    .phase(Phase::Building),
-                );
-            }
-        }
-        let flake = crate::git::flake_ref(&self.cfg.mirror_path, revision);
-        let driver = Arc::clone(&self.driver);
-        let revision = revision.to_string();
-        let tx = self.msg_tx.clone();
-        let handle = tokio::spawn({
-            let revision = revision.clone();
-            async move {
-                let results = build_all(&driver, &flake, jobs).await;
-                let _ = tx.send(Msg::Built { revision, results }).await;
-            }
-        });
-        self.build = Some((revision, handle));
-    }
-
-    fn on_built(&mut self, revision: String, results: BTreeMap<String, Result<String, String>>) {
-        if self.current_revision() != Some(revision.as_str()) {
-            return;
-        }
-        self.build = None;
-        let now = Instant::now();
-        for (host, result) in results {
-            let Some(spec) = self.host_spec(&host) else {
-                continue;
-            };
-            if spec.suspend {
-                continue;
-            }
-            let running = self.queue.is_running(&host);
-            match result {
-                Ok(closure) if driver::is_store_path(&closure) => {
-                    self.desired.insert(host.clone(), closure.clone());
-                    let mut ev = NewEvent::host(
-                        &host,
-                        Reason::BuildSucceeded,
-                        Some(&revision),
-                        format!("built {closure}"),
-                    )
-                    .system(closure);
-                    if !running {
-                        ev = ev.phase(Phase::Pending);
-                    }
-                    self.record(ev);
-                    if !self.held(&host) {
-                        self.queue.enqueue(&host, now);
-                    }
-                }
-                Ok(other) => self.build_failed(
-                    &host,
-                    &revision,
-                    format!("nix built `{other}`, which is not a store path"),
-                ),
-                Err(message) => self.build_failed(&host, &revision, message),
-            }
-        }
-        self.advance_rollout();
     }
 
     /// After any host's state changed: halt the rollout if its failure
@@ -505,6 +457,7 @@ impl Controller {
     /// retried on a timer: a new revision or `cim reconcile` tries again.
     fn build_failed(&mut self, host: &str, revision: &str, message: String) {
         self.desired.remove(host);
+        self.gated.remove(host);
         self.record(
             NewEvent::host(host, Reason::BuildFailed, Some(revision), message).phase(Phase::Failed),
         );
@@ -530,7 +483,19 @@ impl Controller {
                     .map(|spec| WorkItem {
                         host: spec.clone(),
                         revision: revision.clone(),
-                        desired: desired.clone(),
+                        desired: desired.out.clone(),
+                        build: (!self.built.contains(&desired.out)).then(|| desired.drv.clone()),
+                        // Also for a host cim knows nothing of yet (a new
+                        // state directory on a running fleet): looking costs
+                        // one connection, building what it already runs
+                        // could cost minutes.
+                        likely_current: self.status.hosts.get(&host).is_none_or(|h| {
+                            h.current_system.as_deref() == Some(desired.out.as_str())
+                        }),
+                        push: self.driver.cache.is_some() && !self.pushed.contains(&desired.out),
+                        substitute: spec
+                            .substitute_on_destination
+                            .unwrap_or(self.cfg.substitute_on_destination),
                     }),
                 _ => None,
             };
@@ -556,17 +521,24 @@ impl Controller {
     }
 
     fn on_step(&mut self, host: &str, revision: &str, step: Step) {
-        let Some(status) = self.status.hosts.get(host) else {
-            return;
-        };
-        let desired = self.desired.get(host).cloned().unwrap_or_default();
+        let status = self.status.hosts.get(host);
+        let desired = self
+            .desired
+            .get(host)
+            .map(|d| d.out.clone())
+            .unwrap_or_default();
         let action = self.host_spec(host).map_or(Action::Switch, |h| h.action);
         let ev = match step {
             Step::Observed { current } => {
-                let drifted = status.phase == Phase::Converged
-                    && status.current_system.is_some()
-                    && current != status.current_system;
-                if !drifted {
+                // A host cim has not seen yet cannot have drifted.
+                let Some(known) = status.and_then(|s| {
+                    (s.phase == Phase::Converged)
+                        .then_some(s.current_system.as_ref())
+                        .flatten()
+                }) else {
+                    return;
+                };
+                if current.as_ref() == Some(known) {
                     return;
                 }
                 let found = current.clone().unwrap_or_else(|| "no system".to_string());
@@ -574,14 +546,32 @@ impl Controller {
                     host,
                     Reason::DriftDetected,
                     Some(revision),
-                    format!(
-                        "host runs {found}, not {}; converging it again",
-                        status.current_system.as_deref().unwrap_or_default()
-                    ),
+                    format!("host runs {found}, not {}; converging it again", known),
                 )
                 .phase(Phase::Pending);
                 ev.system = current;
                 ev
+            }
+            Step::BuildStarted => NewEvent::host(
+                host,
+                Reason::BuildStarted,
+                Some(revision),
+                format!("building {desired}"),
+            )
+            .phase(Phase::Building),
+            Step::BuildSucceeded => {
+                self.built.insert(desired.clone());
+                NewEvent::host(
+                    host,
+                    Reason::BuildSucceeded,
+                    Some(revision),
+                    format!("built {desired}"),
+                )
+                .system(desired)
+            }
+            Step::Pushed => {
+                self.pushed.insert(desired);
+                return;
             }
             Step::CopyStarted => NewEvent::host(
                 host,
@@ -630,7 +620,7 @@ impl Controller {
     }
 
     fn handle_outcome(&mut self, host: &str, revision: &str, outcome: Outcome) {
-        if self.host_spec(host).is_none_or(|h| h.suspend) || !self.status.hosts.contains_key(host) {
+        if self.host_spec(host).is_none_or(|h| h.suspend) {
             return;
         }
         if self.operator_suspended(host) && !matches!(outcome, Outcome::ManualRollback { .. }) {
@@ -659,12 +649,14 @@ impl Controller {
         }
         match outcome {
             Outcome::Cancelled => {}
+            Outcome::BuildFailed { message } => self.build_failed(host, revision, message),
             Outcome::Converged { system, changed } => {
-                let status = &self.status.hosts[host];
                 let news = changed
-                    || status.phase != Phase::Converged
-                    || status.observed_revision.as_deref() != Some(revision)
-                    || status.current_system.as_deref() != Some(system.as_str());
+                    || self.status.hosts.get(host).is_none_or(|status| {
+                        status.phase != Phase::Converged
+                            || status.observed_revision.as_deref() != Some(revision)
+                            || status.current_system.as_deref() != Some(system.as_str())
+                    });
                 if news {
                     let message = if changed {
                         format!("switched to {system}")
@@ -679,7 +671,7 @@ impl Controller {
                 }
             }
             Outcome::Failed { reason, message } => {
-                let failures = self.status.hosts[host].failures + 1;
+                let failures = self.status.hosts.get(host).map_or(0, |h| h.failures) + 1;
                 let delay = backoff(failures, self.cfg.backoff_base, self.cfg.backoff_max);
                 let next = OffsetDateTime::now_utc() + delay;
                 self.record(
@@ -742,7 +734,11 @@ impl Controller {
         failure: Option<(Reason, String)>,
         rollback: Rollback,
     ) {
-        let desired = self.desired.get(host).cloned().unwrap_or_default();
+        let desired = self
+            .desired
+            .get(host)
+            .map(|d| d.out.clone())
+            .unwrap_or_default();
         // The failure event already says when there is nothing to go back to.
         let announced_nothing = failure.is_some() && rollback == Rollback::NothingToRollBackTo;
         if let Some((reason, message)) = failure {
@@ -832,38 +828,6 @@ impl Controller {
             self.queue.enqueue(&host, now);
         }
     }
-}
-
-/// Builds every job in one nix invocation; if that fails, builds each on its
-/// own so that one host's error fails only that host.
-async fn build_all(
-    driver: &DriverConfig,
-    flake: &str,
-    jobs: Vec<(String, String)>,
-) -> BTreeMap<String, Result<String, String>> {
-    let attrs: Vec<String> = jobs.iter().map(|(_, a)| a.clone()).collect();
-    match driver::build(driver, flake, &attrs).await {
-        Ok(paths) => {
-            return jobs
-                .into_iter()
-                .map(|(h, _)| h)
-                .zip(paths.into_iter().map(Ok))
-                .collect();
-        }
-        Err(e) if jobs.len() == 1 => {
-            return BTreeMap::from([(jobs[0].0.clone(), Err(reconcile::error_chain(&e)))]);
-        }
-        Err(e) => tracing::info!(error = %e, "fleet build failed; building hosts one by one"),
-    }
-    let mut results = BTreeMap::new();
-    for (host, attr) in jobs {
-        let result = driver::build(driver, flake, std::slice::from_ref(&attr))
-            .await
-            .map(|mut p| p.remove(0))
-            .map_err(|e| reconcile::error_chain(&e));
-        results.insert(host, result);
-    }
-    results
 }
 
 async fn sleep_until(at: Option<Instant>) {

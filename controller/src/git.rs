@@ -121,23 +121,7 @@ impl Mirror {
 
     /// The mirror's current head of `branch`, without fetching.
     pub fn head(&self, branch: &str) -> Result<Option<String>, GitError> {
-        let name = format!("refs/heads/{branch}");
-        match self.repo.try_find_reference(name.as_str()) {
-            Ok(Some(mut r)) => {
-                let id = r.peel_to_id().map_err(|source| GitError::Read {
-                    revision: name.clone(),
-                    what: "the branch".to_string(),
-                    source,
-                })?;
-                Ok(Some(id.to_string()))
-            }
-            Ok(None) => Ok(None),
-            Err(source) => Err(GitError::Read {
-                revision: name,
-                what: "the branch".to_string(),
-                source,
-            }),
-        }
+        branch_head(&self.repo, branch)
     }
 
     /// The spec files in the tree of `revision`.
@@ -179,6 +163,49 @@ pub fn flake_ref(mirror: &Path, revision: &str) -> String {
         "git+file://{}?ref=refs/cim/{revision}&rev={revision}",
         mirror.display()
     )
+}
+
+/// A watched repository on the local file system. Its branch head is read
+/// in-process, so that checking an unchanged branch starts no process.
+pub struct LocalSource {
+    repo: gix::Repository,
+}
+
+impl LocalSource {
+    pub fn open(path: &Path) -> Result<LocalSource, GitError> {
+        let repo = gix::open(path).map_err(|_| GitError::NotARepo(path.to_path_buf()))?;
+        Ok(LocalSource { repo })
+    }
+
+    /// The git directory, whose refs are watched.
+    pub fn git_dir(&self) -> &Path {
+        self.repo.git_dir()
+    }
+
+    /// The head of `branch` as it is on disk right now.
+    pub fn head(&self, branch: &str) -> Result<Option<String>, GitError> {
+        branch_head(&self.repo, branch)
+    }
+}
+
+fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<String>, GitError> {
+    let name = format!("refs/heads/{branch}");
+    match repo.try_find_reference(name.as_str()) {
+        Ok(Some(mut r)) => {
+            let id = r.peel_to_id().map_err(|source| GitError::Read {
+                revision: name.clone(),
+                what: "the branch".to_string(),
+                source,
+            })?;
+            Ok(Some(id.to_string()))
+        }
+        Ok(None) => Ok(None),
+        Err(source) => Err(GitError::Read {
+            revision: name,
+            what: "the branch".to_string(),
+            source,
+        }),
+    }
 }
 
 fn parse_id(revision: &str) -> Result<ObjectId, GitError> {

@@ -140,6 +140,21 @@ struct RunArgs {
     /// SSH connect timeout.
     #[arg(long, default_value = "10s", value_parser = spec::parse_duration)]
     connect_timeout: Duration,
+    /// Hosts fetch what they can from their own binary caches while their
+    /// closure is copied (`nix copy --substitute-on-destination`); a host's
+    /// or the Fleet document's `substituteOnDestination` overrides it.
+    /// On by default with --push-to-cache.
+    #[arg(long)]
+    substitute_on_destination: bool,
+    /// Nix store URL of a binary cache every built closure is pushed to
+    /// once (e.g. file:///srv/nix-cache served over HTTP, or s3://bucket);
+    /// hosts then substitute from it. Needs --cache-signing-key.
+    #[arg(long, requires = "cache_signing_key")]
+    push_to_cache: Option<String>,
+    /// Nix secret key file (`nix key generate-secret`) that paths pushed to
+    /// --push-to-cache are signed with; hosts trust its public key.
+    #[arg(long, requires = "push_to_cache")]
+    cache_signing_key: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -327,8 +342,14 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         control_dir,
         nix_options: args.nix_options.clone(),
         connect_timeout: args.connect_timeout,
+        cache: match (&args.push_to_cache, &args.cache_signing_key) {
+            (Some(url), Some(key)) => Some(cim::driver::BinaryCache {
+                url: url.clone(),
+                signing_key: std::path::absolute(key)?,
+            }),
+            _ => None,
+        },
     };
-    let driver_for_watch = Arc::new(driver.clone());
     let fetch_now = Arc::new(Notify::new());
     let mut controller = Controller::new(
         ControllerConfig {
@@ -337,6 +358,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             backoff_base: args.backoff_base,
             backoff_max: args.backoff_max,
             mirror_path: mirror.path().to_path_buf(),
+            substitute_on_destination: args.substitute_on_destination
+                || args.push_to_cache.is_some(),
         },
         driver,
         store,
@@ -364,7 +387,6 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             branch: args.branch.clone(),
             poll_interval: args.poll_interval,
         },
-        driver_for_watch,
         found_tx,
         fetch_now,
         cancel.clone(),

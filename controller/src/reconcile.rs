@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{self, DriverConfig, HostSession};
+use crate::driver::{self, DriverConfig, HostSession, Toplevel};
 use crate::event::Reason;
 use crate::spec::{Action, HostSpec};
 
@@ -21,8 +21,18 @@ mod health;
 pub struct WorkItem {
     pub host: HostSpec,
     pub revision: String,
-    /// The closure built for `host` at `revision`.
+    /// The closure `host` should run at `revision`.
     pub desired: String,
+    /// The derivation of `desired`, when it may not be built yet: the
+    /// worker builds it (without evaluating) before copying.
+    pub build: Option<String>,
+    /// Whether the host was last seen running `desired`: then it is looked
+    /// at before anything is built.
+    pub likely_current: bool,
+    /// Whether `desired` must be pushed to the binary cache before copying.
+    pub push: bool,
+    /// Whether the host substitutes from its binary caches while copying.
+    pub substitute: bool,
 }
 
 /// Progress a worker reports while it runs.
@@ -32,6 +42,10 @@ pub enum Step {
     Observed {
         current: Option<String>,
     },
+    BuildStarted,
+    BuildSucceeded,
+    /// `desired` is in the binary cache.
+    Pushed,
     CopyStarted,
     CopySucceeded,
     ActivationStarted,
@@ -68,6 +82,11 @@ pub enum Outcome {
     },
     Failed {
         reason: Reason,
+        message: String,
+    },
+    /// Building the host's system failed; deterministic, so not retried on
+    /// a timer.
+    BuildFailed {
         message: String,
     },
     /// `switch-to-configuration` failed; the host was put back.
@@ -131,6 +150,14 @@ pub async fn run(
         .await;
 }
 
+/// What the worker found on first looking at the host.
+enum Looked {
+    /// An activation a killed controller left behind, now finished.
+    Adopted(confirmed::Adopted),
+    /// What the host runs.
+    Current(Option<String>),
+}
+
 async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report>) -> Outcome {
     let report = |step| {
         tx.send(Report::Step {
@@ -139,21 +166,61 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             step,
         })
     };
-    let session = match HostSession::connect(cfg, &item.host).await {
-        Ok(s) => s,
+    let system = item.build.as_ref().map(|drv| Toplevel {
+        drv: drv.clone(),
+        out: item.desired.clone(),
+    });
+    let build = async {
+        let Some(system) = &system else {
+            return Ok(());
+        };
+        let _ = report(Step::BuildStarted).await;
+        driver::realise(cfg, system).await?;
+        let _ = report(Step::BuildSucceeded).await;
+        Ok::<(), driver::BuildError>(())
+    };
+    let look = async {
+        let session = HostSession::connect(cfg, &item.host).await?;
+        if let Some(adopted) = confirmed::adopt(&session, item).await {
+            return Ok((session, Looked::Adopted(adopted)));
+        }
+        match observe(&session, item.host.action).await {
+            Ok(current) => Ok((session, Looked::Current(current))),
+            Err(e) => {
+                let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+                Err(e)
+            }
+        }
+    };
+    tokio::pin!(build, look);
+    // A host that is not known to run its system has it built while the
+    // connection is made; one that is likely current is looked at first.
+    let mut built = None;
+    let looked = if item.likely_current {
+        look.await
+    } else {
+        loop {
+            tokio::select! {
+                result = &mut build, if built.is_none() => built = Some(result),
+                looked = &mut look => break looked,
+            }
+        }
+    };
+    let (session, looked) = match looked {
+        Ok(found) => found,
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
     let outcome = async {
-        if let Some(adopted) = confirmed::adopt(&session, item).await {
-            let previous = Previous {
-                running: adopted.previous_running.as_deref(),
-                profile: adopted.previous_profile.as_deref(),
-            };
-            return health::after_activation(&session, item, previous, adopted.outcome, tx).await;
-        }
-        let current = match observe(&session, item.host.action).await {
-            Ok(c) => c,
-            Err(e) => return failed(Reason::HostUnreachable, &e),
+        let current = match looked {
+            Looked::Adopted(adopted) => {
+                let previous = Previous {
+                    running: adopted.previous_running.as_deref(),
+                    profile: adopted.previous_profile.as_deref(),
+                };
+                return health::after_activation(&session, item, previous, adopted.outcome, tx)
+                    .await;
+            }
+            Looked::Current(current) => current,
         };
         let _ = report(Step::Observed {
             current: current.clone(),
@@ -165,8 +232,30 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
                 changed: false,
             };
         }
+        let built = match built {
+            Some(result) => result,
+            None => build.await,
+        };
+        if let Err(e) = built {
+            return Outcome::BuildFailed {
+                message: error_chain(&e),
+            };
+        }
+        if let (true, Some(cache)) = (item.push, &cfg.cache) {
+            if let Err(e) = driver::push_to_cache(cfg, cache, &item.desired).await {
+                return Outcome::Failed {
+                    reason: Reason::CopyFailed,
+                    message: format!(
+                        "pushing to the binary cache {} failed: {}",
+                        cache.url,
+                        error_chain(&e)
+                    ),
+                };
+            }
+            let _ = report(Step::Pushed).await;
+        }
         let _ = report(Step::CopyStarted).await;
-        if let Err(e) = session.copy(cfg, &item.desired).await {
+        if let Err(e) = session.copy(cfg, &item.desired, item.substitute).await {
             return failed(Reason::CopyFailed, &e);
         }
         let _ = report(Step::CopySucceeded).await;

@@ -232,6 +232,7 @@ mod tests {
             failures,
             next_retry: (failures > 0).then(|| NOW + time::Duration::seconds(30)),
             failed_revision: None,
+            phase_revision: None,
             operator_suspended: false,
         }
     }

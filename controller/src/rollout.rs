@@ -95,10 +95,9 @@ pub fn over_budget(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> O
         .hosts
         .keys()
         .filter(|h| {
-            status
-                .hosts
-                .get(*h)
-                .is_some_and(|s| s.phase == Phase::Failed)
+            status.hosts.get(*h).is_some_and(|s| {
+                s.phase == Phase::Failed && s.phase_revision.as_deref() == Some(revision)
+            })
         })
         .cloned()
         .collect();
@@ -175,7 +174,9 @@ pub fn progress(status: &FleetStatus) -> Progress {
     };
     for h in status.hosts.values() {
         match h.phase {
-            Phase::Failed => p.failed += 1,
+            Phase::Failed if h.phase_revision.as_deref() == Some(revision.as_str()) => {
+                p.failed += 1
+            }
             _ if done(Some(h), &revision) => p.done += 1,
             _ => p.pending += 1,
         }

@@ -84,6 +84,10 @@ pub struct HostSpec {
     pub health_checks: Vec<HealthCheck>,
     /// Hosts that must be converged on the same revision first.
     pub depends_on: Vec<Dependency>,
+    /// Whether the host fetches what it can from its own binary caches
+    /// while its closure is copied; `None` leaves it to the Fleet document
+    /// or `--substitute-on-destination`.
+    pub substitute_on_destination: Option<bool>,
     /// Where `configuration` (or, defaulted, the name) was written, for
     /// errors found later against the flake.
     pub configuration_at: SpecLocation,
@@ -211,6 +215,8 @@ struct RawSpec {
     action: Option<Action>,
     #[serde(default)]
     suspend: Option<bool>,
+    #[serde(default)]
+    substitute_on_destination: Option<bool>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
@@ -349,6 +355,9 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
         if host.health_checks.is_empty() {
             host.health_checks = policy.health_checks.clone();
         }
+        host.substitute_on_destination = host
+            .substitute_on_destination
+            .or(policy.substitute_on_destination);
     }
     if errors.is_empty() {
         Ok(FleetSpec { hosts, policy })
@@ -488,8 +497,9 @@ impl<'a> FileContext<'a> {
                         );
                     }
                 }
-                let policy =
+                let mut policy =
                     self.fleet_policy(&doc.metadata.name, fleet_fields, health_checks, &mut errs);
+                policy.substitute_on_destination = spec.substitute_on_destination;
                 if errs.is_empty() {
                     Ok(Doc::Fleet(policy, (&doc.metadata.name).into()))
                 } else {
@@ -593,6 +603,7 @@ impl<'a> FileContext<'a> {
         };
         let host = HostSpec {
             configuration_at,
+            substitute_on_destination: spec.substitute_on_destination,
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),

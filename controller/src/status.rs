@@ -36,6 +36,10 @@ pub struct RepoStatus {
 pub struct HostStatus {
     pub name: String,
     pub phase: Phase,
+    /// The revision of the event that set `phase`: a host `Failed` at an
+    /// older revision has not failed the current one.
+    #[serde(default)]
+    pub phase_revision: Option<String>,
     pub current_system: Option<String>,
     pub desired_system: Option<String>,
     /// The revision the host last converged to.
@@ -87,6 +91,7 @@ impl FleetStatus {
             .or_insert_with(|| HostStatus {
                 name: name.clone(),
                 phase: Phase::Pending,
+                phase_revision: None,
                 current_system: None,
                 desired_system: None,
                 observed_revision: None,
@@ -98,6 +103,7 @@ impl FleetStatus {
                 operator_suspended: false,
             });
         if let Some(to) = ev.to_phase {
+            host.phase_revision = ev.revision.clone();
             if to != host.phase {
                 host.phase = to;
                 host.last_transition_time = ev.time;

@@ -1,28 +1,36 @@
 //! The first runtime stage: notice new revisions of the watched branch.
 //!
-//! A local repository is watched with file-system notifications on its refs
-//! (a commit is noticed within a fraction of a second); every repository is
-//! also polled every `--poll-interval`. Each trigger fetches into the mirror;
-//! a new head has its specs read and parsed, is pinned for nix, and is sent
-//! on as a [`Found`]. Fetch failures are reported and retried with backoff,
-//! and never stop the controller from reconciling what it already knows.
+//! A local repository is watched with file-system notifications on its
+//! branch refs, and its branch head is read in-process: only a head that
+//! really moved is fetched, so a watched repository at rest costs no process
+//! and no fetch (the fetch itself reads the repository, and reacting to that
+//! would loop). A notification is acted on at once; notifications arriving
+//! while a check runs collapse into one more check. A remote repository is
+//! fetched every `--poll-interval`. A new head is announced as
+//! [`Found::Head`] as soon as it is known, then its specs are read, parsed
+//! and pinned for nix and sent as [`Found::Revision`]. Fetch failures are
+//! reported and retried with backoff, and never stop the controller from
+//! reconciling what it already knows.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use notify_debouncer_full::notify::RecursiveMode;
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::DriverConfig;
-use crate::git::Mirror;
+use crate::git::{LocalSource, Mirror};
 use crate::spec::{parse_fleet, FleetSpec, SpecErrors};
 
 /// What the watcher tells the controller.
 #[derive(Debug)]
 pub enum Found {
+    /// The branch moved to `revision`; its specs follow in a `Revision`.
+    Head {
+        revision: String,
+    },
     Revision {
         revision: String,
         specs: Result<FleetSpec, SpecErrors>,
@@ -38,32 +46,66 @@ pub struct WatchConfig {
     pub poll_interval: Duration,
 }
 
+/// Why the watcher looks at the branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// The first look, a poll, or a retry after a failed fetch.
+    Timer,
+    /// A ref of the local repository changed.
+    RefChanged,
+    /// `cim reconcile --all`: fetch even if the local head looks unchanged.
+    Requested,
+}
+
 /// Starts the watcher. `trigger` asks for an immediate fetch (used by
 /// `cim reconcile`). The first fetch happens at once.
 pub fn spawn(
     mirror: Mirror,
     local_source: Option<PathBuf>,
     cfg: WatchConfig,
-    driver: Arc<DriverConfig>,
     tx: mpsc::Sender<Found>,
     trigger: Arc<Notify>,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (fs_tx, mut fs_rx) = mpsc::channel::<()>(1);
+        let local = local_source.as_deref().and_then(|p| match LocalSource::open(p) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the local repository; fetching on every poll");
+                None
+            }
+        });
         // Kept alive for the life of the task; dropping it stops watching.
-        let _debouncer = local_source.as_deref().and_then(|p| watch_refs(p, fs_tx));
+        let _watcher = local
+            .as_ref()
+            .and_then(|l| watch_refs(l.git_dir(), &cfg.branch, fs_tx));
         let mirror_path = mirror.path().to_path_buf();
         let mirror = Arc::new(Mutex::new(mirror));
         let mut last_sent: Option<String> = None;
         let mut retry: Option<backon::ExponentialBackoff> = None;
         let mut wait = Duration::ZERO;
         loop {
-            tokio::select! {
+            let why = tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
-                () = trigger.notified() => {}
-                Some(()) = fs_rx.recv() => {}
+                () = tokio::time::sleep(wait) => Trigger::Timer,
+                () = trigger.notified() => Trigger::Requested,
+                Some(()) = fs_rx.recv() => Trigger::RefChanged,
+            };
+            if why != Trigger::RefChanged {
+                wait = cfg.poll_interval;
+            }
+            if let (Some(local), false) = (&local, why == Trigger::Requested) {
+                // A head that did not move needs no fetch (and no process).
+                match local.head(&cfg.branch) {
+                    Ok(Some(head)) if last_sent.as_deref() == Some(head.as_str()) => continue,
+                    Ok(Some(head)) => {
+                        if tx.send(Found::Head { revision: head }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {}
+                }
             }
             let m = Arc::clone(&mirror);
             let branch = cfg.branch.clone();
@@ -71,7 +113,6 @@ pub fn spawn(
             let result = tokio::task::spawn_blocking(move || check(&m, &branch, known.as_deref()))
                 .await
                 .unwrap_or_else(|e| Err(format!("the fetch task failed: {e}")));
-            wait = cfg.poll_interval;
             let found = match result {
                 Ok(None) => {
                     retry = None;
@@ -80,11 +121,7 @@ pub fn spawn(
                 Ok(Some((revision, specs))) => {
                     retry = None;
                     last_sent = Some(revision.clone());
-                    let flake = crate::git::flake_ref(&mirror_path, &revision);
-                    let specs = match specs {
-                        Ok(fleet) => against_flake(&driver, &flake, fleet).await,
-                        Err(e) => Err(e),
-                    };
+                    tracing::debug!(%revision, mirror = %mirror_path.display(), "new head fetched");
                     Found::Revision { revision, specs }
                 }
                 Err(message) => {
@@ -104,23 +141,6 @@ pub fn spawn(
             }
         }
     })
-}
-
-/// Checks the hosts' configurations against the flake. If the flake cannot
-/// even be listed, the specs pass here: building will report that error for
-/// every host, with nix's message.
-async fn against_flake(
-    driver: &DriverConfig,
-    flake: &str,
-    fleet: FleetSpec,
-) -> Result<FleetSpec, SpecErrors> {
-    match crate::driver::configurations(driver, flake).await {
-        Ok(names) => crate::spec::check_configurations(&fleet, &names).map(|()| fleet),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the flake's nixosConfigurations; leaving it to the build");
-            Ok(fleet)
-        }
-    }
 }
 
 /// A new head and the result of validating its specs.
@@ -153,44 +173,108 @@ fn check(
     Ok(Some((head, specs)))
 }
 
-/// Watches a local repository's refs. The git directory itself is watched
-/// non-recursively (it holds `packed-refs` and `HEAD`) and `refs/`
-/// recursively. Returns `None` (polling still works) if watching fails.
+/// Whether a notification can mean that `branch` moved: a change (not a
+/// read) of the branch's loose ref or of `packed-refs`. Lock files are
+/// skipped: git renames `refs/heads/B.lock` onto `refs/heads/B`, and the
+/// rename is what counts.
+fn moves_branch(event: &notify::Event, git_dir: &Path, branch: &str) -> bool {
+    let changes = matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    ) && !matches!(
+        event.kind,
+        EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+    );
+    if !changes {
+        return false;
+    }
+    let loose = git_dir.join("refs/heads").join(branch);
+    let packed = git_dir.join("packed-refs");
+    event.paths.iter().any(|p| *p == loose || *p == packed)
+}
+
+/// Watches a local repository's refs: the git directory itself
+/// non-recursively (it holds `packed-refs`) and `refs/heads` recursively
+/// (branch names may contain `/`). Returns `None` (polling still works) if
+/// watching fails.
 fn watch_refs(
-    repo: &Path,
+    git_dir: &Path,
+    branch: &str,
     tx: mpsc::Sender<()>,
-) -> Option<
-    notify_debouncer_full::Debouncer<
-        notify_debouncer_full::notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-> {
-    let git_dir = if repo.join(".git").is_dir() {
-        repo.join(".git")
-    } else {
-        repo.to_path_buf()
-    };
-    let handler = move |res: notify_debouncer_full::DebounceEventResult| {
-        if res.is_ok() {
-            // A full channel already holds a pending trigger; that is enough.
+) -> Option<notify::RecommendedWatcher> {
+    let dir = git_dir.to_path_buf();
+    let branch_name = branch.to_string();
+    let handler = move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|ev| moves_branch(&ev, &dir, &branch_name)) {
+            // A full channel already holds a pending check; that is enough.
             let _ = tx.try_send(());
         }
     };
-    let mut debouncer =
-        match notify_debouncer_full::new_debouncer(Duration::from_millis(100), None, handler) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the repository; polling only");
-                return None;
-            }
-        };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the repository; polling only");
+            return None;
+        }
+    };
     for (path, mode) in [
-        (git_dir.clone(), RecursiveMode::NonRecursive),
-        (git_dir.join("refs"), RecursiveMode::Recursive),
+        (git_dir.to_path_buf(), RecursiveMode::NonRecursive),
+        (git_dir.join("refs/heads"), RecursiveMode::Recursive),
     ] {
-        if let Err(e) = debouncer.watch(&path, mode) {
+        if let Err(e) = watcher.watch(&path, mode) {
             tracing::warn!(path = %path.display(), error = %e, "cannot watch; polling only");
         }
     }
-    Some(debouncer)
+    Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, CreateKind, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn only_changes_of_the_branch_ref_count() {
+        let dir = Path::new("/r/.git");
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert!(moves_branch(
+            &event(rename, "/r/.git/refs/heads/main"),
+            dir,
+            "main"
+        ));
+        assert!(moves_branch(
+            &event(EventKind::Create(CreateKind::File), "/r/.git/packed-refs"),
+            dir,
+            "main"
+        ));
+        assert!(moves_branch(
+            &event(rename, "/r/.git/refs/heads/team/prod"),
+            dir,
+            "team/prod"
+        ));
+        // The fetch reading the repository, git's lock files, other
+        // branches and the index are not the branch moving.
+        for (kind, path) in [
+            (
+                EventKind::Access(AccessKind::Any),
+                "/r/.git/refs/heads/main",
+            ),
+            (rename, "/r/.git/refs/heads/main.lock"),
+            (rename, "/r/.git/refs/heads/other"),
+            (EventKind::Modify(ModifyKind::Any), "/r/.git/index"),
+            (
+                EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any)),
+                "/r/.git/refs/heads/main",
+            ),
+        ] {
+            assert!(
+                !moves_branch(&event(kind, path), dir, "main"),
+                "{kind:?} {path}"
+            );
+        }
+    }
 }

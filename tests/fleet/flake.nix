@@ -9,13 +9,18 @@
 # it is degraded, `buildDelay` (seconds) for a slow build and `payloadKiB`
 # for a larger closure (slow to copy over a throttled link), `nonce` to force
 # a fresh build that the machine's store cannot already hold. A hosts/NAME.nix that throws is an
-# evaluation error of that host alone.
+# evaluation error of that host alone. sandbox/eval-cost.nix (a number,
+# default 0) gives every configuration one shared, expensive expression to
+# evaluate, the way every NixOS configuration imports nixpkgs: one
+# evaluation of the fleet pays it once, a per-host evaluation every time.
 {
   description = "cim sandbox fleet";
 
   outputs = { self }:
     let
       files = builtins.attrNames (builtins.readDir ./hosts);
+      evalCost = if builtins.pathExists ./sandbox/eval-cost.nix then import ./sandbox/eval-cost.nix else 0;
+      shared = builtins.foldl' (a: b: a + b) 0 (builtins.genList (x: x * x) evalCost);
       nameOf = file: builtins.substring 0 (builtins.stringLength file - 4) file;
       mkSystem = name: cfg: derivation {
         name = "nixos-system-${name}-${toString cfg.version}";
@@ -31,6 +36,7 @@
         buildDelay = toString (cfg.buildDelay or 0);
         payloadKiB = toString (cfg.payloadKiB or 0);
         nonce = cfg.nonce or "";
+        shared = toString shared;
       };
       host = file: {
         name = nameOf file;

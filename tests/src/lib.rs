@@ -409,6 +409,34 @@ impl Fleet {
         Ok(())
     }
 
+    /// The controller's address on the fleet's bridge, as the hosts reach
+    /// it (where a test serves a binary cache, for instance).
+    pub fn bridge_address(&self) -> String {
+        format!("10.231.{}.1", self.index)
+    }
+
+    /// Writes the host's own nix configuration (`~/.config/nix/nix.conf`
+    /// of its root, which is private to the host), read by the nix commands
+    /// run on it, such as the receiving end of `nix copy`.
+    pub fn set_host_nix_conf(&self, name: &str, conf: &str) -> Result<()> {
+        let dir = self.host(name).root.join("home/.config/nix");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("nix.conf"), conf)?;
+        Ok(())
+    }
+
+    /// Store paths in the host's own store whose name contains `part`.
+    pub fn store_paths(&self, name: &str, part: &str) -> Vec<String> {
+        fs::read_dir(self.host(name).root.join("nix/store"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(part))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// What the host's `/run/current-system` points at.
     pub fn current_system(&self, name: &str) -> Option<String> {
         fs::read_link(self.host(name).root.join("run/current-system"))
@@ -498,6 +526,11 @@ impl Fleet {
             &self.repo,
             &["commit", "-q", "--allow-empty", "-m", message],
         )?;
+        git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    /// The repository's current head.
+    pub fn head(&self) -> Result<String> {
         git(&self.repo, &["rev-parse", "HEAD"])
     }
 

@@ -110,10 +110,12 @@ fn a_commit_with_an_invalid_spec_is_refused() {
     fleet.write("specs/fleet.yaml", &bad).unwrap();
     fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
     let rev = fleet.commit("typo").unwrap();
+    // The new head is announced before its specs are read; refusing it
+    // sets the message.
     let status = cim.wait_until(
-        "the invalid revision to be seen",
+        "the invalid revision to be refused",
         Duration::from_secs(30),
-        |s| s["latestRevision"] == rev.as_str(),
+        |s| s["latestRevision"] == rev.as_str() && s["message"].is_string(),
     );
     assert_eq!(
         status["revision"],
@@ -185,7 +187,7 @@ fn an_evaluation_error_fails_only_that_host() {
     );
     let failed = cim.events_of("web-2", "BuildFailed");
     assert_eq!(failed.len(), 1);
-    assert_eq!(failed[0]["fromPhase"], "Building");
+    assert_eq!(failed[0]["toPhase"], "Failed");
     assert!(fleet.current_system("web-2").is_none());
     assert!(cim.events_of("web-1", "BuildFailed").is_empty());
 }
@@ -920,7 +922,7 @@ fn a_spec_naming_a_missing_configuration_is_refused() {
         .commit("point web-1 at a configuration that does not exist")
         .unwrap();
     let status = cim.wait_until("the revision to be refused", Duration::from_secs(30), |s| {
-        s["latestRevision"] == bad.as_str()
+        s["latestRevision"] == bad.as_str() && s["message"].is_string()
     });
     assert_eq!(
         status["revision"],

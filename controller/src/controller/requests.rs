@@ -7,18 +7,11 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{short, Controller};
+use super::{short, Controller, Purpose};
 use crate::event::{NewEvent, Phase, Reason};
 use crate::reconcile;
 
 impl Controller {
-    /// Whether a build of `revision` is under way (its results will come).
-    pub(super) fn building(&self, revision: &str) -> bool {
-        self.build
-            .as_ref()
-            .is_some_and(|(r, h)| r == revision && !h.is_finished())
-    }
-
     /// Suspends `host` at once and rolls it back to its previous
     /// generation — right away, or as soon as a reconcile in flight ends
     /// (an emergency button must not be refused for a routine check).
@@ -95,8 +88,8 @@ impl Controller {
         if let Some(revision) = revision.filter(|_| !suspended_by_spec) {
             if self.desired.contains_key(host) {
                 self.queue.schedule(host, Instant::now());
-            } else if !self.building(&revision) {
-                self.start_build(&revision, vec![host.to_string()]);
+            } else {
+                self.start_evaluation(&revision, Purpose::Refresh);
             }
         }
         Ok(format!("{host} is reconciled by cim again"))
@@ -137,7 +130,7 @@ impl Controller {
             }
         };
         let now = Instant::now();
-        let mut rebuild = Vec::new();
+        let mut rebuild = false;
         for name in &hosts {
             self.record(NewEvent::host(
                 name,
@@ -148,11 +141,11 @@ impl Controller {
             if self.desired.contains_key(name) {
                 self.queue.schedule(name, now);
             } else {
-                rebuild.push(name.clone());
+                rebuild = true;
             }
         }
-        if !rebuild.is_empty() && !self.building(&revision) {
-            self.start_build(&revision, rebuild);
+        if rebuild {
+            self.start_evaluation(&revision, Purpose::Refresh);
         }
         Ok(match host {
             Some(name) => format!("reconciling {name} at {}", short(&revision)),

@@ -18,6 +18,8 @@ use crate::event::Reason;
 /// How long `switch-to-configuration` may run before the controller stops
 /// waiting for its exit code.
 const ACTIVATION_LIMIT: Duration = Duration::from_secs(600);
+/// How long one command waits on the host for an activation to finish.
+const RESULT_WAIT: Duration = Duration::from_secs(5);
 /// A single remote command that takes longer means the connection is gone.
 const COMMAND_LIMIT: Duration = Duration::from_secs(10);
 /// How long after the host should have reverted the controller keeps trying
@@ -150,15 +152,17 @@ pub(super) struct Adopted {
     pub previous_profile: Option<String>,
 }
 
-/// Polls for the activation's exit code over the existing connection.
-/// `None` when the connection stops answering (the new system may have cut
-/// it) or the activation runs too long.
+/// Waits for the activation's exit code over the existing connection, on
+/// the host, a few seconds per command: a connection that stops answering
+/// (the new system may have cut it) is noticed within [`COMMAND_LIMIT`] plus
+/// that. `None` then, or when the activation runs too long.
 async fn wait_for_exit(session: &HostSession, token: &str) -> Option<(i32, String)> {
     let deadline = Instant::now() + ACTIVATION_LIMIT;
     while Instant::now() < deadline {
-        match tokio::time::timeout(COMMAND_LIMIT, session.activation_result(token)).await {
+        let wait = session.activation_result(token, RESULT_WAIT);
+        match tokio::time::timeout(RESULT_WAIT + COMMAND_LIMIT, wait).await {
             Ok(Ok(Some(result))) => return Some(result),
-            Ok(Ok(None)) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(Ok(None)) => {}
             Ok(Err(_)) | Err(_) => return None,
         }
     }

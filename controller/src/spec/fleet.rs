@@ -24,6 +24,8 @@ pub struct RolloutPolicy {
     pub waves: Vec<Wave>,
     /// Checks for hosts that declare none of their own.
     pub health_checks: Vec<HealthCheck>,
+    /// `substituteOnDestination` for hosts that do not set it.
+    pub substitute_on_destination: Option<bool>,
 }
 
 /// When a revision's rollout halts.

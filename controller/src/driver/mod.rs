@@ -9,14 +9,19 @@
 //! makes (through `NIX_SSHOPTS`).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use openssh::{KnownHosts, Session, SessionBuilder};
-use serde::Deserialize;
-use tokio::process::Command;
 
 use crate::spec::{Action, HostSpec};
+
+mod nix;
+
+use nix::NixCommand;
+pub use nix::{
+    configuration_names, evaluate, push_to_cache, realise, toplevel_attribute, BuildError,
+    Evaluation, Toplevel,
+};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
 #[derive(Debug, Clone, Default)]
@@ -29,61 +34,35 @@ pub struct DriverConfig {
     /// Extra `--option NAME VALUE` pairs for every nix invocation.
     pub nix_options: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// Where built closures are pushed for hosts to substitute from.
+    pub cache: Option<BinaryCache>,
 }
 
-/// A `nix` command line with the flags every invocation needs.
-struct NixCommand {
-    cmd: Command,
-    subcommand: &'static str,
+/// A binary cache the controller pushes to (`--push-to-cache`).
+#[derive(Debug, Clone)]
+pub struct BinaryCache {
+    /// A nix store URL: `file:///srv/cache`, `s3://bucket`, `ssh://host`, …
+    pub url: String,
+    /// Nix secret key the pushed paths are signed with.
+    pub signing_key: PathBuf,
 }
 
-impl NixCommand {
-    fn new(cfg: &DriverConfig, subcommand: &'static str) -> NixCommand {
-        // The one place a local process is started (clippy.toml bans it
-        // elsewhere).
-        #[allow(clippy::disallowed_methods)]
-        let mut cmd = Command::new("nix");
-        cmd.arg("--extra-experimental-features")
-            .arg("nix-command flakes");
-        for (name, value) in &cfg.nix_options {
-            cmd.arg("--option").arg(name).arg(value);
+impl DriverConfig {
+    /// The ssh options for ssh connections nix makes on its own (remote
+    /// builders): the same config and host-key checking as every other ssh
+    /// call. Split on whitespace by nix, hence no spaces in paths.
+    fn base_sshopts(&self) -> Vec<String> {
+        let mut opts = vec![
+            "-o".to_string(),
+            "BatchMode=yes".to_string(),
+            "-o".to_string(),
+            "StrictHostKeyChecking=yes".to_string(),
+        ];
+        if let Some(config) = &self.ssh_config {
+            opts.push("-F".to_string());
+            opts.push(config.display().to_string());
         }
-        cmd.arg(subcommand);
-        cmd.stdin(Stdio::null()).kill_on_drop(true);
-        NixCommand { cmd, subcommand }
-    }
-
-    fn describe(&self) -> String {
-        let std = self.cmd.as_std();
-        let mut parts = vec![std.get_program().to_string_lossy().into_owned()];
-        parts.extend(std.get_args().map(|a| a.to_string_lossy().into_owned()));
-        parts.join(" ")
-    }
-
-    async fn output(mut self) -> Result<std::process::Output, std::io::Error> {
-        self.cmd.output().await
-    }
-
-    /// Runs to completion; a non-zero exit is [`BuildError::Failed`] about
-    /// `what`, with nix's stderr.
-    async fn run(self, what: String) -> Result<CommandOutput, BuildError> {
-        let command = self.describe();
-        let subcommand = self.subcommand;
-        tracing::debug!(%command, "running nix");
-        let out = self
-            .output()
-            .await
-            .map_err(|source| BuildError::Spawn { command, source })?;
-        let output = CommandOutput::from_output(&out);
-        if out.status.success() {
-            Ok(output)
-        } else {
-            Err(BuildError::Failed {
-                subcommand,
-                attribute: what,
-                output,
-            })
-        }
+        opts
     }
 }
 
@@ -96,7 +75,7 @@ pub struct CommandOutput {
 }
 
 impl CommandOutput {
-    fn from_output(out: &std::process::Output) -> CommandOutput {
+    pub(crate) fn from_output(out: &std::process::Output) -> CommandOutput {
         CommandOutput {
             status: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -108,24 +87,6 @@ impl CommandOutput {
         self.status
             .map_or_else(|| "a signal".to_string(), |c| c.to_string())
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("cannot run `{command}`")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`nix {subcommand}` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
-    Failed {
-        subcommand: &'static str,
-        attribute: String,
-        output: CommandOutput,
-    },
-    #[error("`nix build --json` printed output cim cannot read: {0}")]
-    Output(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +152,9 @@ impl ActivateError {
 
 /// Longest a short remote command (readlink, cat, rm) may take.
 const REMOTE_COMMAND_LIMIT: Duration = Duration::from_secs(60);
+/// How much longer than the time it waits on the host a waiting command
+/// may take before the connection is taken for dead.
+const REMOTE_COMMAND_GRACE: Duration = Duration::from_secs(10);
 /// Longest `nix-env --set` or a `switch-to-configuration` may take.
 const ACTIVATION_LIMIT: Duration = Duration::from_secs(600);
 /// Longest a `nix copy` may take.
@@ -235,6 +199,33 @@ if [ -e "$canary" ]; then
 fi
 "#;
 
+/// Waits on the host for a confirmed activation's exit code, run as
+/// `sh -c WAIT_FOR_RESULT cim-wait TOKEN POLLS`: prints the code and the
+/// activation's output once it is there, nothing if it is not within
+/// POLLS × 50 ms. A constant, like [`WATCHDOG`].
+pub const WAIT_FOR_RESULT: &str = r#"set -u
+dir=/run/cim token=$1 polls=$2
+i=0
+while [ ! -e "$dir/$token.rc" ]; do
+  [ "$i" -ge "$polls" ] && exit 0
+  sleep 0.05
+  i=$((i + 1))
+done
+cat "$dir/$token.rc"
+cat "$dir/$token.log" 2>/dev/null
+"#;
+
+/// Reads [`WAIT_FOR_RESULT`]'s output: the exit code on the first line,
+/// then the activation's output.
+fn parse_activation_result(stdout: &str) -> Option<(i32, String)> {
+    let (code, log) = stdout.split_once('\n').unwrap_or((stdout, ""));
+    let code = code.trim();
+    if code.is_empty() {
+        return None;
+    }
+    Some((code.parse().unwrap_or(-1), log.to_string()))
+}
+
 /// One confirmed activation.
 #[derive(Debug, Clone)]
 pub struct ConfirmedRun<'a> {
@@ -245,64 +236,6 @@ pub struct ConfirmedRun<'a> {
     pub token: &'a str,
     pub previous_running: Option<&'a str>,
     pub previous_profile: Option<&'a str>,
-}
-
-/// The flake output holding a host's system closure. The attribute is quoted,
-/// and spec validation restricts it to characters that need no escaping.
-pub fn toplevel_attribute(configuration: &str) -> String {
-    format!("nixosConfigurations.\"{configuration}\".config.system.build.toplevel")
-}
-
-#[derive(Deserialize)]
-struct BuildResult {
-    outputs: std::collections::BTreeMap<String, String>,
-}
-
-/// Builds the given flake outputs of `flake` in one `nix build --json`
-/// invocation, so that one evaluation serves every host. On failure the
-/// caller falls back to building outputs one by one to learn which failed.
-pub async fn build(
-    cfg: &DriverConfig,
-    flake: &str,
-    attributes: &[String],
-) -> Result<Vec<String>, BuildError> {
-    let mut nix = NixCommand::new(cfg, "build");
-    nix.cmd.args(["--json", "--no-link"]);
-    for attr in attributes {
-        nix.cmd.arg(format!("{flake}#{attr}"));
-    }
-    let output = nix.run(attributes.join(", ")).await?;
-    let results: Vec<BuildResult> = serde_json::from_str(output.stdout.trim())
-        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))?;
-    if results.len() != attributes.len() {
-        return Err(BuildError::Output(format!(
-            "expected {} results, got {}",
-            attributes.len(),
-            results.len()
-        )));
-    }
-    results
-        .into_iter()
-        .map(|r| {
-            r.outputs
-                .get("out")
-                .cloned()
-                .ok_or_else(|| BuildError::Output("a result has no `out` output".to_string()))
-        })
-        .collect()
-}
-
-/// The names under the flake's `nixosConfigurations`. `attrNames` does not
-/// evaluate the configurations themselves, so this stays cheap.
-pub async fn configurations(cfg: &DriverConfig, flake: &str) -> Result<Vec<String>, BuildError> {
-    let mut nix = NixCommand::new(cfg, "eval");
-    nix.cmd
-        .arg("--json")
-        .arg(format!("{flake}#nixosConfigurations"))
-        .args(["--apply", "builtins.attrNames"]);
-    let output = nix.run("nixosConfigurations".to_string()).await?;
-    serde_json::from_str(output.stdout.trim())
-        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
 }
 
 /// `user@address`, as ssh and nix store URLs want it.
@@ -411,9 +344,19 @@ impl HostSession {
         Ok((out.status == Some(0) && is_store_path(path)).then(|| path.to_string()))
     }
 
-    /// Copies `closure` to the host over this session's connection.
-    pub async fn copy(&self, cfg: &DriverConfig, closure: &str) -> Result<(), CopyError> {
+    /// Copies `closure` to the host over this session's connection. With
+    /// `substitute`, the host first fetches what it can from its own binary
+    /// caches, and only the rest crosses this connection.
+    pub async fn copy(
+        &self,
+        cfg: &DriverConfig,
+        closure: &str,
+        substitute: bool,
+    ) -> Result<(), CopyError> {
         let mut nix = NixCommand::new(cfg, "copy");
+        if substitute {
+            nix.cmd.arg("--substitute-on-destination");
+        }
         nix.cmd
             .arg("--to")
             .arg(format!("ssh://{}", self.destination))
@@ -421,7 +364,8 @@ impl HostSession {
             .env("NIX_SSHOPTS", self.nix_sshopts(cfg));
         let command = nix.describe();
         tracing::debug!(%command, "copying");
-        let out = tokio::time::timeout(COPY_LIMIT, nix.output())
+        let out = nix
+            .output(COPY_LIMIT)
             .await
             .map_err(|_| CopyError::Timeout {
                 destination: self.destination.clone(),
@@ -444,17 +388,10 @@ impl HostSession {
         let mut opts = vec![
             "-p".to_string(),
             self.port.to_string(),
-            "-o".to_string(),
-            "BatchMode=yes".to_string(),
-            "-o".to_string(),
-            "StrictHostKeyChecking=yes".to_string(),
             "-S".to_string(),
             self.session.control_socket().display().to_string(),
         ];
-        if let Some(config) = &cfg.ssh_config {
-            opts.push("-F".to_string());
-            opts.push(config.display().to_string());
-        }
+        opts.extend(cfg.base_sshopts());
         opts.join(" ")
     }
 
@@ -499,19 +436,24 @@ impl HostSession {
     }
 
     /// The exit code and output of a confirmed activation's
-    /// `switch-to-configuration`, once it has finished.
-    pub async fn activation_result(&self, token: &str) -> Result<Option<(i32, String)>, SshError> {
-        let rc = self
-            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.rc")])
+    /// `switch-to-configuration`, waiting on the host up to `within` for it
+    /// to finish (`None`: still running). Waiting on the host instead of
+    /// polling from here answers within 50 ms of the activation's end, in
+    /// one round trip.
+    pub async fn activation_result(
+        &self,
+        token: &str,
+        within: Duration,
+    ) -> Result<Option<(i32, String)>, SshError> {
+        let polls = (within.as_millis() / 50).max(1).to_string();
+        let args = ["-c", WAIT_FOR_RESULT, "cim-wait", token, &polls];
+        let out = self
+            .run_within("sh", &args, within + REMOTE_COMMAND_GRACE)
             .await?;
-        if rc.status != Some(0) {
+        if out.status != Some(0) {
             return Ok(None);
         }
-        let code = rc.stdout.trim().parse().unwrap_or(-1);
-        let log = self
-            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.log")])
-            .await?;
-        Ok(Some((code, log.stdout)))
+        Ok(parse_activation_result(&out.stdout))
     }
 
     /// Tokens of confirmed activations whose watchdog still waits for a
@@ -764,6 +706,17 @@ mod tests {
     }
 
     #[test]
+    fn activation_results_are_read() {
+        assert_eq!(parse_activation_result(""), None);
+        assert_eq!(
+            parse_activation_result("0\nactivating\ndone\n"),
+            Some((0, "activating\ndone\n".to_string()))
+        );
+        assert_eq!(parse_activation_result("2\n"), Some((2, String::new())));
+        assert_eq!(parse_activation_result("x\n"), Some((-1, String::new())));
+    }
+
+    #[test]
     fn nix_errors_keep_the_error_lines() {
         let stderr = "building '/nix/store/x.drv'...\nwarning: foo\nerror: boom in web-2\n\n       (use '--show-trace')\n";
         assert_eq!(
@@ -771,26 +724,5 @@ mod tests {
             "error: boom in web-2\n       (use '--show-trace')"
         );
         assert_eq!(tail("a\nb\n\nc\n", 2), "b\nc");
-    }
-
-    #[test]
-    fn attributes_are_quoted() {
-        assert_eq!(
-            toplevel_attribute("web-1"),
-            "nixosConfigurations.\"web-1\".config.system.build.toplevel"
-        );
-    }
-
-    #[test]
-    fn nix_commands_carry_features_and_options() {
-        let cfg = DriverConfig {
-            nix_options: vec![("substituters".into(), String::new())],
-            ..DriverConfig::default()
-        };
-        let nix = NixCommand::new(&cfg, "build");
-        assert_eq!(
-            nix.describe(),
-            "nix --extra-experimental-features nix-command flakes --option substituters  build"
-        );
     }
 }

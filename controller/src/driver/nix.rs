@@ -1,0 +1,396 @@
+//! Local `nix` and `nix-store` invocations: the one command builder
+//! ([`NixCommand`]) that adds the experimental-feature flags, the operator's
+//! `--nix-option`s and a deadline, and the operations built on it.
+//!
+//! A revision is evaluated **once** for the whole fleet: one `nix eval`
+//! returns every wanted configuration's `drvPath` and `outPath` (each under
+//! `builtins.tryEval`, so a `throw` fails only its own host), because Nix
+//! evaluates the flake again for every installable of a `nix build` and real
+//! configurations share an expensive nixpkgs. Each host's derivation is then
+//! realised on its own (`nix-store --realise`), without evaluating again, so
+//! a host's copy can start as soon as its own closure exists.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::process::Command;
+
+use super::{relevant_lines, BinaryCache, CommandOutput, DriverConfig};
+
+/// Longest the fleet's evaluation may take.
+const EVAL_LIMIT: Duration = Duration::from_secs(3600);
+/// Longest one host's build may take.
+const BUILD_LIMIT: Duration = Duration::from_secs(6 * 3600);
+/// Evaluations run at once when the fleet's evaluation failed as a whole
+/// and hosts are evaluated one by one to tell which fail.
+const FALLBACK_PARALLELISM: usize = 2;
+
+/// A `nix` (or `nix-store`) command line with the flags every invocation
+/// needs.
+pub(super) struct NixCommand {
+    pub(super) cmd: Command,
+    subcommand: &'static str,
+}
+
+impl NixCommand {
+    /// `nix SUBCOMMAND` with the experimental features and options.
+    pub(super) fn new(cfg: &DriverConfig, subcommand: &'static str) -> NixCommand {
+        let mut nix = NixCommand::program(cfg, "nix", subcommand);
+        nix.cmd.arg(subcommand);
+        nix
+    }
+
+    /// `nix-store OPERATION`, with the operator's options.
+    fn store(cfg: &DriverConfig, operation: &'static str) -> NixCommand {
+        let mut nix = NixCommand::program(cfg, "nix-store", operation);
+        nix.cmd.arg(operation);
+        nix
+    }
+
+    fn program(cfg: &DriverConfig, program: &str, subcommand: &'static str) -> NixCommand {
+        // The one place a local process is started (clippy.toml bans it
+        // elsewhere).
+        #[allow(clippy::disallowed_methods)]
+        let mut cmd = Command::new(program);
+        if program == "nix" {
+            cmd.arg("--extra-experimental-features")
+                .arg("nix-command flakes");
+        }
+        for (name, value) in &cfg.nix_options {
+            cmd.arg("--option").arg(name).arg(value);
+        }
+        // Remote builders (`--nix-option builders=…`) go through ssh too.
+        cmd.env("NIX_SSHOPTS", cfg.base_sshopts().join(" "));
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        NixCommand { cmd, subcommand }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        let std = self.cmd.as_std();
+        let mut parts = vec![std.get_program().to_string_lossy().into_owned()];
+        parts.extend(std.get_args().map(|a| a.to_string_lossy().into_owned()));
+        parts.join(" ")
+    }
+
+    /// Runs to completion within `limit` (the child is killed past it).
+    pub(super) async fn output(
+        mut self,
+        limit: Duration,
+    ) -> Result<Result<std::process::Output, std::io::Error>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(limit, self.cmd.output()).await
+    }
+
+    /// Runs to completion; a non-zero exit is [`BuildError::Failed`] about
+    /// `what`, with nix's stderr.
+    async fn run(self, what: String, limit: Duration) -> Result<CommandOutput, BuildError> {
+        let command = self.describe();
+        let subcommand = self.subcommand;
+        tracing::debug!(%command, "running nix");
+        let out = self
+            .output(limit)
+            .await
+            .map_err(|_| BuildError::Timeout {
+                command: command.clone(),
+                limit,
+            })?
+            .map_err(|source| BuildError::Spawn { command, source })?;
+        let output = CommandOutput::from_output(&out);
+        if out.status.success() {
+            Ok(output)
+        } else {
+            Err(BuildError::Failed {
+                subcommand,
+                attribute: what,
+                output,
+            })
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` did not finish within {}s", .limit.as_secs())]
+    Timeout { command: String, limit: Duration },
+    #[error("`nix {subcommand}` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
+    Failed {
+        subcommand: &'static str,
+        attribute: String,
+        output: CommandOutput,
+    },
+    #[error("nix printed output cim cannot read: {0}")]
+    Output(String),
+}
+
+/// A configuration's system, evaluated but not necessarily built.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Toplevel {
+    /// The derivation that builds it.
+    pub drv: String,
+    /// The closure it builds: what the host should run.
+    pub out: String,
+}
+
+/// The result of evaluating a revision for the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// Every name under the flake's `nixosConfigurations`.
+    pub names: Vec<String>,
+    /// Each wanted configuration's system, or nix's error for it. A
+    /// configuration the flake lacks is absent.
+    pub systems: BTreeMap<String, Result<Toplevel, String>>,
+}
+
+/// The flake output holding a host's system closure. The attribute is quoted,
+/// and spec validation restricts it to characters that need no escaping.
+pub fn toplevel_attribute(configuration: &str) -> String {
+    format!("nixosConfigurations.\"{configuration}\".config.system.build.toplevel")
+}
+
+/// A Nix string literal of `s`.
+fn nix_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            _ => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The `--apply` function of the fleet's evaluation: the names, and every
+/// wanted configuration's `drvPath`/`outPath`, `null` where it throws.
+fn fleet_expression(configurations: &[String]) -> String {
+    let wanted: Vec<String> = configurations.iter().map(|c| nix_string(c)).collect();
+    format!(
+        "cs: let one = n: let r = builtins.tryEval (let t = cs.${{n}}.config.system.build.toplevel; \
+         in builtins.deepSeq [ t.drvPath t.outPath ] {{ drv = t.drvPath; out = t.outPath; }}); \
+         in if r.success then r.value else null; \
+         in {{ names = builtins.attrNames cs; systems = builtins.listToAttrs (map (n: {{ name = n; \
+         value = if cs ? ${{n}} then one n else null; }}) [ {} ]); }}",
+        wanted.join(" ")
+    )
+}
+
+#[derive(Deserialize)]
+struct RawEvaluation {
+    names: Vec<String>,
+    systems: BTreeMap<String, Option<Toplevel>>,
+}
+
+/// Evaluates `configurations` of `flake` in one `nix eval`. Hosts whose
+/// evaluation throws are evaluated again alone, only to get nix's message.
+/// If the evaluation fails as a whole (an error `tryEval` cannot catch),
+/// the configurations are evaluated one by one so that the error fails only
+/// those it concerns; `Err` means the flake itself is broken.
+pub async fn evaluate(
+    cfg: &DriverConfig,
+    flake: &str,
+    configurations: &[String],
+) -> Result<Evaluation, BuildError> {
+    let mut nix = NixCommand::new(cfg, "eval");
+    nix.cmd
+        .arg("--json")
+        .arg(format!("{flake}#nixosConfigurations"))
+        .arg("--apply")
+        .arg(fleet_expression(configurations));
+    let raw = match nix.run("nixosConfigurations".to_string(), EVAL_LIMIT).await {
+        Ok(output) => serde_json::from_str::<RawEvaluation>(output.stdout.trim())
+            .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))?,
+        Err(e) => {
+            tracing::info!(error = %e, "the fleet's evaluation failed; evaluating hosts one by one");
+            return evaluate_one_by_one(cfg, flake, configurations).await;
+        }
+    };
+    let failed: Vec<String> = raw
+        .systems
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k.clone())
+        .filter(|k| raw.names.contains(k))
+        .collect();
+    let mut systems: BTreeMap<String, Result<Toplevel, String>> = raw
+        .systems
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|t| (k, Ok(t))))
+        .collect();
+    for (name, result) in evaluate_each(cfg, flake, &failed).await {
+        systems.insert(name, result);
+    }
+    Ok(Evaluation {
+        names: raw.names,
+        systems,
+    })
+}
+
+async fn evaluate_one_by_one(
+    cfg: &DriverConfig,
+    flake: &str,
+    configurations: &[String],
+) -> Result<Evaluation, BuildError> {
+    let names = configuration_names(cfg, flake).await?;
+    let present: Vec<String> = configurations
+        .iter()
+        .filter(|c| names.contains(c))
+        .cloned()
+        .collect();
+    Ok(Evaluation {
+        systems: evaluate_each(cfg, flake, &present).await,
+        names,
+    })
+}
+
+/// Evaluates configurations one by one, a few at a time.
+async fn evaluate_each(
+    cfg: &DriverConfig,
+    flake: &str,
+    configurations: &[String],
+) -> BTreeMap<String, Result<Toplevel, String>> {
+    futures::stream::iter(configurations.iter().cloned())
+        .map(|name| async move {
+            let result = evaluate_single(cfg, flake, &name)
+                .await
+                .map_err(|e| crate::reconcile::error_chain(&e));
+            (name, result)
+        })
+        .buffer_unordered(FALLBACK_PARALLELISM)
+        .collect()
+        .await
+}
+
+async fn evaluate_single(
+    cfg: &DriverConfig,
+    flake: &str,
+    configuration: &str,
+) -> Result<Toplevel, BuildError> {
+    let attribute = toplevel_attribute(configuration);
+    let mut nix = NixCommand::new(cfg, "eval");
+    nix.cmd
+        .arg("--json")
+        .arg(format!("{flake}#{attribute}"))
+        .args(["--apply", "t: { drv = t.drvPath; out = t.outPath; }"]);
+    let output = nix.run(attribute, EVAL_LIMIT).await?;
+    serde_json::from_str(output.stdout.trim())
+        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
+}
+
+/// The names under the flake's `nixosConfigurations`. `attrNames` does not
+/// evaluate the configurations themselves, so this stays cheap.
+pub async fn configuration_names(
+    cfg: &DriverConfig,
+    flake: &str,
+) -> Result<Vec<String>, BuildError> {
+    let mut nix = NixCommand::new(cfg, "eval");
+    nix.cmd
+        .arg("--json")
+        .arg(format!("{flake}#nixosConfigurations"))
+        .args(["--apply", "builtins.attrNames"]);
+    let output = nix
+        .run("nixosConfigurations".to_string(), EVAL_LIMIT)
+        .await?;
+    serde_json::from_str(output.stdout.trim())
+        .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
+}
+
+/// Builds one evaluated system (`nix-store --realise`, no evaluation) and
+/// checks that it produced the closure the evaluation promised.
+pub async fn realise(cfg: &DriverConfig, system: &Toplevel) -> Result<(), BuildError> {
+    let mut nix = NixCommand::store(cfg, "--realise");
+    nix.cmd.arg(&system.drv);
+    let output = nix.run(system.drv.clone(), BUILD_LIMIT).await?;
+    if output.stdout.lines().any(|l| l.trim() == system.out) {
+        Ok(())
+    } else {
+        Err(BuildError::Output(format!(
+            "building {} gave {} instead of {}",
+            system.drv,
+            output.stdout.trim(),
+            system.out
+        )))
+    }
+}
+
+/// Longest pushing one closure to the binary cache may take.
+const PUSH_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Signs `closure` with the cache's key and copies it to the cache, so that
+/// hosts substitute it from there instead of from the controller. Paths the
+/// cache already has are not uploaded again.
+pub async fn push_to_cache(
+    cfg: &DriverConfig,
+    cache: &BinaryCache,
+    closure: &str,
+) -> Result<(), BuildError> {
+    let mut sign = NixCommand::new(cfg, "store");
+    sign.cmd
+        .args(["sign", "--recursive", "--key-file"])
+        .arg(&cache.signing_key)
+        .arg(closure);
+    sign.run(closure.to_string(), PUSH_LIMIT).await?;
+    let mut copy = NixCommand::new(cfg, "copy");
+    copy.cmd.arg("--to").arg(&cache.url).arg(closure);
+    copy.run(closure.to_string(), PUSH_LIMIT).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_are_quoted() {
+        assert_eq!(
+            toplevel_attribute("web-1"),
+            "nixosConfigurations.\"web-1\".config.system.build.toplevel"
+        );
+    }
+
+    #[test]
+    fn nix_commands_carry_features_and_options() {
+        let cfg = DriverConfig {
+            nix_options: vec![("substituters".into(), String::new())],
+            ..DriverConfig::default()
+        };
+        assert_eq!(
+            NixCommand::new(&cfg, "eval").describe(),
+            "nix --extra-experimental-features nix-command flakes --option substituters  eval"
+        );
+        assert_eq!(
+            NixCommand::store(&cfg, "--realise").describe(),
+            "nix-store --option substituters  --realise"
+        );
+    }
+
+    #[test]
+    fn the_fleet_expression_quotes_every_name() {
+        let e = fleet_expression(&["web-1".into(), "a\"${x}".into()]);
+        assert!(e.contains(r#"[ "web-1" "a\"\${x}" ]"#), "{e}");
+        assert!(e.starts_with("cs: "));
+    }
+
+    #[test]
+    fn evaluation_output_is_read() {
+        let raw: RawEvaluation = serde_json::from_str(
+            r#"{"names":["a","b"],"systems":{"a":{"drv":"/nix/store/x.drv","out":"/nix/store/x"},"b":null}}"#,
+        )
+        .unwrap();
+        assert_eq!(raw.names, ["a", "b"]);
+        assert!(raw.systems["b"].is_none());
+        assert_eq!(raw.systems["a"].as_ref().unwrap().out, "/nix/store/x");
+    }
+}
