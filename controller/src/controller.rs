@@ -104,6 +104,8 @@ pub struct Controller {
     built: std::collections::BTreeSet<String>,
     /// Closures pushed to the binary cache this run.
     pushed: std::collections::BTreeSet<String>,
+    /// Workers' builds, batched.
+    builds: reconcile::Builds,
     /// The evaluation in flight and the revision it is of.
     evaluation: Option<(String, tokio::task::JoinHandle<()>)>,
     /// A revision whose invalid specs were already reported.
@@ -133,6 +135,7 @@ impl Controller {
         fetch_now: Arc<Notify>,
     ) -> Result<Controller, StoreError> {
         let status = store.load_status()?;
+        let driver = Arc::new(driver);
         // A newest revision that is not the deployed one and carries a
         // message was refused before this restart; do not report it again.
         let judged =
@@ -150,7 +153,8 @@ impl Controller {
             gated: std::collections::BTreeSet::new(),
             pending_rollbacks: std::collections::BTreeSet::new(),
             cfg,
-            driver: Arc::new(driver),
+            builds: reconcile::Builds::spawn(Arc::clone(&driver)),
+            driver,
             store,
             status,
             events,
@@ -513,6 +517,7 @@ impl Controller {
             }
             self.workers.spawn(reconcile::run(
                 Arc::clone(&self.driver),
+                self.builds.clone(),
                 item,
                 self.report_tx.clone(),
                 self.worker_cancel.child_token(),

@@ -13,8 +13,11 @@ use crate::driver::{self, DriverConfig, HostSession, Toplevel};
 use crate::event::Reason;
 use crate::spec::{Action, HostSpec};
 
+mod builds;
 mod confirmed;
 mod health;
+
+pub use builds::Builds;
 
 /// What a worker is asked to do.
 #[derive(Debug, Clone)]
@@ -130,6 +133,7 @@ pub enum Report {
 /// the in-flight command (nix children are killed on drop).
 pub async fn run(
     cfg: Arc<DriverConfig>,
+    builds: Builds,
     item: WorkItem,
     tx: mpsc::Sender<Report>,
     cancel: CancellationToken,
@@ -137,7 +141,7 @@ pub async fn run(
     let host = item.host.name.clone();
     let revision = item.revision.clone();
     let outcome = tokio::select! {
-        outcome = reconcile(&cfg, &item, &tx) => outcome,
+        outcome = reconcile(&cfg, &builds, &item, &tx) => outcome,
         () = cancel.cancelled() => Outcome::Cancelled,
     };
     // The controller may be gone during shutdown; nothing to do then.
@@ -155,10 +159,15 @@ enum Looked {
     /// An activation a killed controller left behind, now finished.
     Adopted(confirmed::Adopted),
     /// What the host runs.
-    Current(Option<String>),
+    Found(driver::Look),
 }
 
-async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report>) -> Outcome {
+async fn reconcile(
+    cfg: &DriverConfig,
+    builds: &Builds,
+    item: &WorkItem,
+    tx: &mpsc::Sender<Report>,
+) -> Outcome {
     let report = |step| {
         tx.send(Report::Step {
             host: item.host.name.clone(),
@@ -175,22 +184,25 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             return Ok(());
         };
         let _ = report(Step::BuildStarted).await;
-        driver::realise(cfg, system).await?;
+        builds.build(system.clone()).await?;
         let _ = report(Step::BuildSucceeded).await;
-        Ok::<(), driver::BuildError>(())
+        Ok::<(), String>(())
     };
     let look = async {
         let session = HostSession::connect(cfg, &item.host).await?;
-        if let Some(adopted) = confirmed::adopt(&session, item).await {
-            return Ok((session, Looked::Adopted(adopted)));
-        }
-        match observe(&session, item.host.action).await {
-            Ok(current) => Ok((session, Looked::Current(current))),
+        let found = match session.look().await {
+            Ok(found) => found,
             Err(e) => {
                 let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
-                Err(e)
+                return Err(e);
+            }
+        };
+        if !found.pending.is_empty() {
+            if let Some(adopted) = confirmed::adopt(&session, item, &found.pending).await {
+                return Ok((session, Looked::Adopted(adopted)));
             }
         }
+        Ok((session, Looked::Found(found)))
     };
     tokio::pin!(build, look);
     // A host that is not known to run its system has it built while the
@@ -211,7 +223,7 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
     let outcome = async {
-        let current = match looked {
+        let found = match looked {
             Looked::Adopted(adopted) => {
                 let previous = Previous {
                     running: adopted.previous_running.as_deref(),
@@ -220,7 +232,11 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
                 return health::after_activation(&session, item, previous, adopted.outcome, tx)
                     .await;
             }
-            Looked::Current(current) => current,
+            Looked::Found(found) => found,
+        };
+        let current = match item.host.action {
+            Action::Boot => found.profile.clone(),
+            _ => found.current.clone(),
         };
         let _ = report(Step::Observed {
             current: current.clone(),
@@ -236,10 +252,8 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
             Some(result) => result,
             None => build.await,
         };
-        if let Err(e) = built {
-            return Outcome::BuildFailed {
-                message: error_chain(&e),
-            };
+        if let Err(message) = built {
+            return Outcome::BuildFailed { message };
         }
         if let (true, Some(cache)) = (item.push, &cfg.cache) {
             if let Err(e) = driver::push_to_cache(cfg, cache, &item.desired).await {
@@ -261,17 +275,10 @@ async fn reconcile(cfg: &DriverConfig, item: &WorkItem, tx: &mpsc::Sender<Report
         let _ = report(Step::CopySucceeded).await;
         // What to go back to if activation fails: the running system and
         // the generation the profile pointed at before it was moved.
-        let previous_profile = if item.host.action.sets_profile() {
-            match session.boot_system().await {
-                Ok(p) => p,
-                Err(e) => return failed(Reason::HostUnreachable, &e),
-            }
-        } else {
-            None
-        };
+        let previous_profile = found.profile.filter(|_| item.host.action.sets_profile());
         let _ = report(Step::ActivationStarted).await;
         let previous = Previous {
-            running: current.as_deref(),
+            running: found.current.as_deref(),
             profile: previous_profile.as_deref(),
         };
         let activated = if matches!(item.host.action, Action::Switch | Action::Test) {
@@ -421,11 +428,19 @@ pub(crate) async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
         };
     }
     match observe(session, item.host.action).await {
-        Ok(Some(now)) if now == item.desired => Outcome::Converged {
+        Ok(now) => verified(item, now),
+        Err(e) => failed(Reason::HostUnreachable, &e),
+    }
+}
+
+/// The outcome of an activation after which the host was found on `now`.
+pub(crate) fn verified(item: &WorkItem, now: Option<String>) -> Outcome {
+    match now {
+        Some(now) if now == item.desired => Outcome::Converged {
             system: now,
             changed: true,
         },
-        Ok(other) => Outcome::Failed {
+        other => Outcome::Failed {
             reason: Reason::ActivationFailed,
             message: format!(
                 "switch-to-configuration {} succeeded but the host is on {} instead of {}",
@@ -434,7 +449,6 @@ pub(crate) async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
                 item.desired
             ),
         },
-        Err(e) => failed(Reason::HostUnreachable, &e),
     }
 }
 

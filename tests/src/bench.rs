@@ -22,7 +22,7 @@ use serde_json::Value;
 struct Options {
     sizes: Vec<usize>,
     rounds: usize,
-    eval_cost: u64,
+    eval_costs: Vec<u64>,
     idle_hosts: usize,
     idle_seconds: u64,
     latency_commits: usize,
@@ -35,11 +35,12 @@ fn main() -> Result<()> {
     let mut opts = Options {
         sizes: vec![10, 50],
         rounds: 3,
-        eval_cost: 4_000_000,
+        eval_costs: vec![0, 4_000_000],
         idle_hosts: 100,
         idle_seconds: 30,
         latency_commits: 20,
-        cim: cim_sandbox::harness::cim_bin(),
+        // target/release/cim next to target/release/cim-bench.
+        cim: std::env::current_exe()?.with_file_name("cim"),
         baseline: None,
         only: None,
     };
@@ -54,7 +55,12 @@ fn main() -> Result<()> {
                     .collect::<Result<_, _>>()?
             }
             "--rounds" => opts.rounds = value()?.parse()?,
-            "--eval-cost" => opts.eval_cost = value()?.parse()?,
+            "--eval-costs" => {
+                opts.eval_costs = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             "--idle-hosts" => opts.idle_hosts = value()?.parse()?,
             "--idle-seconds" => opts.idle_seconds = value()?.parse()?,
             "--latency-commits" => opts.latency_commits = value()?.parse()?,
@@ -62,7 +68,7 @@ fn main() -> Result<()> {
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-cost N --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --only converge|latency|idle)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --only converge|latency|idle)"
             ),
         }
     }
@@ -150,7 +156,7 @@ fn converge(opts: &Options) -> Result<()> {
     for &n in &opts.sizes {
         let fleet = Fleet::start(n)?;
         let state = tempfile::Builder::new().prefix("cim-bench-").tempdir()?;
-        for cost in [0, opts.eval_cost] {
+        for &cost in &opts.eval_costs {
             fleet.write("sandbox/eval-cost.nix", &format!("{cost}\n"))?;
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); methods.len()];
             let mut trial = 0;

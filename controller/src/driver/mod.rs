@@ -215,6 +215,66 @@ cat "$dir/$token.rc"
 cat "$dir/$token.log" 2>/dev/null
 "#;
 
+/// What a reconcile needs to know about a host before it acts, in one
+/// command (`sh -c LOOK`): the running system, the system profile's
+/// closure, and confirmed activations still waiting for a confirmation.
+/// A constant, like [`WATCHDOG`].
+pub const LOOK: &str = r#"readlink /run/current-system
+echo --
+readlink -f /nix/var/nix/profiles/system
+echo --
+for f in /run/cim/*.canary; do [ -e "$f" ] && echo "$f"; done
+exit 0
+"#;
+
+/// A host as [`LOOK`] found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Look {
+    /// What `/run/current-system` points at.
+    pub current: Option<String>,
+    /// What the system profile points at: what the host boots into.
+    pub profile: Option<String>,
+    /// Tokens of confirmed activations whose watchdog still waits.
+    pub pending: Vec<String>,
+}
+
+fn parse_look(stdout: &str) -> Look {
+    let mut sections = stdout.split("--\n");
+    let path = |s: Option<&str>| {
+        s.map(str::trim)
+            .filter(|p| is_store_path(p))
+            .map(str::to_string)
+    };
+    let current = path(sections.next());
+    let profile = path(sections.next());
+    let pending = sections
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("{WATCHDOG_DIR}/"))?
+                .strip_suffix(".canary")
+        })
+        .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        .map(str::to_string)
+        .collect();
+    Look {
+        current,
+        profile,
+        pending,
+    }
+}
+
+/// Confirms a confirmed activation and reads what the host runs, in one
+/// command: `sh -c CONFIRM cim-confirm CANARY`. Prints nothing if the
+/// canary was already gone (the host gave up waiting).
+pub const CONFIRM: &str = r#"rm "$1" 2>/dev/null || exit 0
+echo confirmed
+readlink /run/current-system
+exit 0
+"#;
+
 /// Reads [`WAIT_FOR_RESULT`]'s output: the exit code on the first line,
 /// then the activation's output.
 fn parse_activation_result(stdout: &str) -> Option<(i32, String)> {
@@ -456,26 +516,31 @@ impl HostSession {
         Ok(parse_activation_result(&out.stdout))
     }
 
-    /// Tokens of confirmed activations whose watchdog still waits for a
-    /// confirmation (started by a controller that has since died).
-    pub async fn pending_confirmations(&self) -> Result<Vec<String>, SshError> {
+    /// The running system, the profile and pending confirmations, in one
+    /// round trip (see [`LOOK`]).
+    pub async fn look(&self) -> Result<Look, SshError> {
+        let out = self.run("sh", &["-c", LOOK]).await?;
+        Ok(parse_look(&out.stdout))
+    }
+
+    /// Confirms a confirmed activation over this connection and returns
+    /// what the host runs now (`Some(None)`: no system); `None` if the host
+    /// had already given up waiting and reverted.
+    pub async fn confirm_and_read(&self, token: &str) -> Result<Option<Option<String>>, SshError> {
+        let canary = format!("{WATCHDOG_DIR}/{token}.canary");
         let out = self
-            .run(
-                "find",
-                &[WATCHDOG_DIR, "-maxdepth", "1", "-name", "*.canary"],
-            )
+            .run("sh", &["-c", CONFIRM, "cim-confirm", &canary])
             .await?;
-        Ok(out
-            .stdout
-            .lines()
-            .filter_map(|l| {
-                l.trim()
-                    .strip_prefix(&format!("{WATCHDOG_DIR}/"))?
-                    .strip_suffix(".canary")
-            })
-            .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-            .map(str::to_string)
-            .collect())
+        let mut lines = out.stdout.lines().map(str::trim);
+        if lines.next() != Some("confirmed") {
+            return Ok(None);
+        }
+        Ok(Some(
+            lines
+                .next()
+                .filter(|p| is_store_path(p))
+                .map(str::to_string),
+        ))
     }
 
     /// What a confirmed activation would revert to: the running system and
@@ -703,6 +768,24 @@ mod tests {
             "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"
         ));
         assert!(!is_store_path("/tmp/x"));
+    }
+
+    #[test]
+    fn looks_are_read() {
+        let system = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1";
+        let out =
+            format!("{system}\n--\n{system}\n--\n/run/cim/web-1-17.canary\n/run/cim/x;y.canary\n");
+        assert_eq!(
+            parse_look(&out),
+            Look {
+                current: Some(system.to_string()),
+                profile: Some(system.to_string()),
+                pending: vec!["web-1-17".to_string()],
+            }
+        );
+        // A new host: no system, no profile, nothing pending.
+        assert_eq!(parse_look("--\n\n--\n"), Look::default());
+        assert_eq!(parse_look(""), Look::default());
     }
 
     #[test]

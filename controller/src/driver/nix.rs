@@ -307,21 +307,24 @@ pub async fn configuration_names(
         .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
 }
 
-/// Builds one evaluated system (`nix-store --realise`, no evaluation) and
-/// checks that it produced the closure the evaluation promised.
-pub async fn realise(cfg: &DriverConfig, system: &Toplevel) -> Result<(), BuildError> {
+/// Builds evaluated systems in one `nix-store --realise` (no evaluation)
+/// and checks that it produced every closure the evaluation promised.
+pub async fn realise(cfg: &DriverConfig, systems: &[Toplevel]) -> Result<(), BuildError> {
     let mut nix = NixCommand::store(cfg, "--realise");
-    nix.cmd.arg(&system.drv);
-    let output = nix.run(system.drv.clone(), BUILD_LIMIT).await?;
-    if output.stdout.lines().any(|l| l.trim() == system.out) {
-        Ok(())
-    } else {
-        Err(BuildError::Output(format!(
-            "building {} gave {} instead of {}",
-            system.drv,
-            output.stdout.trim(),
-            system.out
-        )))
+    nix.cmd.args(systems.iter().map(|s| &s.drv));
+    let what = systems
+        .iter()
+        .map(|s| s.drv.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let output = nix.run(what, BUILD_LIMIT).await?;
+    let built: std::collections::BTreeSet<&str> = output.stdout.lines().map(str::trim).collect();
+    match systems.iter().find(|s| !built.contains(s.out.as_str())) {
+        None => Ok(()),
+        Some(missing) => Err(BuildError::Output(format!(
+            "building {} did not give {}",
+            missing.drv, missing.out
+        ))),
     }
 }
 

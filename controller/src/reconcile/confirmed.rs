@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{
-    failed, observe, roll_back, rollback_target, verify, Outcome, Previous, Report, Rollback, Step,
+    failed, observe, roll_back, rollback_target, Outcome, Previous, Report, Rollback, Step,
     WorkItem,
 };
 use crate::driver::{tail, ConfirmedRun, DriverConfig, HostSession};
@@ -102,13 +102,13 @@ pub(super) async fn activate(
 /// connection, confirms it. If the host ends up on the desired closure the
 /// reconcile is done, with no second activation. `None` means carry on
 /// normally.
-pub(super) async fn adopt(session: &HostSession, item: &WorkItem) -> Option<Adopted> {
-    let pending = session.pending_confirmations().await.ok()?;
-    if pending.is_empty() {
-        return None;
-    }
+pub(super) async fn adopt(
+    session: &HostSession,
+    item: &WorkItem,
+    pending: &[String],
+) -> Option<Adopted> {
     let mut previous = (None, None);
-    for token in &pending {
+    for token in pending {
         match wait_for_exit(session, token).await {
             Some((0, _)) => {
                 previous = session.activation_previous(token).await.unwrap_or_default();
@@ -178,11 +178,10 @@ async fn confirm_over_new_connection(
 ) -> Option<Outcome> {
     let attempt = async {
         let fresh = HostSession::connect(cfg, &item.host).await.ok()?;
-        let confirmed = fresh.confirm(token).await.ok()?;
-        let outcome = if confirmed {
-            Some(verify(&fresh, item).await)
-        } else {
-            None
+        let outcome = match fresh.confirm_and_read(token).await {
+            Ok(Some(now)) => Some(super::verified(item, now)),
+            Ok(None) => None,
+            Err(e) => Some(failed(Reason::HostUnreachable, &e)),
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), fresh.close()).await;
         outcome

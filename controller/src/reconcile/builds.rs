@@ -1,0 +1,117 @@
+//! Builds that workers ask for, batched: every request that arrives within
+//! a few milliseconds of the first (workers dispatched together ask
+//! together) is realised by one `nix-store --realise`. Each nix process
+//! costs tens of milliseconds of CPU before it builds anything, which across
+//! a fleet adds up to more than the builds of small closures; one process
+//! also lets nix schedule shared dependencies itself. Batches run
+//! concurrently: a request never waits for an unrelated batch. If a batch
+//! fails, its systems are realised one by one so that an error fails only
+//! the hosts it concerns (and a builder killed by a signal gets one more
+//! attempt).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::driver::{self, DriverConfig, Toplevel};
+
+/// How long a batch waits for more requests after its first.
+const BATCH_WINDOW: Duration = Duration::from_millis(15);
+/// Systems realised at once when a failed batch is retried one by one.
+const RETRY_PARALLELISM: usize = 4;
+
+struct Request {
+    system: Toplevel,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// A handle to the batching build task; cheap to clone.
+#[derive(Clone)]
+pub struct Builds {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Builds {
+    /// Starts the build task. It ends when every handle is dropped.
+    pub fn spawn(cfg: Arc<DriverConfig>) -> Builds {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(serve(cfg, rx));
+        Builds { tx }
+    }
+
+    /// Builds `system`; the error is nix's message.
+    pub async fn build(&self, system: Toplevel) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { system, reply })
+            .await
+            .map_err(|_| "the build task has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the build task has stopped".to_string())?
+    }
+}
+
+async fn serve(cfg: Arc<DriverConfig>, mut rx: mpsc::Receiver<Request>) {
+    let mut batches = tokio::task::JoinSet::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + BATCH_WINDOW;
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            batch.push(more);
+        }
+        batches.spawn(run_batch(Arc::clone(&cfg), batch));
+        while batches.try_join_next().is_some() {}
+    }
+    while batches.join_next().await.is_some() {}
+}
+
+async fn run_batch(cfg: Arc<DriverConfig>, batch: Vec<Request>) {
+    let mut systems: BTreeMap<String, Toplevel> = BTreeMap::new();
+    for r in &batch {
+        systems.insert(r.system.drv.clone(), r.system.clone());
+    }
+    let systems: Vec<Toplevel> = systems.into_values().collect();
+    tracing::debug!(systems = systems.len(), "building a batch");
+    let results: BTreeMap<String, Result<(), String>> = match driver::realise(&cfg, &systems).await
+    {
+        Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
+        Err(e) if systems.len() == 1 && !killed(&e) => {
+            BTreeMap::from([(systems[0].drv.clone(), Err(super::error_chain(&e)))])
+        }
+        Err(_) => one_by_one(&cfg, systems).await,
+    };
+    for r in batch {
+        let result = results
+            .get(&r.system.drv)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("{} was not built", r.system.drv)));
+        // A worker that was cancelled no longer listens.
+        let _ = r.reply.send(result);
+    }
+}
+
+/// A builder killed by a signal failed for a reason outside its
+/// derivation (seen rarely with concurrent nix processes on one store);
+/// unlike a build error, it is worth one more attempt.
+fn killed(e: &driver::BuildError) -> bool {
+    e.to_string().contains("failed due to signal")
+}
+
+async fn one_by_one(
+    cfg: &DriverConfig,
+    systems: Vec<Toplevel>,
+) -> BTreeMap<String, Result<(), String>> {
+    futures::stream::iter(systems)
+        .map(|s| async move {
+            let result = driver::realise(cfg, std::slice::from_ref(&s))
+                .await
+                .map_err(|e| super::error_chain(&e));
+            (s.drv, result)
+        })
+        .buffer_unordered(RETRY_PARALLELISM)
+        .collect()
+        .await
+}
