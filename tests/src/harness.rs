@@ -135,6 +135,11 @@ impl Cim {
         std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default()
     }
 
+    /// The controller's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Runs a `cim` client command against this controller.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(cim_bin())
