@@ -300,6 +300,19 @@ mod tests {
     }
 
     #[test]
+    fn failures_of_an_older_revision_do_not_spend_the_budget() {
+        let f = fleet(WAVES, &[("c-1", "canary", ""), ("w-1", "web", "")]);
+        // c-1 failed revision r; the rollout of r2 has not touched it yet.
+        let s = status(vec![failed("c-1")]);
+        assert_eq!(over_budget(&f, &s, "r2"), None);
+        assert_eq!(over_budget(&f, &s, "r"), Some(vec!["c-1".to_string()]));
+        let mut s = s;
+        s.repo.revision = Some("r2".to_string());
+        let p = progress(&s);
+        assert_eq!((p.failed, p.pending), (0, 1));
+    }
+
+    #[test]
     fn the_failure_budget_halts_and_blocks_untouched_hosts() {
         let f = fleet(
             WAVES,

@@ -202,7 +202,6 @@ fn converge(opts: &Options) -> Result<()> {
                 at(Method::Cim) / at(Method::Floor),
                 at(Method::Loop) / at(Method::Cim)
             ));
-            println!("{row}");
             rows.push(row);
         }
     }

@@ -16,12 +16,15 @@ use openssh::{KnownHosts, Session, SessionBuilder};
 use crate::spec::{Action, HostSpec};
 
 mod nix;
+mod scripts;
 
 use nix::NixCommand;
 pub use nix::{
     configuration_names, evaluate, push_to_cache, realise, toplevel_attribute, BuildError,
     Evaluation, Toplevel,
 };
+use scripts::{parse_activation_result, parse_look};
+pub use scripts::{Look, CONFIRM, LOOK, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
 #[derive(Debug, Clone, Default)]
@@ -159,132 +162,6 @@ const REMOTE_COMMAND_GRACE: Duration = Duration::from_secs(10);
 const ACTIVATION_LIMIT: Duration = Duration::from_secs(600);
 /// Longest a `nix copy` may take.
 const COPY_LIMIT: Duration = Duration::from_secs(3600);
-
-/// Where the watchdog keeps its canary, exit code and log on the host.
-pub const WATCHDOG_DIR: &str = "/run/cim";
-
-/// The confirmed-activation watchdog, run on the host as
-/// `sh -c WATCHDOG cim-watchdog CLOSURE ACTION TIMEOUT TOKEN PREVIOUS PREVIOUS_PROFILE`.
-/// It is a constant: every value reaches it as a positional argument.
-pub const WATCHDOG: &str = r#"set -u
-closure=$1 action=$2 timeout=$3 token=$4 prev=$5 prevprofile=$6
-dir=/run/cim
-mkdir -p "$dir"
-exec </dev/null >"$dir/$token.log" 2>&1
-printf '%s\n%s\n' "$prev" "$prevprofile" >"$dir/$token.prev"
-canary="$dir/$token.canary"
-: >"$canary"
-rc=0
-if [ "$action" = switch ]; then
-  nix-env -p /nix/var/nix/profiles/system --set "$closure" || rc=$?
-fi
-if [ "$rc" = 0 ]; then
-  "$closure/bin/switch-to-configuration" "$action" || rc=$?
-fi
-echo "$rc" >"$dir/$token.rc.tmp" && mv "$dir/$token.rc.tmp" "$dir/$token.rc"
-i=0
-while [ -e "$canary" ] && [ "$i" -lt "$timeout" ]; do
-  sleep 1
-  i=$((i + 1))
-done
-if [ -e "$canary" ]; then
-  rm -f "$canary"
-  echo "cim: not confirmed within ${timeout}s, reverting" >>"$dir/$token.result"
-  if [ "$action" = switch ] && [ -n "$prevprofile" ]; then
-    nix-env -p /nix/var/nix/profiles/system --set "$prevprofile"
-  fi
-  if [ -n "$prev" ]; then
-    "$prev/bin/switch-to-configuration" "$action"
-  fi
-fi
-"#;
-
-/// Waits on the host for a confirmed activation's exit code, run as
-/// `sh -c WAIT_FOR_RESULT cim-wait TOKEN POLLS`: prints the code and the
-/// activation's output once it is there, nothing if it is not within
-/// POLLS × 50 ms. A constant, like [`WATCHDOG`].
-pub const WAIT_FOR_RESULT: &str = r#"set -u
-dir=/run/cim token=$1 polls=$2
-i=0
-while [ ! -e "$dir/$token.rc" ]; do
-  [ "$i" -ge "$polls" ] && exit 0
-  sleep 0.05
-  i=$((i + 1))
-done
-cat "$dir/$token.rc"
-cat "$dir/$token.log" 2>/dev/null
-"#;
-
-/// What a reconcile needs to know about a host before it acts, in one
-/// command (`sh -c LOOK`): the running system, the system profile's
-/// closure, and confirmed activations still waiting for a confirmation.
-/// A constant, like [`WATCHDOG`].
-pub const LOOK: &str = r#"readlink /run/current-system
-echo --
-readlink -f /nix/var/nix/profiles/system
-echo --
-for f in /run/cim/*.canary; do [ -e "$f" ] && echo "$f"; done
-exit 0
-"#;
-
-/// A host as [`LOOK`] found it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Look {
-    /// What `/run/current-system` points at.
-    pub current: Option<String>,
-    /// What the system profile points at: what the host boots into.
-    pub profile: Option<String>,
-    /// Tokens of confirmed activations whose watchdog still waits.
-    pub pending: Vec<String>,
-}
-
-fn parse_look(stdout: &str) -> Look {
-    let mut sections = stdout.split("--\n");
-    let path = |s: Option<&str>| {
-        s.map(str::trim)
-            .filter(|p| is_store_path(p))
-            .map(str::to_string)
-    };
-    let current = path(sections.next());
-    let profile = path(sections.next());
-    let pending = sections
-        .next()
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix(&format!("{WATCHDOG_DIR}/"))?
-                .strip_suffix(".canary")
-        })
-        .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-        .map(str::to_string)
-        .collect();
-    Look {
-        current,
-        profile,
-        pending,
-    }
-}
-
-/// Confirms a confirmed activation and reads what the host runs, in one
-/// command: `sh -c CONFIRM cim-confirm CANARY`. Prints nothing if the
-/// canary was already gone (the host gave up waiting).
-pub const CONFIRM: &str = r#"rm "$1" 2>/dev/null || exit 0
-echo confirmed
-readlink /run/current-system
-exit 0
-"#;
-
-/// Reads [`WAIT_FOR_RESULT`]'s output: the exit code on the first line,
-/// then the activation's output.
-fn parse_activation_result(stdout: &str) -> Option<(i32, String)> {
-    let (code, log) = stdout.split_once('\n').unwrap_or((stdout, ""));
-    let code = code.trim();
-    if code.is_empty() {
-        return None;
-    }
-    Some((code.parse().unwrap_or(-1), log.to_string()))
-}
 
 /// One confirmed activation.
 #[derive(Debug, Clone)]
@@ -768,35 +645,6 @@ mod tests {
             "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"
         ));
         assert!(!is_store_path("/tmp/x"));
-    }
-
-    #[test]
-    fn looks_are_read() {
-        let system = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1";
-        let out =
-            format!("{system}\n--\n{system}\n--\n/run/cim/web-1-17.canary\n/run/cim/x;y.canary\n");
-        assert_eq!(
-            parse_look(&out),
-            Look {
-                current: Some(system.to_string()),
-                profile: Some(system.to_string()),
-                pending: vec!["web-1-17".to_string()],
-            }
-        );
-        // A new host: no system, no profile, nothing pending.
-        assert_eq!(parse_look("--\n\n--\n"), Look::default());
-        assert_eq!(parse_look(""), Look::default());
-    }
-
-    #[test]
-    fn activation_results_are_read() {
-        assert_eq!(parse_activation_result(""), None);
-        assert_eq!(
-            parse_activation_result("0\nactivating\ndone\n"),
-            Some((0, "activating\ndone\n".to_string()))
-        );
-        assert_eq!(parse_activation_result("2\n"), Some((2, String::new())));
-        assert_eq!(parse_activation_result("x\n"), Some((-1, String::new())));
     }
 
     #[test]

@@ -1,0 +1,281 @@
+//! What the controller makes of its workers' reports: each step becomes
+//! an event (drift found on looking at a host, a build, a copy, an
+//! activation), and each run's outcome becomes the host's new state —
+//! converged, failed and retried with backoff, or held after a failed
+//! activation and its rollback.
+
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::Controller;
+use crate::event::{NewEvent, Phase, Reason};
+use crate::queue::backoff;
+use crate::reconcile::{Outcome, Rollback, Step};
+use crate::spec::Action;
+
+impl Controller {
+    pub(super) fn on_step(&mut self, host: &str, revision: &str, step: Step) {
+        let status = self.status.hosts.get(host);
+        let desired = self
+            .desired
+            .get(host)
+            .map(|d| d.out.clone())
+            .unwrap_or_default();
+        let action = self.host_spec(host).map_or(Action::Switch, |h| h.action);
+        let ev = match step {
+            Step::Observed { current } => {
+                // A host cim has not seen yet cannot have drifted.
+                let Some(known) = status.and_then(|s| {
+                    (s.phase == Phase::Converged)
+                        .then_some(s.current_system.as_ref())
+                        .flatten()
+                }) else {
+                    return;
+                };
+                if current.as_ref() == Some(known) {
+                    return;
+                }
+                let found = current.clone().unwrap_or_else(|| "no system".to_string());
+                let mut ev = NewEvent::host(
+                    host,
+                    Reason::DriftDetected,
+                    Some(revision),
+                    format!("host runs {found}, not {}; converging it again", known),
+                )
+                .phase(Phase::Pending);
+                ev.system = current;
+                ev
+            }
+            Step::BuildStarted => NewEvent::host(
+                host,
+                Reason::BuildStarted,
+                Some(revision),
+                format!("building {desired}"),
+            )
+            .phase(Phase::Building),
+            Step::BuildSucceeded => {
+                self.built.insert(desired.clone());
+                NewEvent::host(
+                    host,
+                    Reason::BuildSucceeded,
+                    Some(revision),
+                    format!("built {desired}"),
+                )
+                .system(desired)
+            }
+            Step::Pushed => {
+                self.pushed.insert(desired);
+                return;
+            }
+            Step::CopyStarted => NewEvent::host(
+                host,
+                Reason::CopyStarted,
+                Some(revision),
+                format!("copying {desired}"),
+            )
+            .phase(Phase::Copying),
+            Step::Verifying => {
+                let names: Vec<&str> = self
+                    .host_spec(host)
+                    .map(|h| h.health_checks.iter().map(|c| c.name.as_str()).collect())
+                    .unwrap_or_default();
+                NewEvent::host(
+                    host,
+                    Reason::HealthChecksStarted,
+                    Some(revision),
+                    format!("running health checks: {}", names.join(", ")),
+                )
+                .phase(Phase::Verifying)
+            }
+            Step::ConfirmationTimedOut { message } => {
+                NewEvent::host(host, Reason::ConfirmationTimedOut, Some(revision), message)
+            }
+            Step::CopySucceeded => NewEvent::host(
+                host,
+                Reason::CopySucceeded,
+                Some(revision),
+                format!("copied {desired}"),
+            ),
+            Step::ActivationStarted => NewEvent::host(
+                host,
+                Reason::ActivationStarted,
+                Some(revision),
+                format!("running switch-to-configuration {action}"),
+            )
+            .phase(Phase::Activating),
+        };
+        self.record(ev);
+    }
+
+    pub(super) fn on_done(&mut self, host: &str, revision: &str, outcome: Outcome) {
+        self.queue.done(host);
+        self.handle_outcome(host, revision, outcome);
+        self.advance_rollout();
+    }
+
+    fn handle_outcome(&mut self, host: &str, revision: &str, outcome: Outcome) {
+        if self.host_spec(host).is_none_or(|h| h.suspend) {
+            return;
+        }
+        if self.operator_suspended(host) && !matches!(outcome, Outcome::ManualRollback { .. }) {
+            // A reconcile that was in flight when `cim rollback` came in:
+            // record what it changed on the host, keep the host suspended,
+            // and run the waiting rollback now.
+            if let Outcome::Converged {
+                system,
+                changed: true,
+            } = outcome
+            {
+                self.record(
+                    NewEvent::host(
+                        host,
+                        Reason::Converged,
+                        Some(revision),
+                        format!("switched to {system}"),
+                    )
+                    .system(system),
+                );
+            }
+            if self.pending_rollbacks.remove(host) {
+                self.start_rollback(host);
+            }
+            return;
+        }
+        match outcome {
+            Outcome::Cancelled => {}
+            Outcome::BuildFailed { message } => self.build_failed(host, revision, message),
+            Outcome::Converged { system, changed } => {
+                let news = changed
+                    || self.status.hosts.get(host).is_none_or(|status| {
+                        status.phase != Phase::Converged
+                            || status.observed_revision.as_deref() != Some(revision)
+                            || status.current_system.as_deref() != Some(system.as_str())
+                    });
+                if news {
+                    let message = if changed {
+                        format!("switched to {system}")
+                    } else {
+                        format!("already running {system}")
+                    };
+                    self.record(
+                        NewEvent::host(host, Reason::Converged, Some(revision), message)
+                            .phase(Phase::Converged)
+                            .system(system),
+                    );
+                }
+            }
+            Outcome::Failed { reason, message } => {
+                let failures = self.status.hosts.get(host).map_or(0, |h| h.failures) + 1;
+                let delay = backoff(failures, self.cfg.backoff_base, self.cfg.backoff_max);
+                let next = OffsetDateTime::now_utc() + delay;
+                self.record(
+                    NewEvent::host(host, reason, Some(revision), message)
+                        .phase(Phase::Failed)
+                        .next_retry(next),
+                );
+                self.queue.schedule(host, Instant::now() + delay);
+            }
+            Outcome::ActivationFailed { message, rollback } => {
+                let failure = (Reason::ActivationFailed, message);
+                self.activation_failed(host, revision, Some(failure), rollback);
+            }
+            Outcome::HealthCheckFailed { message, rollback } => {
+                let failure = (Reason::HealthCheckFailed, message);
+                self.activation_failed(host, revision, Some(failure), rollback);
+            }
+            Outcome::ManualRollback { rollback } => {
+                let ev = match rollback {
+                    Rollback::RolledBack { to } => NewEvent::host(
+                        host,
+                        Reason::RolledBack,
+                        Some(revision),
+                        format!("rolled back to the previous generation {to}; suspended until `cim resume {host}`"),
+                    )
+                    .system(to),
+                    Rollback::Failed { to, message } => NewEvent::host(
+                        host,
+                        Reason::RollbackFailed,
+                        Some(revision),
+                        format!("rolling back to {to} failed: {message}"),
+                    ),
+                    Rollback::NothingToRollBackTo => NewEvent::host(
+                        host,
+                        Reason::RollbackFailed,
+                        Some(revision),
+                        "no previous generation to roll back to",
+                    ),
+                };
+                self.record(ev);
+                return;
+            }
+            Outcome::NotConfirmed { rollback } => {
+                self.activation_failed(host, revision, None, rollback);
+            }
+        }
+        // A newer revision may have arrived while this host was busy.
+        if self.current_revision() != Some(revision) && self.desired.contains_key(host) {
+            self.queue.enqueue(host, Instant::now());
+        }
+    }
+
+    /// Records a failed activation and its rollback. The host is held: it
+    /// is not retried for this revision (its status carries
+    /// `failedRevision`) until a new revision or `cim reconcile HOST`.
+    fn activation_failed(
+        &mut self,
+        host: &str,
+        revision: &str,
+        failure: Option<(Reason, String)>,
+        rollback: Rollback,
+    ) {
+        let desired = self
+            .desired
+            .get(host)
+            .map(|d| d.out.clone())
+            .unwrap_or_default();
+        // The failure event already says when there is nothing to go back to.
+        let announced_nothing = failure.is_some() && rollback == Rollback::NothingToRollBackTo;
+        if let Some((reason, message)) = failure {
+            let outcome = match &rollback {
+                Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
+                Rollback::RolledBack { to } => format!("rolled back to {to}"),
+                Rollback::Failed { to, .. } => format!("rolling back to {to} failed"),
+            };
+            self.record(
+                NewEvent::host(
+                    host,
+                    reason,
+                    Some(revision),
+                    format!("{message}\n{outcome}"),
+                )
+                .phase(Phase::Failed),
+            );
+        }
+        let held = format!("held until a new revision or `cim reconcile {host}`");
+        let ev = match rollback {
+            Rollback::NothingToRollBackTo => NewEvent::host(
+                host,
+                Reason::RollbackFailed,
+                Some(revision),
+                format!("no previous system to roll back to from {desired}; {held}"),
+            ),
+            Rollback::RolledBack { to } => NewEvent::host(
+                host,
+                Reason::RolledBack,
+                Some(revision),
+                format!("rolled back from {desired} to {to}; {held}"),
+            )
+            .system(to),
+            Rollback::Failed { to, message } => NewEvent::host(
+                host,
+                Reason::RollbackFailed,
+                Some(revision),
+                format!("rolling back from {desired} to {to} failed: {message}; {held}"),
+            ),
+        };
+        if !announced_nothing {
+            self.record(ev.phase(Phase::Failed));
+        }
+        self.queue.forget(host);
+    }
+}
