@@ -113,6 +113,9 @@ pub struct Controller {
     judged: Option<String>,
     queue: WorkQueue<Instant>,
     workers: JoinSet<()>,
+    /// Which host (and revision) each worker task works on, so that a
+    /// worker that panics is reported as a failed reconcile of its host.
+    worker_hosts: std::collections::HashMap<tokio::task::Id, (String, String)>,
     worker_cancel: CancellationToken,
     fetch_now: Arc<Notify>,
     msg_tx: mpsc::Sender<Msg>,
@@ -122,11 +125,15 @@ pub struct Controller {
     /// Hosts due but held back by the rollout policy (waves, dependsOn, a
     /// halt); queued again whenever another host's state changes.
     gated: std::collections::BTreeSet<String>,
+    /// Why the store last refused a write; while set, no new work starts.
+    store_failure: Option<String>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: std::collections::BTreeSet<String>,
 }
 
 const CHANNEL_CAPACITY: usize = 256;
+/// How often a store that refused a write is tried again.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Controller {
     pub fn new(
@@ -153,6 +160,7 @@ impl Controller {
             report_rx: Some(report_rx),
             gated: std::collections::BTreeSet::new(),
             pending_rollbacks: std::collections::BTreeSet::new(),
+            store_failure: None,
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&driver)),
             driver,
@@ -167,6 +175,7 @@ impl Controller {
             judged,
             queue: WorkQueue::default(),
             workers: JoinSet::new(),
+            worker_hosts: std::collections::HashMap::new(),
             worker_cancel: CancellationToken::new(),
             fetch_now,
         })
@@ -205,6 +214,7 @@ impl Controller {
             self.cfg.resync_interval,
         );
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut store_check = tokio::time::interval(STORE_CHECK_INTERVAL);
         loop {
             self.dispatch();
             let next_due = self.queue.next_due();
@@ -215,8 +225,17 @@ impl Controller {
                 Some(m) = rx.recv() => m,
                 Some(r) = requests.recv() => Msg::Request(r),
                 _ = resync.tick() => { self.resync(); continue; }
+                _ = store_check.tick(), if self.store_failure.is_some() => {
+                    self.check_store();
+                    continue;
+                }
                 () = sleep_until(next_due) => continue,
-                Some(_) = self.workers.join_next(), if !self.workers.is_empty() => continue,
+                Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
+                    match self.worker_ended(joined) {
+                        Some(report) => Msg::Report(report),
+                        None => continue,
+                    }
+                }
             };
             self.handle(msg);
         }
@@ -267,9 +286,10 @@ impl Controller {
         }
     }
 
-    /// Appends an event; the projection follows. A store failure is fatal
-    /// for the event but not the controller: it is logged, and the next
-    /// state change tries again.
+    /// Appends an event; the projection follows. A failed append fails
+    /// closed: whatever depended on the event is not done (callers check
+    /// the result), and no new work starts until the store takes writes
+    /// again (see [`Controller::check_store`]).
     fn record(&mut self, new: NewEvent) -> Option<Event> {
         match self
             .store
@@ -281,7 +301,9 @@ impl Controller {
                 Some(ev)
             }
             Err(e) => {
-                tracing::error!(error = %reconcile::error_chain(&e), "cannot record an event");
+                let message = reconcile::error_chain(&e);
+                tracing::error!(error = %message, "cannot record an event; no new work starts until the store takes writes again");
+                self.store_failure = Some(message);
                 None
             }
         }
@@ -468,8 +490,27 @@ impl Controller {
         );
     }
 
+    /// While the store refuses writes, tries a write; once one succeeds,
+    /// work resumes (nothing is lost: status only ever changes after a
+    /// commit, and the level-triggered loop redoes what was skipped).
+    fn check_store(&mut self) {
+        match self.store.check_writable() {
+            Ok(()) => {
+                tracing::info!("the store takes writes again; resuming work");
+                self.store_failure = None;
+                self.resync();
+            }
+            Err(e) => {
+                tracing::warn!(error = %reconcile::error_chain(&e), "the store still refuses writes");
+            }
+        }
+    }
+
     /// Hands due hosts to workers, within `--max-parallel`.
     fn dispatch(&mut self) {
+        if self.store_failure.is_some() {
+            return;
+        }
         let limit = self
             .specs
             .as_ref()
@@ -516,14 +557,53 @@ impl Controller {
                     continue;
                 }
             }
-            self.workers.spawn(reconcile::run(
+            let revision = item.revision.clone();
+            let work = reconcile::run(
                 Arc::clone(&self.driver),
                 self.builds.clone(),
                 item,
                 self.report_tx.clone(),
                 self.worker_cancel.child_token(),
-            ));
+            );
+            self.spawn_worker(&host, &revision, work);
         }
+    }
+
+    /// Starts a worker task for `host`; see [`Controller::worker_ended`].
+    pub(super) fn spawn_worker(
+        &mut self,
+        host: &str,
+        revision: &str,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.workers.spawn(work);
+        self.worker_hosts
+            .insert(handle.id(), (host.to_string(), revision.to_string()));
+    }
+
+    /// A worker task ended. One that panicked never sent its `Done`: it is
+    /// reported here as a failed reconcile of its host, which frees the
+    /// host's slot and retries it with backoff.
+    fn worker_ended(
+        &mut self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) -> Option<Report> {
+        let (id, error) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let (host, revision) = self.worker_hosts.remove(&id)?;
+        let error = error.filter(|e| e.is_panic())?;
+        let message = crate::reconcile::panic_message(error.into_panic());
+        tracing::error!(%host, %message, "a worker panicked");
+        Some(Report::Done {
+            host,
+            revision,
+            outcome: reconcile::Outcome::Failed {
+                reason: Reason::WorkerCrashed,
+                message: format!("the worker reconciling this host crashed: {message}"),
+            },
+        })
     }
 
     fn operator_suspended(&self, host: &str) -> bool {
@@ -593,5 +673,116 @@ fn log_event(ev: &Event) {
         crate::event::EventType::Warning => tracing::warn!(
             seq = ev.seq, host, revision, reason = %ev.reason, to = ?ev.to_phase, "{}", ev.message
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller(dir: &std::path::Path) -> Controller {
+        let cfg = ControllerConfig {
+            resync_interval: Duration::from_secs(300),
+            max_parallel: 2,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+            mirror_path: dir.join("mirror.git"),
+            substitute_on_destination: false,
+        };
+        let store = Store::open(dir).unwrap();
+        Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        assert!(c.queue.claim("web-1"));
+        c.spawn_worker("web-1", "r1", async { panic!("boom in a worker") });
+        let joined = c.workers.join_next_with_id().await.unwrap();
+        let report = c
+            .worker_ended(joined)
+            .expect("a report for the crashed worker");
+        let Report::Done {
+            host,
+            revision,
+            outcome,
+        } = report
+        else {
+            panic!("not a Done report");
+        };
+        assert_eq!((host.as_str(), revision.as_str()), ("web-1", "r1"));
+        let reconcile::Outcome::Failed { reason, message } = &outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(*reason, Reason::WorkerCrashed);
+        assert!(message.contains("boom in a worker"), "{message}");
+        // Handled like any report: the slot is free again.
+        c.handle(Msg::Report(Report::Done {
+            host,
+            revision,
+            outcome,
+        }));
+        assert!(!c.queue.is_running("web-1"));
+        assert!(c.worker_hosts.is_empty());
+    }
+
+    fn one_host(c: &mut Controller) {
+        let fleet = crate::spec::parse_fleet(&[crate::spec::SpecFile {
+            path: "specs/a.yaml".into(),
+            contents: b"apiVersion: cim/v1\nkind: Host\nmetadata: {name: web-1}\nspec: {address: 10.0.0.2}\n".to_vec(),
+        }])
+        .unwrap();
+        c.specs = Some(("r1".to_string(), fleet));
+    }
+
+    /// Makes every append fail (as a full disk would), or undoes it.
+    fn break_store(dir: &std::path::Path, broken: bool) {
+        let conn = rusqlite::Connection::open(dir.join(crate::store::DB_FILE)).unwrap();
+        let sql = if broken {
+            "ALTER TABLE events RENAME TO events_away"
+        } else {
+            "ALTER TABLE events_away RENAME TO events"
+        };
+        conn.execute_batch(sql).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rollback_the_store_refuses_is_not_carried_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        one_host(&mut c);
+        break_store(dir.path(), true);
+        let answer = c.on_rollback("web-1");
+        let err = answer.expect_err("the request must fail");
+        assert!(err.contains("not carried out"), "{err}");
+        // Not suspended, not rolled back, and no new work starts.
+        assert!(!c.operator_suspended("web-1"));
+        assert!(c.workers.is_empty());
+        c.queue.enqueue("web-1", Instant::now());
+        c.dispatch();
+        assert!(c.workers.is_empty() && !c.queue.is_running("web-1"));
+        // Once the store takes writes again, work resumes and the request
+        // can be made again.
+        c.check_store();
+        assert!(c.store_failure.is_some(), "the store is still broken");
+        break_store(dir.path(), false);
+        c.check_store();
+        assert!(c.store_failure.is_none());
+        // (Busy, so that the rollback waits instead of connecting.)
+        assert!(c.queue.claim("web-1"));
+        assert!(c.on_rollback("web-1").is_ok());
+        assert!(c.operator_suspended("web-1"));
+        assert!(c.pending_rollbacks.contains("web-1"));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_ends_normally_reports_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        c.spawn_worker("web-1", "r1", async {});
+        let joined = c.workers.join_next_with_id().await.unwrap();
+        assert!(c.worker_ended(joined).is_none());
+        assert!(c.worker_hosts.is_empty());
     }
 }

@@ -85,6 +85,9 @@ pub enum Reason {
     /// A confirmed activation was not confirmed over a new SSH connection
     /// in time; the host reverts itself.
     ConfirmationTimedOut,
+    /// The worker reconciling the host crashed (a bug in cim); the host is
+    /// retried with backoff like any failure.
+    WorkerCrashed,
 }
 
 impl Reason {
@@ -102,7 +105,8 @@ impl Reason {
             | Reason::ConfirmationTimedOut
             | Reason::RollbackRequested
             | Reason::HealthCheckFailed
-            | Reason::RolloutHalted => EventType::Warning,
+            | Reason::RolloutHalted
+            | Reason::WorkerCrashed => EventType::Warning,
             _ => EventType::Normal,
         }
     }
@@ -115,6 +119,7 @@ impl Reason {
                 | Reason::CopyFailed
                 | Reason::ActivationFailed
                 | Reason::HostUnreachable
+                | Reason::WorkerCrashed
         )
     }
 }

@@ -459,6 +459,15 @@ pub(crate) fn failed(reason: Reason, err: &dyn std::error::Error) -> Outcome {
     }
 }
 
+/// What a panic said, for the event that reports it.
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 /// An error and its causes on one line each, so that an event message says
 /// both what failed and why.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

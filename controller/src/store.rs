@@ -147,6 +147,16 @@ impl Store {
         Ok(event)
     }
 
+    /// Whether the store takes writes (after one failed): rewrites the
+    /// repository row as it is, in a real transaction.
+    pub fn check_writable(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("UPDATE repo SET body = body WHERE id = 1", [])?;
+        tx.prepare("SELECT seq FROM events LIMIT 0")?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The stored projection.
     pub fn load_status(&self) -> Result<FleetStatus, StoreError> {
         let repo: Option<String> = self

@@ -23,15 +23,17 @@ impl Controller {
         if self.operator_suspended(host) && self.pending_rollbacks.contains(host) {
             return Ok(format!("a rollback of {host} is already waiting"));
         }
-        self.record(
-            NewEvent::host(
-                host,
-                Reason::RollbackRequested,
-                Some(&revision),
-                format!("suspended by `cim rollback`; switching {host} to its previous generation"),
-            )
-            .phase(Phase::Suspended),
-        );
+        let requested = NewEvent::host(
+            host,
+            Reason::RollbackRequested,
+            Some(&revision),
+            format!("suspended by `cim rollback`; switching {host} to its previous generation"),
+        )
+        .phase(Phase::Suspended);
+        // Rolling back a host that is not durably suspended would let the
+        // next resync redeploy it: nothing happens unless this is recorded.
+        self.record(requested)
+            .ok_or_else(|| self.not_recorded("rollback"))?;
         self.queue.forget(host);
         if self.start_rollback(host) {
             Ok(format!(
@@ -54,14 +56,23 @@ impl Controller {
             return false;
         }
         let revision = self.current_revision().unwrap_or_default().to_string();
-        self.workers.spawn(reconcile::run_rollback(
+        let work = reconcile::run_rollback(
             Arc::clone(&self.driver),
             spec,
-            revision,
+            revision.clone(),
             self.report_tx.clone(),
             self.worker_cancel.child_token(),
-        ));
+        );
+        self.spawn_worker(host, &revision, work);
         true
+    }
+
+    /// The answer to a request whose event the store refused.
+    fn not_recorded(&self, what: &str) -> String {
+        format!(
+            "the {what} was not carried out: the store refused to record it ({})",
+            self.store_failure.as_deref().unwrap_or("unknown error")
+        )
     }
 
     pub(super) fn on_resume(&mut self, host: &str) -> Result<String, String> {
@@ -84,7 +95,7 @@ impl Controller {
         if !suspended_by_spec {
             ev = ev.phase(Phase::Pending);
         }
-        self.record(ev);
+        self.record(ev).ok_or_else(|| self.not_recorded("resume"))?;
         if let Some(revision) = revision.filter(|_| !suspended_by_spec) {
             if self.desired.contains_key(host) {
                 self.queue.schedule(host, Instant::now());
@@ -122,7 +133,8 @@ impl Controller {
                         Reason::RolloutResumed,
                         Some(&revision),
                         "rollout resumed by `cim reconcile --all`",
-                    ));
+                    ))
+                    .ok_or_else(|| self.not_recorded("reconcile"))?;
                 }
                 let mut hosts = self.active_hosts();
                 hosts.retain(|h| !self.operator_suspended(h));
@@ -132,12 +144,15 @@ impl Controller {
         let now = Instant::now();
         let mut rebuild = false;
         for name in &hosts {
+            // ReconcileRequested clears a host's hold: without it recorded,
+            // the host is not worked on.
             self.record(NewEvent::host(
                 name,
                 Reason::ReconcileRequested,
                 Some(&revision),
                 "reconcile requested",
-            ));
+            ))
+            .ok_or_else(|| self.not_recorded("reconcile"))?;
             if self.desired.contains_key(name) {
                 self.queue.schedule(name, now);
             } else {

@@ -596,16 +596,19 @@ pub fn is_store_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("/nix/store/") else {
         return false;
     };
+    // Bytes, not chars: a host's output may hold anything, and slicing a
+    // str at a byte offset inside a multi-byte character would panic.
+    let rest = rest.as_bytes();
     let (hash, name) = rest.split_at(rest.len().min(32));
     hash.len() == 32
         && hash
-            .bytes()
+            .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name.starts_with('-')
         && name.len() > 1
+        && name[0] == b'-'
         && name[1..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(b))
 }
 
 /// Creates the control directory (mode 0700: it holds live connections)
@@ -645,6 +648,24 @@ mod tests {
             "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"
         ));
         assert!(!is_store_path("/tmp/x"));
+        // Multi-byte characters anywhere, including across byte 32.
+        assert!(!is_store_path(
+            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicix\u{e9}-a"
+        ));
+        assert!(!is_store_path(
+            "/nix/store/\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}x"
+        ));
+        assert!(!is_store_path(
+            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-\u{e9}"
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn store_path_checks_never_panic(s in "\\PC*") {
+            let _ = is_store_path(&s);
+            let _ = is_store_path(&format!("/nix/store/{s}"));
+        }
     }
 
     #[test]
