@@ -20,7 +20,6 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_stream::wrappers::BroadcastStream;
 
 use crate::controller::Request;
 use crate::event::Event;
@@ -82,7 +81,9 @@ struct EventsParams {
 #[derive(Clone)]
 struct AppState {
     state_dir: PathBuf,
-    reader: Arc<Mutex<Option<Store>>>,
+    /// Idle read-only connections; a reader takes one (or opens one) and
+    /// puts it back, so reads run concurrently instead of in turn.
+    readers: Arc<Mutex<Vec<Store>>>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
 }
@@ -94,7 +95,7 @@ pub fn router(
 ) -> Router {
     let state = AppState {
         state_dir,
-        reader: Arc::new(Mutex::new(None)),
+        readers: Arc::new(Mutex::new(Vec::new())),
         requests,
         events,
     };
@@ -127,17 +128,21 @@ impl AppState {
         &self,
         f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, Response> {
-        let reader = Arc::clone(&self.reader);
+        let readers = Arc::clone(&self.readers);
         let dir = self.state_dir.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = reader
-                .lock()
-                .map_err(|_| "store lock poisoned".to_string())?;
-            if guard.is_none() {
-                *guard = Some(Store::open_read_only(&dir).map_err(|e| e.to_string())?);
+            let idle = readers.lock().ok().and_then(|mut pool| pool.pop());
+            let store = match idle {
+                Some(store) => store,
+                None => Store::open_read_only(&dir).map_err(|e| e.to_string())?,
+            };
+            let result = f(&store).map_err(|e| crate::reconcile::error_chain(&e));
+            if let Ok(mut pool) = readers.lock() {
+                if pool.len() < MAX_IDLE_READERS {
+                    pool.push(store);
+                }
             }
-            let store = guard.as_ref().ok_or("store not open")?;
-            f(store).map_err(|e| crate::reconcile::error_chain(&e))
+            result
         })
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -153,11 +158,10 @@ async fn status(State(app): State<AppState>) -> Response {
 }
 
 async fn host(State(app): State<AppState>, Path(name): Path<String>) -> Response {
-    match app.read(|s| s.load_status()).await {
-        Ok(mut status) => match status.hosts.remove(&name) {
-            Some(h) => Json(h).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no host `{name}`")),
-        },
+    let wanted = name.clone();
+    match app.read(move |s| s.host(&wanted)).await {
+        Ok(Some(h)) => Json(h).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no host `{name}`")),
         Err(r) => r,
     }
 }
@@ -188,31 +192,74 @@ async fn stream(
         .and_then(|v| v.parse::<u64>().ok())
         .or(p.since)
         .unwrap_or(0);
-    let live = BroadcastStream::new(app.events.subscribe());
-    let host = p.host.clone();
-    let q = EventQuery {
+    // Subscribed before the store is read, so that nothing committed in
+    // between is missed.
+    let feed = Feed {
+        live: app.events.subscribe(),
+        app,
         host: p.host,
-        since: Some(since),
-        limit: None,
+        last: since,
+        buffer: std::collections::VecDeque::new(),
+        caught_up: false,
     };
-    let backlog = match app.read(move |s| s.events(&q)).await {
-        Ok(evs) => evs,
-        Err(r) => return r,
-    };
-    let mut last = backlog.last().map_or(since, |e| e.seq);
-    let live = live.filter_map(move |item| {
-        let host = host.clone();
-        let out = match item {
-            Ok(ev) if ev.seq > last && (host.is_none() || ev.host == host) => {
-                last = ev.seq;
-                Some(ev)
-            }
-            _ => None,
-        };
-        async move { out }
-    });
-    let events = futures::stream::iter(backlog).chain(live).map(to_sse);
+    let events = futures::stream::unfold(feed, Feed::next).map(to_sse);
     sse(events).into_response()
+}
+
+/// Events read from the store in pages this long.
+const PAGE: u32 = 500;
+/// Read-only connections kept open for the next reads.
+const MAX_IDLE_READERS: usize = 4;
+
+/// One SSE subscriber's position. It reads from the store, page by page,
+/// until it has caught up, then follows the live broadcast; if it falls so
+/// far behind that the broadcast drops events for it, it goes back to the
+/// store where it left off. Every event is committed before it is
+/// broadcast, so the store always has what the broadcast had: no gaps, and
+/// memory bounded by a page whatever the log's size.
+struct Feed {
+    app: AppState,
+    live: broadcast::Receiver<Event>,
+    host: Option<String>,
+    /// The last event sent (or skipped by the host filter).
+    last: u64,
+    buffer: std::collections::VecDeque<Event>,
+    caught_up: bool,
+}
+
+impl Feed {
+    async fn next(mut self) -> Option<(Event, Feed)> {
+        loop {
+            if let Some(ev) = self.buffer.pop_front() {
+                self.last = ev.seq;
+                return Some((ev, self));
+            }
+            if !self.caught_up {
+                let q = EventQuery {
+                    host: self.host.clone(),
+                    since: Some(self.last),
+                    limit: Some(PAGE),
+                };
+                let page = self.app.read(move |s| s.events(&q)).await.ok()?;
+                self.caught_up = page.len() < PAGE as usize;
+                self.buffer.extend(page);
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(ev) if ev.seq <= self.last => {}
+                Ok(ev) if self.host.is_none() || ev.host == self.host => self.buffer.push_back(ev),
+                Ok(ev) => self.last = ev.seq,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(
+                        missed,
+                        "an event stream fell behind; reading it from the store"
+                    );
+                    self.caught_up = false;
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
 }
 
 fn sse(
@@ -264,5 +311,78 @@ async fn ask(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller is shutting down",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NewEvent, Reason};
+    use crate::status::FleetStatus;
+
+    /// Appends `n` events to the store and broadcasts them, as the
+    /// controller does (commit first, then broadcast).
+    fn append(
+        store: &mut Store,
+        status: &mut FleetStatus,
+        tx: &broadcast::Sender<Event>,
+        n: usize,
+    ) {
+        let news = (0..n)
+            .map(|i| {
+                NewEvent::host(
+                    &format!("h{}", i % 3),
+                    Reason::ReconcileRequested,
+                    Some("r"),
+                    "",
+                )
+            })
+            .collect();
+        let evs = store
+            .append_all(status, news, time::OffsetDateTime::UNIX_EPOCH)
+            .unwrap();
+        for ev in evs {
+            let _ = tx.send(ev);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_has_no_gaps_even_when_it_falls_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        // A tiny broadcast buffer, so that a slow subscriber lags.
+        let (tx, _) = broadcast::channel(4);
+        let (requests, _rx) = mpsc::channel(1);
+        // A backlog longer than a page.
+        append(&mut store, &mut status, &tx, PAGE as usize + 7);
+        let app = AppState {
+            state_dir: dir.path().to_path_buf(),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            requests,
+            events: tx.clone(),
+        };
+        let feed = Feed {
+            live: tx.subscribe(),
+            app,
+            host: None,
+            last: 0,
+            buffer: std::collections::VecDeque::new(),
+            caught_up: false,
+        };
+        let mut events = Box::pin(futures::stream::unfold(feed, Feed::next));
+        let mut seen = Vec::new();
+        for _ in 0..PAGE + 7 {
+            seen.push(events.next().await.unwrap().seq);
+        }
+        // Now live, then far behind: 100 events into a buffer of 4.
+        append(&mut store, &mut status, &tx, 1);
+        seen.push(events.next().await.unwrap().seq);
+        append(&mut store, &mut status, &tx, 100);
+        for _ in 0..100 {
+            seen.push(events.next().await.unwrap().seq);
+        }
+        let total = PAGE as u64 + 7 + 101;
+        assert_eq!(seen, (1..=total).collect::<Vec<_>>());
     }
 }

@@ -127,6 +127,8 @@ pub struct Controller {
     gated: std::collections::BTreeSet<String>,
     /// Why the store last refused a write; while set, no new work starts.
     store_failure: Option<String>,
+    /// A revision whose specs the store refused to record.
+    unapplied: Option<(String, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: std::collections::BTreeSet<String>,
 }
@@ -161,6 +163,7 @@ impl Controller {
             gated: std::collections::BTreeSet::new(),
             pending_rollbacks: std::collections::BTreeSet::new(),
             store_failure: None,
+            unapplied: None,
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&driver)),
             driver,
@@ -291,14 +294,21 @@ impl Controller {
     /// the result), and no new work starts until the store takes writes
     /// again (see [`Controller::check_store`]).
     fn record(&mut self, new: NewEvent) -> Option<Event> {
+        self.record_all(vec![new]).and_then(|mut evs| evs.pop())
+    }
+
+    /// Appends events in one transaction; see [`Controller::record`].
+    fn record_all(&mut self, news: Vec<NewEvent>) -> Option<Vec<Event>> {
         match self
             .store
-            .append(&mut self.status, new, OffsetDateTime::now_utc())
+            .append_all(&mut self.status, news, OffsetDateTime::now_utc())
         {
-            Ok(ev) => {
-                log_event(&ev);
-                let _ = self.events.send(ev.clone());
-                Some(ev)
+            Ok(evs) => {
+                for ev in &evs {
+                    log_event(ev);
+                    let _ = self.events.send(ev.clone());
+                }
+                Some(evs)
             }
             Err(e) => {
                 let message = reconcile::error_chain(&e);
@@ -378,12 +388,15 @@ impl Controller {
         ));
     }
 
-    fn apply_specs(&mut self, revision: String, fleet: FleetSpec) {
-        self.record(NewEvent::repo(
+    /// Makes `fleet` the current specs: one batch of events (loaded,
+    /// removed, suspended and resumed hosts), written in one transaction.
+    /// Returns false, changing nothing, if the store refuses it.
+    fn apply_specs(&mut self, revision: String, fleet: FleetSpec) -> bool {
+        let mut news = vec![NewEvent::repo(
             Reason::SpecsLoaded,
             Some(&revision),
             format!("{} hosts at {}", fleet.hosts.len(), short(&revision)),
-        ));
+        )];
         let removed: Vec<String> = self
             .status
             .hosts
@@ -391,21 +404,20 @@ impl Controller {
             .filter(|h| !fleet.hosts.contains_key(*h))
             .cloned()
             .collect();
-        for host in removed {
-            self.queue.remove(&host);
-            self.desired.remove(&host);
-            self.record(NewEvent::host(
-                &host,
+        for host in &removed {
+            news.push(NewEvent::host(
+                host,
                 Reason::HostRemoved,
                 Some(&revision),
                 "no longer in the specs; the host is left running as it is",
             ));
         }
+        let mut suspended = Vec::new();
         for host in fleet.hosts.values() {
             let phase = self.status.phase_of(&host.name);
             if host.suspend && phase != Some(Phase::Suspended) {
-                self.queue.forget(&host.name);
-                self.record(
+                suspended.push(host.name.clone());
+                news.push(
                     NewEvent::host(
                         &host.name,
                         Reason::Suspended,
@@ -418,7 +430,7 @@ impl Controller {
                 && phase == Some(Phase::Suspended)
                 && !self.operator_suspended(&host.name)
             {
-                self.record(
+                news.push(
                     NewEvent::host(
                         &host.name,
                         Reason::Resumed,
@@ -429,8 +441,19 @@ impl Controller {
                 );
             }
         }
+        if self.record_all(news).is_none() {
+            return false;
+        }
+        for host in removed {
+            self.queue.remove(&host);
+            self.desired.remove(&host);
+        }
+        for host in suspended {
+            self.queue.forget(&host);
+        }
         self.specs = Some((revision, fleet));
         self.desired.clear();
+        true
     }
 
     /// After any host's state changed: halt the rollout if its failure
@@ -498,6 +521,9 @@ impl Controller {
             Ok(()) => {
                 tracing::info!("the store takes writes again; resuming work");
                 self.store_failure = None;
+                if let Some((revision, fleet)) = self.unapplied.take() {
+                    self.start_evaluation(&revision, Purpose::New(fleet));
+                }
                 self.resync();
             }
             Err(e) => {

@@ -56,9 +56,13 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long)]
         since: Option<u64>,
-        /// At most this many (the newest, unless --since is given).
-        #[arg(long)]
+        /// At most this many (the newest, unless --since is given); the
+        /// newest 50 by default, as `kubectl get events` shows the recent past.
+        #[arg(long, conflicts_with = "all")]
         limit: Option<u32>,
+        /// The whole history, however long.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -178,8 +182,15 @@ fn main() -> std::process::ExitCode {
             follow,
             since,
             limit,
+            all,
             source,
-        } => events(EventQuery { host, since, limit }, follow, &source),
+        } => {
+            let limit = match (limit, all || since.is_some() || follow) {
+                (None, false) => Some(DEFAULT_EVENTS),
+                (limit, _) => limit,
+            };
+            events(EventQuery { host, since, limit }, follow, &source)
+        }
         Command::Reconcile {
             host,
             all: _,
@@ -253,6 +264,9 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// How many events `cim events` shows without --limit, --since or --all.
+const DEFAULT_EVENTS: u32 = 50;
+
 fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
     let src = source(args);
     if follow {
@@ -268,6 +282,10 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let evs = src.events(&q)?;
+    if q.since.is_none() && q.limit == Some(DEFAULT_EVENTS) && evs.len() == DEFAULT_EVENTS as usize
+    {
+        eprintln!("(the newest {DEFAULT_EVENTS} events; --all or --limit N for more)");
+    }
     match args.output {
         Output::Json => print_json(&evs)?,
         Output::Table => println!("{}", render::events(&evs, time::OffsetDateTime::now_utc())),

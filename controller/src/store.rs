@@ -107,44 +107,96 @@ impl Store {
         new: NewEvent,
         now: OffsetDateTime,
     ) -> Result<Event, StoreError> {
-        let seq = status.repo.last_seq + 1;
-        let from = new.host.as_deref().and_then(|h| status.phase_of(h));
-        let event = new.into_event(seq, now, from);
-        let mut next = status.clone();
-        next.apply(&event);
+        let mut events = self.append_all(status, vec![new], now)?;
+        events
+            .pop()
+            .ok_or(StoreError::Sql(rusqlite::Error::QueryReturnedNoRows))
+    }
+
+    /// Appends events in order, in one transaction (one disk sync for all
+    /// of them), with the projection rows they change. Only the rows they
+    /// touch are copied and folded, never the whole status, so the cost of
+    /// an event does not grow with the fleet. `status` is only changed if
+    /// the transaction commits.
+    pub fn append_all(
+        &mut self,
+        status: &mut FleetStatus,
+        news: Vec<NewEvent>,
+        now: OffsetDateTime,
+    ) -> Result<Vec<Event>, StoreError> {
+        if news.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut repo = status.repo.clone();
+        // Each touched host's row as the batch leaves it (`None`: removed).
+        let mut touched: std::collections::BTreeMap<String, Option<HostStatus>> =
+            std::collections::BTreeMap::new();
+        let mut events = Vec::with_capacity(news.len());
+        for new in news {
+            let mut scratch = FleetStatus {
+                repo,
+                hosts: std::collections::BTreeMap::new(),
+            };
+            if let Some(name) = &new.host {
+                let row = match touched.get(name) {
+                    Some(row) => row.clone(),
+                    None => status.hosts.get(name).cloned(),
+                };
+                if let Some(row) = row {
+                    scratch.hosts.insert(name.clone(), row);
+                }
+            }
+            let seq = scratch.repo.last_seq + 1;
+            let from = new.host.as_deref().and_then(|h| scratch.phase_of(h));
+            let event = new.into_event(seq, now, from);
+            // A host event changes only its host (and the sequence number).
+            scratch.apply(&event);
+            if let Some(name) = &event.host {
+                touched.insert(name.clone(), scratch.hosts.remove(name));
+            }
+            repo = scratch.repo;
+            events.push(event);
+        }
 
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO events (seq, host, reason, body) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                event.seq,
-                event.host,
-                event.reason.to_string(),
-                serde_json::to_string(&event)?
-            ],
-        )?;
-        if let Some(name) = &event.host {
-            match next.hosts.get(name) {
-                Some(host) => {
-                    tx.execute(
-                        "INSERT INTO hosts (name, body) VALUES (?1, ?2)
-                         ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-                        params![name, serde_json::to_string(host)?],
-                    )?;
-                }
-                None => {
-                    tx.execute("DELETE FROM hosts WHERE name = ?1", params![name])?;
-                }
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (seq, host, reason, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for event in &events {
+                insert.execute(params![
+                    event.seq,
+                    event.host,
+                    event.reason.to_string(),
+                    serde_json::to_string(event)?
+                ])?;
+            }
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO hosts (name, body) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM hosts WHERE name = ?1")?;
+            for (name, row) in &touched {
+                match row {
+                    Some(host) => upsert.execute(params![name, serde_json::to_string(host)?])?,
+                    None => delete.execute(params![name])?,
+                };
             }
         }
         tx.execute(
             "INSERT INTO repo (id, body) VALUES (1, ?1)
              ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-            params![serde_json::to_string(&next.repo)?],
+            params![serde_json::to_string(&repo)?],
         )?;
         tx.commit()?;
-        *status = next;
-        Ok(event)
+        status.repo = repo;
+        for (name, row) in touched {
+            match row {
+                Some(host) => status.hosts.insert(name, host),
+                None => status.hosts.remove(&name),
+            };
+        }
+        Ok(events)
     }
 
     /// Whether the store takes writes (after one failed): rewrites the
@@ -177,6 +229,17 @@ impl Store {
             hosts.insert(host.name.clone(), host);
         }
         Ok(FleetStatus { repo, hosts })
+    }
+
+    /// One host's status row, without reading the others.
+    pub fn host(&self, name: &str) -> Result<Option<HostStatus>, StoreError> {
+        let body: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM hosts WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(body.map(|b| serde_json::from_str(&b)).transpose()?)
     }
 
     /// Events in sequence order.
@@ -233,8 +296,8 @@ mod tests {
         OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s)
     }
 
-    fn sample(store: &mut Store, status: &mut FleetStatus) {
-        let evs = vec![
+    fn sample_events() -> Vec<NewEvent> {
+        vec![
             NewEvent::repo(Reason::RevisionDetected, Some("r1"), "new head"),
             NewEvent::repo(Reason::SpecsLoaded, Some("r1"), "2 hosts"),
             NewEvent::host("a", Reason::BuildStarted, Some("r1"), "").phase(Phase::Building),
@@ -248,8 +311,11 @@ mod tests {
                 .phase(Phase::Converged)
                 .system("/nix/store/a"),
             NewEvent::host("b", Reason::HostRemoved, Some("r1"), "gone"),
-        ];
-        for (i, ev) in evs.into_iter().enumerate() {
+        ]
+    }
+
+    fn sample(store: &mut Store, status: &mut FleetStatus) {
+        for (i, ev) in sample_events().into_iter().enumerate() {
             store.append(status, ev, t(i as i64)).unwrap();
         }
     }
@@ -313,6 +379,50 @@ mod tests {
         assert_eq!(seqs(q(None, Some(6), None)), vec![7, 8]);
         assert_eq!(seqs(q(None, None, Some(2))), vec![7, 8]);
         assert_eq!(seqs(q(None, Some(2), Some(2))), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_batch_is_the_same_as_its_events_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut one_by_one = Store::open(dir.path()).unwrap();
+        let mut expected = FleetStatus::default();
+        sample(&mut one_by_one, &mut expected);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        let mut news = sample_events();
+        let rest = news.split_off(3);
+        store.append_all(&mut status, news, t(0)).unwrap();
+        let events = store.append_all(&mut status, rest, t(1)).unwrap();
+        assert_eq!(events.last().map(|e| e.seq), Some(8));
+        let stored = store.load_status().unwrap();
+        let log = store.events(&EventQuery::default()).unwrap();
+        assert_eq!(FleetStatus::replay(&log), stored);
+        assert_eq!(stored, status);
+        // The same projection as one event at a time (but for the times).
+        let mut a = status.hosts["a"].clone();
+        a.last_transition_time = expected.hosts["a"].last_transition_time;
+        assert_eq!(a, expected.hosts["a"]);
+        assert_eq!(status.hosts.len(), expected.hosts.len());
+        assert_eq!(status.repo, expected.repo);
+    }
+
+    #[test]
+    fn a_failed_batch_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        sample(&mut store, &mut status);
+        let before = status.clone();
+        store.conn.execute_batch("DROP TABLE hosts").unwrap();
+        let news = vec![
+            NewEvent::host("c", Reason::Suspended, Some("r1"), "").phase(Phase::Suspended),
+            NewEvent::host("a", Reason::DriftDetected, Some("r1"), "").phase(Phase::Pending),
+        ];
+        assert!(store.append_all(&mut status, news, t(20)).is_err());
+        assert_eq!(status, before);
+        assert_eq!(store.events(&EventQuery::default()).unwrap().len(), 8);
     }
 
     #[test]

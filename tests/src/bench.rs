@@ -26,6 +26,7 @@ struct Options {
     idle_hosts: usize,
     idle_seconds: u64,
     latency_commits: usize,
+    scale_hosts: usize,
     cim: PathBuf,
     baseline: Option<PathBuf>,
     only: Option<String>,
@@ -39,6 +40,7 @@ fn main() -> Result<()> {
         idle_hosts: 100,
         idle_seconds: 30,
         latency_commits: 20,
+        scale_hosts: 10_000,
         // target/release/cim next to target/release/cim-bench.
         cim: std::env::current_exe()?.with_file_name("cim"),
         baseline: None,
@@ -64,11 +66,12 @@ fn main() -> Result<()> {
             "--idle-hosts" => opts.idle_hosts = value()?.parse()?,
             "--idle-seconds" => opts.idle_seconds = value()?.parse()?,
             "--latency-commits" => opts.latency_commits = value()?.parse()?,
+            "--scale-hosts" => opts.scale_hosts = value()?.parse()?,
             "--cim" => opts.cim = value()?.into(),
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --only converge|latency|idle)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --only converge|latency|idle|scale)"
             ),
         }
     }
@@ -83,6 +86,9 @@ fn main() -> Result<()> {
     }
     if wanted("idle") {
         idle(&opts)?;
+    }
+    if wanted("scale") {
+        scale(&opts)?;
     }
     Ok(())
 }
@@ -460,7 +466,7 @@ impl CimRun {
     }
 
     fn events(&self) -> Result<Vec<Value>> {
-        match self.json(&["events", "-o", "json"])? {
+        match self.json(&["events", "--all", "-o", "json"])? {
             Value::Array(a) => Ok(a),
             other => bail!("unexpected events: {other}"),
         }
@@ -624,4 +630,71 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .unwrap_or(0)
     };
     Ok(get(14) + get(15) + get(16) + get(17))
+}
+
+/// A commit adding `--scale-hosts` suspended hosts, then one removing them:
+/// the controller's own cost per host transition (nothing is contacted or
+/// built for a suspended host). Timed by polling the status until it shows
+/// the change.
+fn scale(opts: &Options) -> Result<()> {
+    let mut bins = vec![("cim", opts.cim.clone())];
+    if let Some(b) = &opts.baseline {
+        bins.push(("cim (baseline)", b.clone()));
+    }
+    let n = opts.scale_hosts;
+    let fleet = Fleet::start(1)?;
+    let state = tempfile::Builder::new().prefix("cim-bench-").tempdir()?;
+    let real = cim_sandbox::host_spec("web-1", &fleet.host("web-1").address, "");
+    // Spec files are limited to 1 MiB each: 1,000 hosts per file.
+    let files: Vec<String> = (0..n.div_ceil(1000))
+        .map(|f| {
+            (f * 1000..n.min(f * 1000 + 1000))
+                .map(|i| {
+                    format!(
+                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: s-{i}}}\nspec: {{address: 10.254.{}.{}, configuration: web-1, suspend: true}}\n",
+                        i / 250,
+                        i % 250 + 1
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    println!("## Scale: a commit adding {n} suspended hosts, then one removing them (seconds)\n");
+    println!("| controller | add | remove |\n| --- | --- | --- |");
+    for (k, (name, bin)) in bins.iter().enumerate() {
+        fleet.write("specs/fleet.yaml", &real)?;
+        fleet.commit("bench: scale, one host")?;
+        let cim = CimRun::start(bin, &fleet, &state.path().join(format!("s{k}")), &[])?;
+        cim.wait_converged(1, &fleet.head()?, Duration::from_secs(120))?;
+        let hosts = |c: &CimRun| -> usize {
+            c.json(&["status", "-o", "json"])
+                .ok()
+                .and_then(|s| s["hosts"].as_array().map(Vec::len))
+                .unwrap_or(0)
+        };
+        let mut timed = Vec::new();
+        for (add, want, what) in [(true, n + 1, "add"), (false, 1, "remove")] {
+            for (f, text) in files.iter().enumerate() {
+                let path = format!("specs/scale-{f}.yaml");
+                if add {
+                    fleet.write(&path, text)?;
+                } else {
+                    std::fs::remove_file(fleet.repo.join(&path))?;
+                }
+            }
+            fleet.commit(&format!("bench: scale, {what}"))?;
+            let t = Instant::now();
+            let deadline = t + Duration::from_secs(180);
+            while hosts(&cim) != want {
+                if Instant::now() > deadline {
+                    bail!("{name} did not {what} {n} hosts within 180 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            timed.push(t.elapsed().as_secs_f64());
+        }
+        println!("| {name} | {:.2} | {:.2} |", timed[0], timed[1]);
+    }
+    println!();
+    Ok(())
 }

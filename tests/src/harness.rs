@@ -164,7 +164,7 @@ impl Cim {
     }
 
     pub fn events(&self) -> Vec<Value> {
-        match self.try_cli(&["events", "-o", "json"]) {
+        match self.try_cli(&["events", "--all", "-o", "json"]) {
             Some(Value::Array(evs)) => evs,
             other => panic!("cim events failed: {other:?}\n{}", self.log()),
         }
@@ -198,7 +198,7 @@ impl Cim {
                     return status;
                 }
                 if Instant::now() > deadline {
-                    let events = self.cli(&["events"]);
+                    let events = self.cli(&["events", "--all"]);
                     panic!(
                         "timed out waiting for {what}\nstatus: {status:#}\nevents:\n{}\nlog:\n{}",
                         String::from_utf8_lossy(&events.stdout),

@@ -98,7 +98,12 @@ impl Controller {
                         return;
                     }
                 }
-                self.apply_specs(revision.clone(), fleet);
+                if !self.apply_specs(revision.clone(), fleet.clone()) {
+                    // The store refused the revision: it is evaluated
+                    // again once the store takes writes.
+                    self.unapplied = Some((revision, fleet));
+                    return;
+                }
                 self.set_desired(&revision, &result, false);
             }
             Purpose::Refresh => {

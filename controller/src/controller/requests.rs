@@ -141,18 +141,24 @@ impl Controller {
                 hosts
             }
         };
+        // ReconcileRequested clears a host's hold: without it recorded, no
+        // host is worked on. One transaction for all of them.
+        let news = hosts
+            .iter()
+            .map(|name| {
+                NewEvent::host(
+                    name,
+                    Reason::ReconcileRequested,
+                    Some(&revision),
+                    "reconcile requested",
+                )
+            })
+            .collect();
+        self.record_all(news)
+            .ok_or_else(|| self.not_recorded("reconcile"))?;
         let now = Instant::now();
         let mut rebuild = false;
         for name in &hosts {
-            // ReconcileRequested clears a host's hold: without it recorded,
-            // the host is not worked on.
-            self.record(NewEvent::host(
-                name,
-                Reason::ReconcileRequested,
-                Some(&revision),
-                "reconcile requested",
-            ))
-            .ok_or_else(|| self.not_recorded("reconcile"))?;
             if self.desired.contains_key(name) {
                 self.queue.schedule(name, now);
             } else {

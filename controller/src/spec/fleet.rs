@@ -280,7 +280,14 @@ pub(super) fn check_dependencies(
         state.insert(name, 1);
         path.push(name);
         let host = &hosts[name];
-        for other in hosts.values() {
+        // Most hosts wait for nobody: no scan of the fleet for them, which
+        // keeps checking a large fleet linear.
+        let waits_for = if host.depends_on.is_empty() {
+            None
+        } else {
+            Some(hosts.values())
+        };
+        for other in waits_for.into_iter().flatten() {
             if other.name != host.name && host.depends_on.iter().any(|d| d.matches(other)) {
                 if let Some(c) = visit(&other.name, hosts, state, path) {
                     return Some(c);
