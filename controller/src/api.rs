@@ -84,6 +84,10 @@ struct AppState {
     /// Idle read-only connections; a reader takes one (or opens one) and
     /// puts it back, so reads run concurrently instead of in turn.
     readers: Arc<Mutex<Vec<Store>>>,
+    /// The last status response, serialized, and the event it reflects:
+    /// serving the fleet's status costs one serialization per change, not
+    /// one per request, and concurrent requests wait for one reload.
+    status_cache: Arc<tokio::sync::Mutex<Option<(u64, axum::body::Bytes)>>>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
 }
@@ -96,6 +100,7 @@ pub fn router(
     let state = AppState {
         state_dir,
         readers: Arc::new(Mutex::new(Vec::new())),
+        status_cache: Arc::new(tokio::sync::Mutex::new(None)),
         requests,
         events,
     };
@@ -151,10 +156,39 @@ impl AppState {
 }
 
 async fn status(State(app): State<AppState>) -> Response {
-    match app.read(|s| s.load_status()).await {
-        Ok(status) => Json(StatusResponse::from(status)).into_response(),
+    let seq = match app.read(|s| s.last_seq()).await {
+        Ok(seq) => seq,
+        Err(r) => return r,
+    };
+    let mut cache = app.status_cache.lock().await;
+    if let Some((cached, body)) = cache.as_ref() {
+        if *cached == seq {
+            return json_body(body.clone());
+        }
+    }
+    let loaded = app
+        .read(|s| {
+            let status = s.load_status()?;
+            let seq = status.repo.last_seq;
+            Ok((seq, serde_json::to_vec(&StatusResponse::from(status))?))
+        })
+        .await;
+    match loaded {
+        Ok((seq, body)) => {
+            let body = axum::body::Bytes::from(body);
+            *cache = Some((seq, body.clone()));
+            json_body(body)
+        }
         Err(r) => r,
     }
+}
+
+fn json_body(body: axum::body::Bytes) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn host(State(app): State<AppState>, Path(name): Path<String>) -> Response {
@@ -359,6 +393,7 @@ mod tests {
         let app = AppState {
             state_dir: dir.path().to_path_buf(),
             readers: Arc::new(Mutex::new(Vec::new())),
+            status_cache: Arc::new(tokio::sync::Mutex::new(None)),
             requests,
             events: tx.clone(),
         };

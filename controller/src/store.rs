@@ -209,8 +209,27 @@ impl Store {
         Ok(())
     }
 
-    /// The stored projection.
+    /// The sequence number of the newest event folded into the stored
+    /// projection (0 for an empty store); cheap, for caches.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|s| u64::try_from(s).unwrap_or(0))?)
+    }
+
+    /// The stored projection, read in one transaction (one consistent
+    /// snapshot of the repository row and the host rows).
     pub fn load_status(&self) -> Result<FleetStatus, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let status = self.read_status()?;
+        tx.finish()?;
+        Ok(status)
+    }
+
+    fn read_status(&self) -> Result<FleetStatus, StoreError> {
         let repo: Option<String> = self
             .conn
             .query_row("SELECT body FROM repo WHERE id = 1", [], |r| r.get(0))

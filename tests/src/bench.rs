@@ -660,7 +660,7 @@ fn scale(opts: &Options) -> Result<()> {
         })
         .collect();
     println!("## Scale: a commit adding {n} suspended hosts, then one removing them (seconds)\n");
-    println!("| controller | add | remove |\n| --- | --- | --- |");
+    println!("| controller | add | remove | status p99 (ms), 4 clients | peak RSS (MB) |\n| --- | --- | --- | --- | --- |");
     for (k, (name, bin)) in bins.iter().enumerate() {
         fleet.write("specs/fleet.yaml", &real)?;
         fleet.commit("bench: scale, one host")?;
@@ -692,9 +692,80 @@ fn scale(opts: &Options) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             timed.push(t.elapsed().as_secs_f64());
+            if add {
+                let p99 = status_p99(&cim.api, 4, 50)?;
+                timed.push(p99);
+                timed.push(peak_rss_mb(cim.pid()));
+            }
         }
-        println!("| {name} | {:.2} | {:.2} |", timed[0], timed[1]);
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            timed[0], timed[3], timed[1], timed[2]
+        );
     }
     println!();
     Ok(())
+}
+
+/// The 99th percentile of `GET /api/v1/status`, in milliseconds, with
+/// `clients` clients each making `requests` requests at once.
+fn status_p99(api: &str, clients: usize, requests: usize) -> Result<f64> {
+    let addr = api.trim_start_matches("http://").to_string();
+    // The first request after a change reloads and serializes the status
+    // once (its time is reported apart); these measure the steady state.
+    http_get(&addr, "/api/v1/status")?;
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let mut times = Vec::new();
+                for _ in 0..requests {
+                    let t = Instant::now();
+                    http_get(&addr, "/api/v1/status")?;
+                    times.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                Ok(times)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+    }
+    all.sort_by(f64::total_cmp);
+    let i = ((all.len() as f64) * 0.99).ceil() as usize;
+    Ok(all[i.saturating_sub(1).min(all.len() - 1)])
+}
+
+/// A plain HTTP/1.1 GET; the body is read to the end and dropped.
+fn http_get(addr: &str, path: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    if !body.starts_with(b"HTTP/1.1 200") {
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(80)])
+        );
+    }
+    Ok(())
+}
+
+/// The process's peak resident set (VmHWM), in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
