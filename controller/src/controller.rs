@@ -684,10 +684,7 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The first 12 hex digits, as people read commit ids.
-pub fn short(revision: &str) -> &str {
-    &revision[..revision.len().min(12)]
-}
+pub use crate::event::short;
 
 fn log_event(ev: &Event) {
     let host = ev.host.as_deref().unwrap_or("");

@@ -90,6 +90,15 @@ pub enum Reason {
     WorkerCrashed,
 }
 
+/// The first 12 characters of a revision, as people read commit ids.
+/// Never panics, whatever the input.
+pub fn short(revision: &str) -> &str {
+    revision
+        .char_indices()
+        .nth(12)
+        .map_or(revision, |(i, _)| &revision[..i])
+}
+
 impl Reason {
     pub fn event_type(self) -> EventType {
         match self {
@@ -246,6 +255,16 @@ impl NewEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revisions_are_shortened_without_panicking() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(
+            short("\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}"),
+            "\u{e9}".repeat(12)
+        );
+    }
 
     #[test]
     fn json_shape_is_stable() {

@@ -217,8 +217,23 @@ fn source(args: &SourceArgs) -> Source {
     }
 }
 
+/// Prints a line of output. A reader that went away (`cim status | head`)
+/// ends the command quietly, as it does for other Unix tools, instead of
+/// panicking on the broken pipe.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    emit(&serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -229,7 +244,11 @@ fn validate(path: &Path) -> Exit {
     }
     match spec::parse_fleet(&files) {
         Ok(fleet) => {
-            println!("{} hosts in {} files: ok", fleet.hosts.len(), files.len());
+            emit(&format!(
+                "{} hosts in {} files: ok",
+                fleet.hosts.len(),
+                files.len()
+            ));
             Ok(std::process::ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -250,14 +269,14 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
             let h = src.host(&name)?;
             match args.output {
                 Output::Json => print_json(&h)?,
-                Output::Table => println!("{}", render::host(&h, now)),
+                Output::Table => emit(&render::host(&h, now)),
             }
         }
         None => {
             let s = src.status()?;
             match args.output {
                 Output::Json => print_json(&s)?,
-                Output::Table => println!("{}", render::status(&s, now)),
+                Output::Table => emit(&render::status(&s, now)),
             }
         }
     }
@@ -275,7 +294,7 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
                 Output::Json => serde_json::to_string(ev).unwrap_or_default(),
                 Output::Table => render::event_line(ev),
             };
-            println!("{line}");
+            emit(&line);
             true
         };
         src.follow(&q, print)?;
@@ -288,7 +307,7 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
     }
     match args.output {
         Output::Json => print_json(&evs)?,
-        Output::Table => println!("{}", render::events(&evs, time::OffsetDateTime::now_utc())),
+        Output::Table => emit(&render::events(&evs, time::OffsetDateTime::now_utc())),
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -299,7 +318,7 @@ fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
 
 /// Prints the controller's answer to a request.
 fn say(answer: Result<String, cim::client::ClientError>) -> Exit {
-    println!("{}", answer?);
+    emit(&answer?);
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -67,13 +67,17 @@ pub enum Rollback {
     /// The host had no previous system to go back to (first deployment).
     NothingToRollBackTo,
     /// The host is verified to be back on `to`.
-    RolledBack {
-        to: String,
-    },
-    Failed {
-        to: String,
-        message: String,
-    },
+    RolledBack { to: String },
+    /// Rolling back to `to` (`None`: the generation before the current
+    /// one, unknown until the rollback ran) failed.
+    Failed { to: Option<String>, message: String },
+}
+
+impl Rollback {
+    /// What a failed rollback was going back to, for messages.
+    pub fn target(to: &Option<String>) -> &str {
+        to.as_deref().unwrap_or("the previous generation")
+    }
 }
 
 /// How a worker's run ended.
@@ -316,24 +320,24 @@ pub async fn run_rollback(
             Ok(s) => s,
             Err(e) => {
                 return Rollback::Failed {
-                    to: "the previous generation".to_string(),
+                    to: None,
                     message: error_chain(&e),
                 }
             }
         };
         let result = match session.roll_back_generation(host.action).await {
             Err(e) => Rollback::Failed {
-                to: "the previous generation".to_string(),
+                to: None,
                 message: error_chain(&e),
             },
             Ok(to) => match observe(&session, host.action).await {
                 Ok(Some(now)) if now == to => Rollback::RolledBack { to },
                 Ok(now) => Rollback::Failed {
                     message: format!("the host is on {}", now.as_deref().unwrap_or("no system")),
-                    to,
+                    to: Some(to),
                 },
                 Err(e) => Rollback::Failed {
-                    to,
+                    to: Some(to),
                     message: error_chain(&e),
                 },
             },
@@ -398,7 +402,7 @@ pub(crate) async fn roll_back(
         .await
     {
         return Rollback::Failed {
-            to,
+            to: Some(to),
             message: error_chain(&e),
         };
     }
@@ -409,10 +413,10 @@ pub(crate) async fn roll_back(
                 "the host is on {} after rolling back",
                 now.as_deref().unwrap_or("no system")
             ),
-            to,
+            to: Some(to),
         },
         Err(e) => Rollback::Failed {
-            to,
+            to: Some(to),
             message: error_chain(&e),
         },
     }

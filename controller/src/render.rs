@@ -44,7 +44,7 @@ pub fn age(then: OffsetDateTime, now: OffsetDateTime) -> String {
 }
 
 fn short_rev(r: Option<&str>) -> String {
-    r.map_or_else(|| "-".to_string(), |r| r[..r.len().min(12)].to_string())
+    r.map_or_else(|| "-".to_string(), |r| crate::event::short(r).to_string())
 }
 
 /// The store path's name without its hash: what people recognise.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::event::Phase;
+use crate::event::{short, Phase};
 use crate::spec::{FleetSpec, HostSpec, MaxFailures, Selector};
 use crate::status::{FleetStatus, HostStatus};
 
@@ -182,10 +182,6 @@ pub fn progress(status: &FleetStatus) -> Progress {
         }
     }
     p
-}
-
-fn short(revision: &str) -> &str {
-    &revision[..revision.len().min(12)]
 }
 
 #[cfg(test)]

@@ -196,7 +196,10 @@ impl Controller {
                         host,
                         Reason::RollbackFailed,
                         Some(revision),
-                        format!("rolling back to {to} failed: {message}"),
+                        format!(
+                            "rolling back to {} failed: {message}",
+                            Rollback::target(&to)
+                        ),
                     ),
                     Rollback::NothingToRollBackTo => NewEvent::host(
                         host,
@@ -239,7 +242,9 @@ impl Controller {
             let outcome = match &rollback {
                 Rollback::NothingToRollBackTo => "no previous system to roll back to".to_string(),
                 Rollback::RolledBack { to } => format!("rolled back to {to}"),
-                Rollback::Failed { to, .. } => format!("rolling back to {to} failed"),
+                Rollback::Failed { to, .. } => {
+                    format!("rolling back to {} failed", Rollback::target(to))
+                }
             };
             self.record(
                 NewEvent::host(
@@ -270,7 +275,10 @@ impl Controller {
                 host,
                 Reason::RollbackFailed,
                 Some(revision),
-                format!("rolling back from {desired} to {to} failed: {message}; {held}"),
+                format!(
+                    "rolling back from {desired} to {} failed: {message}; {held}",
+                    Rollback::target(&to)
+                ),
             ),
         };
         if !announced_nothing {

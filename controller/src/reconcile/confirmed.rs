@@ -227,5 +227,8 @@ async fn verify_reverted(
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    Rollback::Failed { to, message: last }
+    Rollback::Failed {
+        to: Some(to),
+        message: last,
+    }
 }
