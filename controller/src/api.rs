@@ -39,6 +39,10 @@ pub struct StatusResponse {
     /// Progress of the current revision's rollout.
     #[serde(default)]
     pub rollout: crate::rollout::Progress,
+    /// Events up to this sequence number were deleted by
+    /// `--event-retention` (0: none).
+    #[serde(default)]
+    pub trimmed_through: u64,
     pub hosts: Vec<HostStatus>,
 }
 
@@ -46,6 +50,7 @@ impl From<FleetStatus> for StatusResponse {
     fn from(s: FleetStatus) -> Self {
         StatusResponse {
             rollout: crate::rollout::progress(&s),
+            trimmed_through: s.repo.trimmed_through,
             revision: s.repo.revision,
             latest_revision: s.repo.latest_revision,
             message: s.repo.message,

@@ -48,6 +48,10 @@ pub struct ControllerConfig {
     /// `--substitute-on-destination`: hosts fetch from their own binary
     /// caches, unless their spec or the Fleet document says otherwise.
     pub substitute_on_destination: bool,
+    /// `--event-retention`, applied in the background.
+    pub retention: crate::store::Retention,
+    /// Where the store is (retention opens its own connection there).
+    pub state_dir: PathBuf,
 }
 
 /// A request from the API.
@@ -81,6 +85,11 @@ enum Msg {
         result: Result<driver::Evaluation, String>,
     },
     Request(Request),
+    /// Old events were deleted by `--event-retention`.
+    Trimmed {
+        through: u64,
+        deleted: u64,
+    },
 }
 
 /// Channels into a running controller.
@@ -134,6 +143,9 @@ pub struct Controller {
 }
 
 const CHANNEL_CAPACITY: usize = 256;
+/// When `--event-retention` first runs after a start, and how often after.
+const RETENTION_FIRST: Duration = Duration::from_secs(30);
+const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
 /// How often a store that refused a write is tried again.
 const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -218,6 +230,10 @@ impl Controller {
         );
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut store_check = tokio::time::interval(STORE_CHECK_INTERVAL);
+        let mut retention =
+            tokio::time::interval_at(Instant::now() + RETENTION_FIRST, RETENTION_INTERVAL);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retains_all = self.cfg.retention.keeps_everything();
         loop {
             self.dispatch();
             let next_due = self.queue.next_due();
@@ -228,6 +244,7 @@ impl Controller {
                 Some(m) = rx.recv() => m,
                 Some(r) = requests.recv() => Msg::Request(r),
                 _ = resync.tick() => { self.resync(); continue; }
+                _ = retention.tick(), if !retains_all => { self.trim_events(); continue; }
                 _ = store_check.tick(), if self.store_failure.is_some() => {
                     self.check_store();
                     continue;
@@ -285,6 +302,17 @@ impl Controller {
             }
             Msg::Request(Request::Resume { host, reply }) => {
                 let _ = reply.send(self.on_resume(&host));
+            }
+            Msg::Trimmed { through, deleted } => {
+                let mut ev = NewEvent::repo(
+                    Reason::EventsTrimmed,
+                    None,
+                    format!(
+                        "--event-retention deleted {deleted} events; the history now starts after #{through}"
+                    ),
+                );
+                ev.trimmed_through = Some(through);
+                self.record(ev);
             }
         }
     }
@@ -532,6 +560,28 @@ impl Controller {
         }
     }
 
+    /// Deletes the events `--event-retention` no longer keeps, on a
+    /// blocking thread with its own connection; the controller records
+    /// what was deleted when it is done.
+    fn trim_events(&mut self) {
+        let retention = self.cfg.retention;
+        let dir = self.cfg.state_dir.clone();
+        let tx = self.msg_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let trimmed =
+                Store::open(&dir).and_then(|mut s| s.trim(&retention, OffsetDateTime::now_utc()));
+            match trimmed {
+                Ok(Some((through, deleted))) => {
+                    let _ = tx.blocking_send(Msg::Trimmed { through, deleted });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %reconcile::error_chain(&e), "cannot delete old events");
+                }
+            }
+        });
+    }
+
     /// Hands due hosts to workers, within `--max-parallel`.
     fn dispatch(&mut self) {
         if self.store_failure.is_some() {
@@ -711,6 +761,8 @@ mod tests {
             backoff_max: Duration::from_secs(10),
             mirror_path: dir.join("mirror.git"),
             substitute_on_destination: false,
+            retention: crate::store::Retention::default(),
+            state_dir: dir.to_path_buf(),
         };
         let store = Store::open(dir).unwrap();
         Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()
@@ -797,6 +849,46 @@ mod tests {
         assert!(c.on_rollback("web-1").is_ok());
         assert!(c.operator_suspended("web-1"));
         assert!(c.pending_rollbacks.contains("web-1"));
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_events_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        c.cfg.retention = crate::store::Retention {
+            max_events: Some(2),
+            max_age: None,
+        };
+        for _ in 0..5 {
+            c.record(NewEvent::repo(Reason::RevisionDetected, Some("r1"), "new"));
+        }
+        let mut rx = c.msg_rx.take().unwrap();
+        c.trim_events();
+        let msg = rx.recv().await.unwrap();
+        assert!(
+            matches!(
+                msg,
+                Msg::Trimmed {
+                    through: 3,
+                    deleted: 3
+                }
+            ),
+            "{msg:?}"
+        );
+        c.handle(msg);
+        assert_eq!(c.status.repo.trimmed_through, 3);
+        let left: Vec<u64> = c
+            .store
+            .events(&crate::store::EventQuery::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            left,
+            [4, 5, 6],
+            "the newest two and the EventsTrimmed event"
+        );
     }
 
     #[tokio::test]

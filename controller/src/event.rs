@@ -88,6 +88,9 @@ pub enum Reason {
     /// The worker reconciling the host crashed (a bug in cim); the host is
     /// retried with backoff like any failure.
     WorkerCrashed,
+    /// `--event-retention` deleted old events (`trimmedThrough` says up to
+    /// which); the status projection is unaffected.
+    EventsTrimmed,
 }
 
 /// The first 12 characters of a revision, as people read commit ids.
@@ -175,6 +178,9 @@ pub struct Event {
     /// The rollout wave a `WaveStarted` event is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave: Option<String>,
+    /// For `EventsTrimmed`: events up to this sequence number are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trimmed_through: Option<u64>,
 }
 
 /// An event before the store has given it a sequence number.
@@ -188,6 +194,7 @@ pub struct NewEvent {
     pub system: Option<String>,
     pub next_retry: Option<OffsetDateTime>,
     pub wave: Option<String>,
+    pub trimmed_through: Option<u64>,
 }
 
 impl NewEvent {
@@ -201,6 +208,7 @@ impl NewEvent {
             system: None,
             next_retry: None,
             wave: None,
+            trimmed_through: None,
         }
     }
 
@@ -248,6 +256,7 @@ impl NewEvent {
             system: self.system,
             next_retry: self.next_retry,
             wave: self.wave,
+            trimmed_through: self.trimmed_through,
         }
     }
 }

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch a git repository and keep every host converged to it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a repository's (or work tree's) specs offline.
     Validate {
         /// Repository or work tree; its `specs/*.yaml` are checked.
@@ -155,6 +155,11 @@ struct RunArgs {
     /// hosts then substitute from it. Needs --cache-signing-key.
     #[arg(long, requires = "cache_signing_key")]
     push_to_cache: Option<String>,
+    /// Which events to keep: an age (`30d`), a count (`1000000`), or both
+    /// (`30d,1000000`); older ones are deleted in the background. The
+    /// status is unaffected. Default: keep everything.
+    #[arg(long, value_parser = cim::store::Retention::parse)]
+    event_retention: Option<cim::store::Retention>,
     /// Nix secret key file (`nix key generate-secret`) that paths pushed to
     /// --push-to-cache are signed with; hosts trust its public key.
     #[arg(long, requires = "push_to_cache")]
@@ -174,7 +179,7 @@ fn parse_nix_option(s: &str) -> Result<(String, String), String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Validate { path } => validate(&path),
         Command::Status { host, source } => status(host, &source),
         Command::Events {
@@ -301,6 +306,17 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let evs = src.events(&q)?;
+    // Say so when the history shown starts where retention cut it.
+    if let Some(first) = evs.first().filter(|e| e.seq > 1) {
+        if let Ok(status) = src.status() {
+            if status.trimmed_through > 0 && first.seq <= status.trimmed_through + 1 {
+                eprintln!(
+                    "(events up to #{} were deleted by --event-retention)",
+                    status.trimmed_through
+                );
+            }
+        }
+    }
     if q.since.is_none() && q.limit == Some(DEFAULT_EVENTS) && evs.len() == DEFAULT_EVENTS as usize
     {
         eprintln!("(the newest {DEFAULT_EVENTS} events; --all or --limit N for more)");
@@ -397,6 +413,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             mirror_path: mirror.path().to_path_buf(),
             substitute_on_destination: args.substitute_on_destination
                 || args.push_to_cache.is_some(),
+            retention: args.event_retention.unwrap_or_default(),
+            state_dir: state_dir.clone(),
         },
         driver,
         store,

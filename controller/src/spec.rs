@@ -750,7 +750,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => secs(1),
         "m" => secs(60),
         "h" => secs(3600),
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+        "d" => secs(86_400),
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+            ))
+        }
     }
     .ok_or_else(|| format!("`{s}` is too long"))
 }
@@ -949,7 +954,7 @@ spec:
             fleet.hosts["web-1"].rollout.confirm_timeout,
             Duration::from_secs(90)
         );
-        let errs = errors_of(&[file("specs/web.yaml", &with("2d"))]);
+        let errs = errors_of(&[file("specs/web.yaml", &with("2w"))]);
         assert!(
             errs[0].starts_with("specs/web.yaml:9:21: invalid confirmTimeout"),
             "{}",

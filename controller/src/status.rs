@@ -28,6 +28,10 @@ pub struct RepoStatus {
     /// The wave being rolled out (named in the last `WaveStarted`).
     #[serde(default)]
     pub wave: Option<String>,
+    /// Events up to this sequence number were deleted by
+    /// `--event-retention` (0: the whole history is there).
+    #[serde(default)]
+    pub trimmed_through: u64,
 }
 
 /// One host's status.
@@ -167,6 +171,9 @@ impl FleetStatus {
                 self.repo.message = None;
             }
             Reason::WaveStarted => self.repo.wave = ev.wave.clone(),
+            Reason::EventsTrimmed => {
+                self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
+            }
             Reason::SpecInvalid | Reason::FetchFailed => {
                 self.repo.message = Some(ev.message.clone());
             }

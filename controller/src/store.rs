@@ -49,6 +49,36 @@ pub struct Store {
     conn: Connection,
 }
 
+/// Which events `--event-retention` keeps: those younger than `max_age`
+/// and, of those, the newest `max_events`. The default keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<std::time::Duration>,
+    pub max_events: Option<u64>,
+}
+
+impl Retention {
+    /// `30d`, `1000000`, or both: `30d,1000000`.
+    pub fn parse(s: &str) -> Result<Retention, String> {
+        let mut r = Retention::default();
+        for part in s.split(',').map(str::trim) {
+            if let Ok(n) = part.parse::<u64>() {
+                if n == 0 {
+                    return Err("keeping 0 events would lose the history; give at least 1".into());
+                }
+                r.max_events = Some(n);
+            } else {
+                r.max_age = Some(crate::spec::parse_duration(part)?);
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn keeps_everything(&self) -> bool {
+        self.max_age.is_none() && self.max_events.is_none()
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `state_dir` for writing.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
@@ -197,6 +227,54 @@ impl Store {
             };
         }
         Ok(events)
+    }
+
+    /// Deletes the events `retention` no longer keeps (never the newest
+    /// one). Returns the highest deleted sequence number and how many were
+    /// deleted, or `None` if nothing was. The projection is untouched: it is
+    /// kept up to date as events come, never rebuilt from the log.
+    pub fn trim(
+        &mut self,
+        retention: &Retention,
+        now: OffsetDateTime,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let last = self.last_seq()?;
+        let mut through = 0u64;
+        if let Some(keep) = retention.max_events {
+            through = through.max(last.saturating_sub(keep));
+        }
+        if let Some(age) = retention.max_age {
+            let cutoff = (now - age)
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| {
+                    StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+                })?;
+            let old: Option<i64> = self.conn.query_row(
+                "SELECT max(seq) FROM events WHERE json_extract(body, '$.time') < ?1",
+                [cutoff],
+                |r| r.get(0),
+            )?;
+            through = through.max(old.map_or(0, |s| u64::try_from(s).unwrap_or(0)));
+        }
+        let through = through.min(last.saturating_sub(1));
+        if through == 0 {
+            return Ok(None);
+        }
+        // In chunks, so that the controller's appends never wait long for
+        // the write lock.
+        let mut deleted = 0u64;
+        loop {
+            let n = self.conn.execute(
+                "DELETE FROM events WHERE seq IN
+                 (SELECT seq FROM events WHERE seq <= ?1 ORDER BY seq LIMIT 10000)",
+                params![through],
+            )?;
+            if n == 0 {
+                break;
+            }
+            deleted += n as u64;
+        }
+        Ok((deleted > 0).then_some((through, deleted)))
     }
 
     /// Whether the store takes writes (after one failed): rewrites the
@@ -442,6 +520,52 @@ mod tests {
         assert!(store.append_all(&mut status, news, t(20)).is_err());
         assert_eq!(status, before);
         assert_eq!(store.events(&EventQuery::default()).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn retention_deletes_old_events_and_keeps_the_projection() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        sample(&mut store, &mut status); // 8 events at t(0)..t(7)
+        let before = store.load_status().unwrap();
+        assert_eq!(Retention::parse("3").unwrap().max_events, Some(3));
+        let both = Retention::parse("2d,5").unwrap();
+        assert_eq!(
+            both.max_age,
+            Some(std::time::Duration::from_secs(2 * 86_400))
+        );
+        assert!(Retention::parse("0").is_err() && Retention::parse("soon").is_err());
+        assert!(Retention::default().keeps_everything());
+        // Keep the newest 5.
+        let r = Retention {
+            max_events: Some(5),
+            max_age: None,
+        };
+        assert_eq!(store.trim(&r, t(100)).unwrap(), Some((3, 3)));
+        assert_eq!(store.trim(&r, t(100)).unwrap(), None);
+        // Keep what is younger than 2.5 s at t(7.5): t(5), t(6), t(7).
+        let r = Retention {
+            max_events: None,
+            max_age: Some(std::time::Duration::from_millis(2500)),
+        };
+        let now = t(7) + time::Duration::milliseconds(500);
+        assert_eq!(store.trim(&r, now).unwrap(), Some((5, 2)));
+        let seqs: Vec<u64> = store
+            .events(&EventQuery::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [6, 7, 8]);
+        // Never the newest event, and the projection is untouched.
+        let r = Retention {
+            max_events: Some(1),
+            max_age: Some(std::time::Duration::ZERO),
+        };
+        assert_eq!(store.trim(&r, t(1000)).unwrap(), Some((7, 2)));
+        assert_eq!(store.events(&EventQuery::default()).unwrap().len(), 1);
+        assert_eq!(store.load_status().unwrap(), before);
     }
 
     #[test]
