@@ -393,6 +393,15 @@ mod tests {
         OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s)
     }
 
+    fn all_seqs(store: &Store) -> Vec<u64> {
+        store
+            .events(&EventQuery::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
     fn sample_events() -> Vec<NewEvent> {
         vec![
             NewEvent::repo(Reason::RevisionDetected, Some("r1"), "new head"),
@@ -452,12 +461,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ev.seq, 9);
-        let seqs: Vec<u64> = store
-            .events(&EventQuery::default())
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let seqs = all_seqs(&store);
         assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
     }
 
@@ -551,12 +555,7 @@ mod tests {
         };
         let now = t(7) + time::Duration::milliseconds(500);
         assert_eq!(store.trim(&r, now).unwrap(), Some((5, 2)));
-        let seqs: Vec<u64> = store
-            .events(&EventQuery::default())
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let seqs = all_seqs(&store);
         assert_eq!(seqs, [6, 7, 8]);
         // Never the newest event, and the projection is untouched.
         let r = Retention {
