@@ -71,7 +71,7 @@ fn main() -> Result<()> {
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --only converge|latency|idle|scale)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --only converge|latency|idle|scale|restart)"
             ),
         }
     }
@@ -89,6 +89,9 @@ fn main() -> Result<()> {
     }
     if wanted("scale") {
         scale(&opts)?;
+    }
+    if wanted("restart") {
+        restart(&opts)?;
     }
     Ok(())
 }
@@ -768,4 +771,45 @@ fn peak_rss_mb(pid: u32) -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// A controller started on a store whose log holds 1,000,000 events (of
+/// 1,000 hosts): the time until its API answers.
+fn restart(opts: &Options) -> Result<()> {
+    use cim::event::{NewEvent, Phase, Reason};
+    const EVENTS: usize = 1_000_000;
+    let fleet = Fleet::start(1)?;
+    let state = tempfile::Builder::new().prefix("cim-bench-").tempdir()?;
+    let dir = state.path().join("r/state");
+    std::fs::create_dir_all(&dir)?;
+    {
+        let mut store = cim::store::Store::open(&dir)?;
+        let mut status = cim::status::FleetStatus::default();
+        for chunk in 0..EVENTS / 10_000 {
+            let news = (0..10_000)
+                .map(|i| {
+                    let n = chunk * 10_000 + i;
+                    NewEvent::host(
+                        &format!("h-{}", n % 1000),
+                        Reason::ReconcileRequested,
+                        Some("r1"),
+                        "",
+                    )
+                    .phase(if n % 2 == 0 {
+                        Phase::Pending
+                    } else {
+                        Phase::Converged
+                    })
+                })
+                .collect();
+            store.append_all(&mut status, news, time::OffsetDateTime::now_utc())?;
+        }
+    }
+    println!("## Restart with {EVENTS} events in the log\n");
+    let t = Instant::now();
+    let cim = CimRun::start(&opts.cim, &fleet, &state.path().join("r"), &[])?;
+    let answered = t.elapsed().as_secs_f64();
+    drop(cim);
+    println!("| controller | start → API answers (s) |\n| --- | --- |\n| cim | {answered:.2} |\n");
+    Ok(())
 }
