@@ -392,15 +392,12 @@ pub(crate) async fn roll_back(
     item: &WorkItem,
     previous: Previous<'_>,
 ) -> Rollback {
-    let (previous_running, previous_profile) = (previous.running, previous.profile);
     let action = item.host.action;
+    // The one rule for what to go back to; the driver only carries it out.
     let Some(to) = rollback_target(action, previous).map(str::to_string) else {
         return Rollback::NothingToRollBackTo;
     };
-    if let Err(e) = session
-        .roll_back(action, previous_running, previous_profile)
-        .await
-    {
+    if let Err(e) = session.roll_back(action, &to, previous.profile).await {
         return Rollback::Failed {
             to: Some(to),
             message: error_chain(&e),

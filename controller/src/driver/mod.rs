@@ -448,13 +448,14 @@ impl HostSession {
         Ok(out.status == Some(0))
     }
 
-    /// Puts the host back on its previous generation after a failed
-    /// activation: the profile back to `previous_profile` (for switch and
-    /// boot), then the previous system's `switch-to-configuration`.
+    /// Puts the host back on `target` after a failed activation: the
+    /// profile back to `previous_profile` (for switch and boot), then
+    /// `target`'s `switch-to-configuration` (the caller decides what
+    /// `target` is: `reconcile::rollback_target`).
     pub async fn roll_back(
         &self,
         action: Action,
-        previous_running: Option<&str>,
+        target: &str,
         previous_profile: Option<&str>,
     ) -> Result<(), ActivateError> {
         if action.sets_profile() {
@@ -463,15 +464,8 @@ impl HostSession {
                 self.checked("nix-env", &args).await?;
             }
         }
-        let target = match action {
-            Action::Switch | Action::Test => previous_running,
-            Action::Boot => previous_profile,
-            Action::DryActivate => None,
-        };
-        if let Some(system) = target {
-            let program = format!("{system}/bin/switch-to-configuration");
-            self.checked(&program, &[action.as_str()]).await?;
-        }
+        let program = format!("{target}/bin/switch-to-configuration");
+        self.checked(&program, &[action.as_str()]).await?;
         Ok(())
     }
 
