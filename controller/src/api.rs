@@ -146,7 +146,7 @@ impl AppState {
                 Some(store) => store,
                 None => Store::open_read_only(&dir).map_err(|e| e.to_string())?,
             };
-            let result = f(&store).map_err(|e| crate::reconcile::error_chain(&e));
+            let result = f(&store).map_err(|e| crate::error::error_chain(&e));
             if let Ok(mut pool) = readers.lock() {
                 if pool.len() < MAX_IDLE_READERS {
                     pool.push(store);

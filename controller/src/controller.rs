@@ -339,7 +339,7 @@ impl Controller {
                 Some(evs)
             }
             Err(e) => {
-                let message = reconcile::error_chain(&e);
+                let message = crate::error::error_chain(&e);
                 tracing::error!(error = %message, "cannot record an event; no new work starts until the store takes writes again");
                 self.store_failure = Some(message);
                 None
@@ -555,7 +555,7 @@ impl Controller {
                 self.resync();
             }
             Err(e) => {
-                tracing::warn!(error = %reconcile::error_chain(&e), "the store still refuses writes");
+                tracing::warn!(error = %crate::error::error_chain(&e), "the store still refuses writes");
             }
         }
     }
@@ -576,7 +576,7 @@ impl Controller {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %reconcile::error_chain(&e), "cannot delete old events");
+                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot delete old events");
                 }
             }
         });
@@ -750,154 +750,4 @@ fn log_event(ev: &Event) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn controller(dir: &std::path::Path) -> Controller {
-        let cfg = ControllerConfig {
-            resync_interval: Duration::from_secs(300),
-            max_parallel: 2,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(10),
-            mirror_path: dir.join("mirror.git"),
-            substitute_on_destination: false,
-            retention: crate::store::Retention::default(),
-            state_dir: dir.to_path_buf(),
-        };
-        let store = Store::open(dir).unwrap();
-        Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = controller(dir.path());
-        assert!(c.queue.claim("web-1"));
-        c.spawn_worker("web-1", "r1", async { panic!("boom in a worker") });
-        let joined = c.workers.join_next_with_id().await.unwrap();
-        let report = c
-            .worker_ended(joined)
-            .expect("a report for the crashed worker");
-        let Report::Done {
-            host,
-            revision,
-            outcome,
-        } = report
-        else {
-            panic!("not a Done report");
-        };
-        assert_eq!((host.as_str(), revision.as_str()), ("web-1", "r1"));
-        let reconcile::Outcome::Failed { reason, message } = &outcome else {
-            panic!("{outcome:?}");
-        };
-        assert_eq!(*reason, Reason::WorkerCrashed);
-        assert!(message.contains("boom in a worker"), "{message}");
-        // Handled like any report: the slot is free again.
-        c.handle(Msg::Report(Report::Done {
-            host,
-            revision,
-            outcome,
-        }));
-        assert!(!c.queue.is_running("web-1"));
-        assert!(c.worker_hosts.is_empty());
-    }
-
-    fn one_host(c: &mut Controller) {
-        let fleet = crate::spec::parse_fleet(&[crate::spec::SpecFile {
-            path: "specs/a.yaml".into(),
-            contents: b"apiVersion: cim/v1\nkind: Host\nmetadata: {name: web-1}\nspec: {address: 10.0.0.2}\n".to_vec(),
-        }])
-        .unwrap();
-        c.specs = Some(("r1".to_string(), fleet));
-    }
-
-    /// Makes every append fail (as a full disk would), or undoes it.
-    fn break_store(dir: &std::path::Path, broken: bool) {
-        let conn = rusqlite::Connection::open(dir.join(crate::store::DB_FILE)).unwrap();
-        let sql = if broken {
-            "ALTER TABLE events RENAME TO events_away"
-        } else {
-            "ALTER TABLE events_away RENAME TO events"
-        };
-        conn.execute_batch(sql).unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_rollback_the_store_refuses_is_not_carried_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = controller(dir.path());
-        one_host(&mut c);
-        break_store(dir.path(), true);
-        let answer = c.on_rollback("web-1");
-        let err = answer.expect_err("the request must fail");
-        assert!(err.contains("not carried out"), "{err}");
-        // Not suspended, not rolled back, and no new work starts.
-        assert!(!c.operator_suspended("web-1"));
-        assert!(c.workers.is_empty());
-        c.queue.enqueue("web-1", Instant::now());
-        c.dispatch();
-        assert!(c.workers.is_empty() && !c.queue.is_running("web-1"));
-        // Once the store takes writes again, work resumes and the request
-        // can be made again.
-        c.check_store();
-        assert!(c.store_failure.is_some(), "the store is still broken");
-        break_store(dir.path(), false);
-        c.check_store();
-        assert!(c.store_failure.is_none());
-        // (Busy, so that the rollback waits instead of connecting.)
-        assert!(c.queue.claim("web-1"));
-        assert!(c.on_rollback("web-1").is_ok());
-        assert!(c.operator_suspended("web-1"));
-        assert!(c.pending_rollbacks.contains("web-1"));
-    }
-
-    #[tokio::test]
-    async fn retention_deletes_old_events_and_says_so() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = controller(dir.path());
-        c.cfg.retention = crate::store::Retention {
-            max_events: Some(2),
-            max_age: None,
-        };
-        for _ in 0..5 {
-            c.record(NewEvent::repo(Reason::RevisionDetected, Some("r1"), "new"));
-        }
-        let mut rx = c.msg_rx.take().unwrap();
-        c.trim_events();
-        let msg = rx.recv().await.unwrap();
-        assert!(
-            matches!(
-                msg,
-                Msg::Trimmed {
-                    through: 3,
-                    deleted: 3
-                }
-            ),
-            "{msg:?}"
-        );
-        c.handle(msg);
-        assert_eq!(c.status.repo.trimmed_through, 3);
-        let left: Vec<u64> = c
-            .store
-            .events(&crate::store::EventQuery::default())
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(
-            left,
-            [4, 5, 6],
-            "the newest two and the EventsTrimmed event"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_worker_that_ends_normally_reports_by_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = controller(dir.path());
-        c.spawn_worker("web-1", "r1", async {});
-        let joined = c.workers.join_next_with_id().await.unwrap();
-        assert!(c.worker_ended(joined).is_none());
-        assert!(c.worker_hosts.is_empty());
-    }
-}
+mod tests;

@@ -9,6 +9,7 @@ pub mod api;
 pub mod client;
 pub mod controller;
 pub mod driver;
+pub mod error;
 pub mod event;
 pub mod git;
 pub mod queue;

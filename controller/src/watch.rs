@@ -157,18 +157,18 @@ fn check(
         .map_err(|_| "the mirror lock is poisoned".to_string())?;
     let head = mirror
         .fetch(branch)
-        .map_err(|e| crate::reconcile::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     if known == Some(head.as_str()) {
         return Ok(None);
     }
     let files = mirror
         .read_specs(&head)
-        .map_err(|e| crate::reconcile::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     let specs = parse_fleet(&files);
     if specs.is_ok() {
         mirror
             .pin(&head)
-            .map_err(|e| crate::reconcile::error_chain(&e))?;
+            .map_err(|e| crate::error::error_chain(&e))?;
     }
     Ok(Some((head, specs)))
 }

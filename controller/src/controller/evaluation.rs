@@ -65,7 +65,7 @@ impl Controller {
             async move {
                 let result = driver::evaluate(&driver, &flake, &configurations)
                     .await
-                    .map_err(|e| crate::reconcile::error_chain(&e));
+                    .map_err(|e| crate::error::error_chain(&e));
                 let _ = tx
                     .send(Msg::Evaluated {
                         revision,

@@ -265,7 +265,7 @@ async fn evaluate_each(
         .map(|name| async move {
             let result = evaluate_single(cfg, flake, &name)
                 .await
-                .map_err(|e| crate::reconcile::error_chain(&e));
+                .map_err(|e| crate::error::error_chain(&e));
             (name, result)
         })
         .buffer_unordered(FALLBACK_PARALLELISM)

@@ -79,7 +79,7 @@ async fn run_batch(cfg: Arc<DriverConfig>, batch: Vec<Request>) {
     {
         Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
         Err(e) if systems.len() == 1 && !killed(&e) => {
-            BTreeMap::from([(systems[0].drv.clone(), Err(super::error_chain(&e)))])
+            BTreeMap::from([(systems[0].drv.clone(), Err(crate::error::error_chain(&e)))])
         }
         Err(_) => one_by_one(&cfg, systems).await,
     };
@@ -108,7 +108,7 @@ async fn one_by_one(
         .map(|s| async move {
             let result = driver::realise(cfg, std::slice::from_ref(&s))
                 .await
-                .map_err(|e| super::error_chain(&e));
+                .map_err(|e| crate::error::error_chain(&e));
             (s.drv, result)
         })
         .buffer_unordered(RETRY_PARALLELISM)

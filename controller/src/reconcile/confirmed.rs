@@ -210,10 +210,10 @@ async fn verify_reverted(
         let attempt = async {
             let s = HostSession::connect(cfg, &item.host)
                 .await
-                .map_err(|e| super::error_chain(&e))?;
+                .map_err(|e| crate::error::error_chain(&e))?;
             let now = observe(&s, item.host.action)
                 .await
-                .map_err(|e| super::error_chain(&e));
+                .map_err(|e| crate::error::error_chain(&e));
             let _ = tokio::time::timeout(Duration::from_secs(3), s.close()).await;
             now
         };

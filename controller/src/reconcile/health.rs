@@ -69,7 +69,7 @@ async fn command(session: &HostSession, argv: &[String], timeout: Duration) -> R
     let out = session
         .run_check(argv, timeout)
         .await
-        .map_err(|e| super::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     if out.status == Some(0) {
         return Ok(());
     }
