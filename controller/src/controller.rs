@@ -327,10 +327,13 @@ impl Controller {
 
     /// Appends events in one transaction; see [`Controller::record`].
     fn record_all(&mut self, news: Vec<NewEvent>) -> Option<Vec<Event>> {
-        match self
-            .store
-            .append_all(&mut self.status, news, OffsetDateTime::now_utc())
-        {
+        // The append waits for the disk; the runtime moves its other tasks
+        // (the API, workers' reports) off this thread meanwhile.
+        let (store, status) = (&mut self.store, &mut self.status);
+        let appended = tokio::task::block_in_place(|| {
+            store.append_all(status, news, OffsetDateTime::now_utc())
+        });
+        match appended {
             Ok(evs) => {
                 for ev in &evs {
                     log_event(ev);

@@ -465,12 +465,22 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             cancel.cancel();
         }
     });
-    controller.run(found_rx, req_rx, cancel.clone()).await;
+    // On a worker thread of the runtime (not block_on's), so that its
+    // blocking appends hand the thread's other tasks to the others.
+    let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
+    let crashed = run.await.err();
+    if let Some(e) = &crashed {
+        tracing::error!(error = %e, "the controller task failed");
+    }
     cancel.cancel();
     let _ = watcher.await;
     // Open event streams keep the server busy; do not wait for them forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(if crashed.is_some() {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 async fn shutdown_signal() {

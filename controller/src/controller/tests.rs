@@ -18,7 +18,7 @@ fn controller(dir: &std::path::Path) -> Controller {
     Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
@@ -74,7 +74,7 @@ fn break_store(dir: &std::path::Path, broken: bool) {
     conn.execute_batch(sql).unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_the_store_refuses_is_not_carried_out() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
@@ -103,7 +103,7 @@ async fn a_rollback_the_store_refuses_is_not_carried_out() {
     assert!(c.pending_rollbacks.contains("web-1"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_events_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
@@ -143,7 +143,7 @@ async fn retention_deletes_old_events_and_says_so() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_ends_normally_reports_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
