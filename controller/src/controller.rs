@@ -28,6 +28,7 @@ use crate::rollout;
 use crate::spec::{Action, FleetSpec};
 use crate::status::FleetStatus;
 use crate::store::{Store, StoreError};
+use crate::types::StorePath;
 use crate::watch::Found;
 
 mod evaluation;
@@ -111,9 +112,9 @@ pub struct Controller {
     /// its worker when needed).
     desired: BTreeMap<String, driver::Toplevel>,
     /// Closures known to exist in the local store (built this run).
-    built: std::collections::BTreeSet<String>,
+    built: std::collections::BTreeSet<StorePath>,
     /// Closures pushed to the binary cache this run.
-    pushed: std::collections::BTreeSet<String>,
+    pushed: std::collections::BTreeSet<StorePath>,
     /// Workers' builds, batched.
     builds: reconcile::Builds,
     /// The evaluation in flight and the revision it is of.

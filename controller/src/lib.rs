@@ -19,4 +19,5 @@ pub mod rollout;
 pub mod spec;
 pub mod status;
 pub mod store;
+pub mod types;
 pub mod watch;

@@ -13,6 +13,7 @@ use crate::driver::{self, DriverConfig, HostSession, Toplevel};
 use crate::error::error_chain;
 use crate::event::Reason;
 use crate::spec::{Action, HostSpec};
+use crate::types::StorePath;
 
 mod builds;
 mod confirmed;
@@ -26,10 +27,10 @@ pub struct WorkItem {
     pub host: HostSpec,
     pub revision: String,
     /// The closure `host` should run at `revision`.
-    pub desired: String,
+    pub desired: StorePath,
     /// The derivation of `desired`, when it may not be built yet: the
     /// worker builds it (without evaluating) before copying.
-    pub build: Option<String>,
+    pub build: Option<StorePath>,
     /// Whether the host was last seen running `desired`: then it is looked
     /// at before anything is built.
     pub likely_current: bool,
@@ -249,7 +250,7 @@ async fn reconcile(
         .await;
         if current.as_deref() == Some(item.desired.as_str()) {
             return Outcome::Converged {
-                system: item.desired.clone(),
+                system: item.desired.to_string(),
                 changed: false,
             };
         }
@@ -425,7 +426,7 @@ pub(crate) async fn roll_back(
 pub(crate) async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
     if item.host.action == Action::DryActivate {
         return Outcome::Converged {
-            system: item.desired.clone(),
+            system: item.desired.to_string(),
             changed: true,
         };
     }

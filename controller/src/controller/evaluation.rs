@@ -150,17 +150,12 @@ impl Controller {
                     }),
             };
             match system {
-                Ok(system) if driver::is_store_path(&system.out) => {
+                Ok(system) => {
                     self.desired.insert(host.clone(), system);
                     if !self.held(&host) {
                         self.queue.enqueue(&host, now);
                     }
                 }
-                Ok(system) => self.build_failed(
-                    &host,
-                    revision,
-                    format!("nix evaluated `{}`, which is not a store path", system.out),
-                ),
                 Err(message) => self.build_failed(&host, revision, message),
             }
         }

@@ -19,7 +19,7 @@ impl Controller {
         let desired = self
             .desired
             .get(host)
-            .map(|d| d.out.clone())
+            .map(|d| d.out.to_string())
             .unwrap_or_default();
         let action = self.host_spec(host).map_or(Action::Switch, |h| h.action);
         let ev = match step {
@@ -54,7 +54,9 @@ impl Controller {
             )
             .phase(Phase::Building),
             Step::BuildSucceeded => {
-                self.built.insert(desired.clone());
+                if let Some(d) = self.desired.get(host) {
+                    self.built.insert(d.out.clone());
+                }
                 NewEvent::host(
                     host,
                     Reason::BuildSucceeded,
@@ -64,7 +66,9 @@ impl Controller {
                 .system(desired)
             }
             Step::Pushed => {
-                self.pushed.insert(desired);
+                if let Some(d) = self.desired.get(host) {
+                    self.pushed.insert(d.out.clone());
+                }
                 return;
             }
             Step::CopyStarted => NewEvent::host(
@@ -234,7 +238,7 @@ impl Controller {
         let desired = self
             .desired
             .get(host)
-            .map(|d| d.out.clone())
+            .map(|d| d.out.to_string())
             .unwrap_or_default();
         // The failure event already says when there is nothing to go back to.
         let announced_nothing = failure.is_some() && rollback == Rollback::NothingToRollBackTo;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use openssh::{KnownHosts, Session, SessionBuilder};
 
 use crate::spec::{Action, HostSpec};
+use crate::types::StorePath;
 
 mod nix;
 mod scripts;
@@ -166,7 +167,7 @@ const COPY_LIMIT: Duration = Duration::from_secs(3600);
 /// One confirmed activation.
 #[derive(Debug, Clone)]
 pub struct ConfirmedRun<'a> {
-    pub closure: &'a str,
+    pub closure: &'a StorePath,
     pub action: Action,
     pub timeout: Duration,
     /// Names this attempt's files under [`WATCHDOG_DIR`].
@@ -269,7 +270,7 @@ impl HostSession {
     pub async fn current_system(&self) -> Result<Option<String>, SshError> {
         let out = self.run("readlink", &["/run/current-system"]).await?;
         let path = out.stdout.trim();
-        Ok((out.status == Some(0) && !path.is_empty()).then(|| path.to_string()))
+        Ok((out.status == Some(0) && is_store_path(path)).then(|| path.to_string()))
     }
 
     /// The closure the system profile points at: what the host boots into.
@@ -287,7 +288,7 @@ impl HostSession {
     pub async fn copy(
         &self,
         cfg: &DriverConfig,
-        closure: &str,
+        closure: &StorePath,
         substitute: bool,
     ) -> Result<(), CopyError> {
         let mut nix = NixCommand::new(cfg, "copy");
@@ -336,11 +337,16 @@ impl HostSession {
     /// its `switch-to-configuration`.
     pub async fn activate(
         &self,
-        closure: &str,
+        closure: &StorePath,
         action: Action,
     ) -> Result<CommandOutput, ActivateError> {
         if action.sets_profile() {
-            let args = ["-p", "/nix/var/nix/profiles/system", "--set", closure];
+            let args = [
+                "-p",
+                "/nix/var/nix/profiles/system",
+                "--set",
+                closure.as_str(),
+            ];
             self.checked("nix-env", &args).await?;
         }
         let program = format!("{closure}/bin/switch-to-configuration");
@@ -362,7 +368,7 @@ impl HostSession {
             "-c",
             WATCHDOG,
             "cim-watchdog",
-            run.closure,
+            run.closure.as_str(),
             run.action.as_str(),
             &timeout,
             run.token,
@@ -585,25 +591,7 @@ pub fn relevant_lines(stderr: &str) -> String {
         .join("\n")
 }
 
-/// Checks that a path names a store object, before it is sent to a host.
-pub fn is_store_path(path: &str) -> bool {
-    let Some(rest) = path.strip_prefix("/nix/store/") else {
-        return false;
-    };
-    // Bytes, not chars: a host's output may hold anything, and slicing a
-    // str at a byte offset inside a multi-byte character would panic.
-    let rest = rest.as_bytes();
-    let (hash, name) = rest.split_at(rest.len().min(32));
-    hash.len() == 32
-        && hash
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name.len() > 1
-        && name[0] == b'-'
-        && name[1..]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(b))
-}
+pub use crate::types::is_store_path;
 
 /// Creates the control directory (mode 0700: it holds live connections)
 /// and removes what a previous controller left there. Called once at start,
@@ -629,38 +617,6 @@ pub fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn store_paths_are_checked() {
-        assert!(is_store_path(
-            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1"
-        ));
-        assert!(!is_store_path(
-            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb"
-        ));
-        assert!(!is_store_path(
-            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-a;rm"
-        ));
-        assert!(!is_store_path("/tmp/x"));
-        // Multi-byte characters anywhere, including across byte 32.
-        assert!(!is_store_path(
-            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicix\u{e9}-a"
-        ));
-        assert!(!is_store_path(
-            "/nix/store/\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}x"
-        ));
-        assert!(!is_store_path(
-            "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-\u{e9}"
-        ));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn store_path_checks_never_panic(s in "\\PC*") {
-            let _ = is_store_path(&s);
-            let _ = is_store_path(&format!("/nix/store/{s}"));
-        }
-    }
 
     #[test]
     fn nix_errors_keep_the_error_lines() {

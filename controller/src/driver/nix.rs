@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tokio::process::Command;
 
 use super::{relevant_lines, BinaryCache, CommandOutput, DriverConfig};
+use crate::types::StorePath;
 
 /// Longest the fleet's evaluation may take.
 const EVAL_LIMIT: Duration = Duration::from_secs(3600);
@@ -134,9 +135,9 @@ pub enum BuildError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Toplevel {
     /// The derivation that builds it.
-    pub drv: String,
+    pub drv: StorePath,
     /// The closure it builds: what the host should run.
-    pub out: String,
+    pub out: StorePath,
 }
 
 /// The result of evaluating a revision for the fleet.
@@ -337,7 +338,7 @@ const PUSH_LIMIT: Duration = Duration::from_secs(3600);
 pub async fn push_to_cache(
     cfg: &DriverConfig,
     cache: &BinaryCache,
-    closure: &str,
+    closure: &StorePath,
 ) -> Result<(), BuildError> {
     let mut sign = NixCommand::new(cfg, "store");
     sign.cmd
@@ -388,12 +389,19 @@ mod tests {
 
     #[test]
     fn evaluation_output_is_read() {
-        let raw: RawEvaluation = serde_json::from_str(
-            r#"{"names":["a","b"],"systems":{"a":{"drv":"/nix/store/x.drv","out":"/nix/store/x"},"b":null}}"#,
-        )
+        let out = "/nix/store/smz0ldh5h3kwdxlgw2whndrb1k4ha03j-nixos-system-a-1";
+        let drv = "/nix/store/6ihf0pnw4hyqwq5vg515a28rirb74c7a-nixos-system-a-1.drv";
+        let raw: RawEvaluation = serde_json::from_str(&format!(
+            r#"{{"names":["a","b"],"systems":{{"a":{{"drv":"{drv}","out":"{out}"}},"b":null}}}}"#
+        ))
         .unwrap();
         assert_eq!(raw.names, ["a", "b"]);
         assert!(raw.systems["b"].is_none());
-        assert_eq!(raw.systems["a"].as_ref().unwrap().out, "/nix/store/x");
+        assert_eq!(raw.systems["a"].as_ref().unwrap().out, *out);
+        // What nix says is checked as it is read.
+        assert!(serde_json::from_str::<RawEvaluation>(
+            r#"{"names":["a"],"systems":{"a":{"drv":"/tmp/x.drv","out":"/tmp/x"}}}"#
+        )
+        .is_err());
     }
 }

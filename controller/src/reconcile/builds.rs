@@ -17,6 +17,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{self, DriverConfig, Toplevel};
+use crate::types::StorePath;
 
 /// How long a batch waits for more requests after its first.
 const BATCH_WINDOW: Duration = Duration::from_millis(15);
@@ -69,20 +70,20 @@ async fn serve(cfg: Arc<DriverConfig>, mut rx: mpsc::Receiver<Request>) {
 }
 
 async fn run_batch(cfg: Arc<DriverConfig>, batch: Vec<Request>) {
-    let mut systems: BTreeMap<String, Toplevel> = BTreeMap::new();
+    let mut systems: BTreeMap<StorePath, Toplevel> = BTreeMap::new();
     for r in &batch {
         systems.insert(r.system.drv.clone(), r.system.clone());
     }
     let systems: Vec<Toplevel> = systems.into_values().collect();
     tracing::debug!(systems = systems.len(), "building a batch");
-    let results: BTreeMap<String, Result<(), String>> = match driver::realise(&cfg, &systems).await
-    {
-        Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
-        Err(e) if systems.len() == 1 && !killed(&e) => {
-            BTreeMap::from([(systems[0].drv.clone(), Err(crate::error::error_chain(&e)))])
-        }
-        Err(_) => one_by_one(&cfg, systems).await,
-    };
+    let results: BTreeMap<StorePath, Result<(), String>> =
+        match driver::realise(&cfg, &systems).await {
+            Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
+            Err(e) if systems.len() == 1 && !killed(&e) => {
+                BTreeMap::from([(systems[0].drv.clone(), Err(crate::error::error_chain(&e)))])
+            }
+            Err(_) => one_by_one(&cfg, systems).await,
+        };
     for r in batch {
         let result = results
             .get(&r.system.drv)
@@ -103,7 +104,7 @@ fn killed(e: &driver::BuildError) -> bool {
 async fn one_by_one(
     cfg: &DriverConfig,
     systems: Vec<Toplevel>,
-) -> BTreeMap<String, Result<(), String>> {
+) -> BTreeMap<StorePath, Result<(), String>> {
     futures::stream::iter(systems)
         .map(|s| async move {
             let result = driver::realise(cfg, std::slice::from_ref(&s))
