@@ -1,5 +1,6 @@
 //! Unit tests of the controller's rules that need its task's state:
-//! worker crashes, a store that refuses writes, retention.
+//! worker crashes, a store that refuses writes, retention, what follows a
+//! revision's evaluation.
 
 use super::*;
 
@@ -151,4 +152,99 @@ async fn a_worker_that_ends_normally_reports_by_itself() {
     let joined = c.workers.join_next_with_id().await.unwrap();
     assert!(c.worker_ended(joined).is_none());
     assert!(c.worker_hosts.is_empty());
+}
+
+fn fleet_of(hosts: &[(&str, &str)]) -> FleetSpec {
+    let text: String = hosts
+        .iter()
+        .map(|(name, conf)| {
+            format!(
+                "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}}}\nspec: {{address: 10.0.0.2, configuration: {conf}}}\n"
+            )
+        })
+        .collect();
+    crate::spec::parse_fleet(&[crate::spec::SpecFile {
+        path: "specs/a.yaml".into(),
+        contents: text.into_bytes(),
+    }])
+    .unwrap()
+}
+
+fn system(name: &str) -> crate::driver::Toplevel {
+    let hash = "smz0ldh5h3kwdxlgw2whndrb1k4ha03j";
+    crate::driver::Toplevel {
+        drv: StorePath::parse(&format!("/nix/store/{hash}-{name}.drv")).unwrap(),
+        out: StorePath::parse(&format!("/nix/store/{hash}-{name}")).unwrap(),
+    }
+}
+
+/// Hands the controller the result of its evaluation of `revision`.
+fn evaluated(
+    c: &mut Controller,
+    revision: &str,
+    purpose: Purpose,
+    result: Result<driver::Evaluation, String>,
+) {
+    c.evaluation = Some((revision.to_string(), tokio::spawn(async {})));
+    c.on_evaluated(revision.to_string(), purpose, result);
+}
+
+fn reasons(c: &Controller) -> Vec<String> {
+    c.store
+        .events(&crate::store::EventQuery::default())
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}{}",
+                e.reason,
+                e.host
+                    .as_deref()
+                    .map(|h| format!(" {h}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_naming_a_missing_configuration_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller(dir.path());
+    let fleet = fleet_of(&[("web-1", "web-1"), ("web-2", "web-9")]);
+    let evaluation = driver::Evaluation {
+        names: vec!["web-1".into(), "web-2".into()],
+        systems: [("web-1".to_string(), Ok(system("web-1")))].into(),
+    };
+    evaluated(&mut c, "r1", Purpose::New(fleet), Ok(evaluation));
+    assert_eq!(reasons(&c), ["SpecInvalid"]);
+    assert!(c.specs.is_none() && c.desired.is_empty());
+    assert_eq!(
+        c.queue.next_due(),
+        None,
+        "nothing of the revision is queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluated_revision_queues_its_hosts_and_fails_only_the_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller(dir.path());
+    let fleet = fleet_of(&[("web-1", "web-1"), ("web-2", "web-2")]);
+    let evaluation = driver::Evaluation {
+        names: vec!["web-1".into(), "web-2".into()],
+        systems: [
+            ("web-1".to_string(), Ok(system("web-1"))),
+            ("web-2".to_string(), Err("error: boom in web-2".to_string())),
+        ]
+        .into(),
+    };
+    evaluated(&mut c, "r1", Purpose::New(fleet), Ok(evaluation));
+    assert_eq!(reasons(&c), ["SpecsLoaded", "BuildFailed web-2"]);
+    assert_eq!(c.desired["web-1"], system("web-1"));
+    assert!(!c.desired.contains_key("web-2"));
+    assert!(c.queue.is_queued("web-1") && !c.queue.is_queued("web-2"));
+    // A stale result (of a revision no longer evaluated) changes nothing.
+    c.on_evaluated("r0".into(), Purpose::Refresh, Err("late".into()));
+    assert_eq!(reasons(&c).len(), 2);
 }
