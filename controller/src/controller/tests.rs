@@ -1,6 +1,7 @@
 //! Unit tests of the controller's rules that need its task's state:
 //! worker crashes, a store that refuses writes, retention, what follows a
-//! revision's evaluation.
+//! revision's evaluation, retries with backoff, holds after a failed
+//! activation.
 
 use super::*;
 
@@ -247,4 +248,72 @@ async fn an_evaluated_revision_queues_its_hosts_and_fails_only_the_broken_one() 
     // A stale result (of a revision no longer evaluated) changes nothing.
     c.on_evaluated("r0".into(), Purpose::Refresh, Err("late".into()));
     assert_eq!(reasons(&c).len(), 2);
+}
+
+/// `web-1` at revision r1, with its system evaluated, and a worker on it.
+fn working_on_web_1(dir: &std::path::Path) -> Controller {
+    let mut c = controller(dir);
+    c.specs = Some(("r1".to_string(), fleet_of(&[("web-1", "web-1")])));
+    c.desired.insert("web-1".into(), system("web-1"));
+    assert!(c.queue.claim("web-1"));
+    c
+}
+
+fn done(c: &mut Controller, outcome: reconcile::Outcome) {
+    c.handle(Msg::Report(Report::Done {
+        host: "web-1".into(),
+        revision: "r1".into(),
+        outcome,
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reconcile_is_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = working_on_web_1(dir.path());
+    let before = Instant::now();
+    done(
+        &mut c,
+        reconcile::Outcome::Failed {
+            reason: Reason::HostUnreachable,
+            message: "connection refused".into(),
+        },
+    );
+    let h = &c.status.hosts["web-1"];
+    assert_eq!((h.phase, h.failures), (crate::event::Phase::Failed, 1));
+    assert!(h.next_retry.is_some());
+    assert!(!c.queue.is_running("web-1"));
+    let due = c.queue.next_due().expect("a retry is scheduled");
+    assert!(
+        due >= before + c.cfg.backoff_base,
+        "retried after the backoff"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_activation_holds_the_host_until_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = working_on_web_1(dir.path());
+    let previous = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-web-1-0";
+    done(
+        &mut c,
+        reconcile::Outcome::ActivationFailed {
+            message: "switch-to-configuration exited with 1".into(),
+            rollback: reconcile::Rollback::RolledBack {
+                to: previous.into(),
+            },
+        },
+    );
+    assert_eq!(reasons(&c), ["ActivationFailed web-1", "RolledBack web-1"]);
+    assert!(c.held("web-1"));
+    assert_eq!(
+        c.status.hosts["web-1"].current_system.as_deref(),
+        Some(previous)
+    );
+    // Resyncs leave a held host alone; an operator's reconcile does not.
+    c.resync();
+    assert!(!c.queue.is_queued("web-1"));
+    assert!(c.on_reconcile(Some("web-1".into())).is_ok());
+    assert!(!c.held("web-1"));
+    assert!(c.queue.is_queued("web-1"));
 }
