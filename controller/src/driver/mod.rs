@@ -16,6 +16,7 @@ use openssh::{KnownHosts, Session, SessionBuilder};
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
+mod activation;
 mod nix;
 mod scripts;
 
@@ -24,7 +25,6 @@ pub use nix::{
     configuration_names, evaluate, push_to_cache, realise, toplevel_attribute, BuildError,
     Evaluation, Toplevel,
 };
-use scripts::{parse_activation_result, parse_look};
 pub use scripts::{Look, CONFIRM, LOOK, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
@@ -224,14 +224,18 @@ impl HostSession {
         })
     }
 
-    async fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, SshError> {
+    pub(super) async fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+    ) -> Result<CommandOutput, SshError> {
         self.run_within(program, args, REMOTE_COMMAND_LIMIT).await
     }
 
     /// Runs a command on the host; a host that stops answering (a hung
     /// command, a dead link) fails it after `limit` instead of blocking the
     /// worker forever.
-    async fn run_within(
+    pub(super) async fn run_within(
         &self,
         program: &str,
         args: &[&str],
@@ -333,180 +337,11 @@ impl HostSession {
         opts.join(" ")
     }
 
-    /// Points the system profile at `closure` (for switch and boot) and runs
-    /// its `switch-to-configuration`.
-    pub async fn activate(
+    pub(super) async fn checked(
         &self,
-        closure: &StorePath,
-        action: Action,
+        program: &str,
+        args: &[&str],
     ) -> Result<CommandOutput, ActivateError> {
-        if action.sets_profile() {
-            let args = [
-                "-p",
-                "/nix/var/nix/profiles/system",
-                "--set",
-                closure.as_str(),
-            ];
-            self.checked("nix-env", &args).await?;
-        }
-        let program = format!("{closure}/bin/switch-to-configuration");
-        self.checked(&program, &[action.as_str()]).await
-    }
-
-    /// Starts a confirmed activation: [`WATCHDOG`] runs on the host in its
-    /// own session (it survives this connection dropping), activates
-    /// `closure`, and reverts to the previous generation unless
-    /// [`HostSession::confirm`] removes its canary within `timeout`.
-    pub async fn start_confirmed_activation(
-        &self,
-        run: &ConfirmedRun<'_>,
-    ) -> Result<(), ActivateError> {
-        let timeout = run.timeout.as_secs().max(1).to_string();
-        let args = [
-            "-f",
-            "sh",
-            "-c",
-            WATCHDOG,
-            "cim-watchdog",
-            run.closure.as_str(),
-            run.action.as_str(),
-            &timeout,
-            run.token,
-            run.previous_running.unwrap_or(""),
-            run.previous_profile.unwrap_or(""),
-        ];
-        self.checked("setsid", &args).await.map(|_| ())
-    }
-
-    /// The exit code and output of a confirmed activation's
-    /// `switch-to-configuration`, waiting on the host up to `within` for it
-    /// to finish (`None`: still running). Waiting on the host instead of
-    /// polling from here answers within 50 ms of the activation's end, in
-    /// one round trip.
-    pub async fn activation_result(
-        &self,
-        token: &str,
-        within: Duration,
-    ) -> Result<Option<(i32, String)>, SshError> {
-        let polls = (within.as_millis() / 50).max(1).to_string();
-        let args = ["-c", WAIT_FOR_RESULT, "cim-wait", token, &polls];
-        let out = self
-            .run_within("sh", &args, within + REMOTE_COMMAND_GRACE)
-            .await?;
-        if out.status != Some(0) {
-            return Ok(None);
-        }
-        Ok(parse_activation_result(&out.stdout))
-    }
-
-    /// The running system, the profile and pending confirmations, in one
-    /// round trip (see [`LOOK`]).
-    pub async fn look(&self) -> Result<Look, SshError> {
-        let out = self.run("sh", &["-c", LOOK]).await?;
-        Ok(parse_look(&out.stdout))
-    }
-
-    /// Confirms a confirmed activation over this connection and returns
-    /// what the host runs now (`Some(None)`: no system); `None` if the host
-    /// had already given up waiting and reverted.
-    pub async fn confirm_and_read(&self, token: &str) -> Result<Option<Option<String>>, SshError> {
-        let canary = format!("{WATCHDOG_DIR}/{token}.canary");
-        let out = self
-            .run("sh", &["-c", CONFIRM, "cim-confirm", &canary])
-            .await?;
-        let mut lines = out.stdout.lines().map(str::trim);
-        if lines.next() != Some("confirmed") {
-            return Ok(None);
-        }
-        Ok(Some(
-            lines
-                .next()
-                .filter(|p| is_store_path(p))
-                .map(str::to_string),
-        ))
-    }
-
-    /// What a confirmed activation would revert to: the running system and
-    /// the profile's generation before it (empty when there was none).
-    pub async fn activation_previous(
-        &self,
-        token: &str,
-    ) -> Result<(Option<String>, Option<String>), SshError> {
-        let out = self
-            .run("cat", &[&format!("{WATCHDOG_DIR}/{token}.prev")])
-            .await?;
-        let mut lines = out.stdout.lines().map(str::trim);
-        let mut next = || {
-            lines
-                .next()
-                .filter(|l| is_store_path(l))
-                .map(str::to_string)
-        };
-        Ok((next(), next()))
-    }
-
-    /// Confirms a confirmed activation; false if the host had already given
-    /// up waiting (and reverted).
-    pub async fn confirm(&self, token: &str) -> Result<bool, SshError> {
-        let out = self
-            .run("rm", &[&format!("{WATCHDOG_DIR}/{token}.canary")])
-            .await?;
-        Ok(out.status == Some(0))
-    }
-
-    /// Puts the host back on `target` after a failed activation: the
-    /// profile back to `previous_profile` (for switch and boot), then
-    /// `target`'s `switch-to-configuration` (the caller decides what
-    /// `target` is: `reconcile::rollback_target`).
-    pub async fn roll_back(
-        &self,
-        action: Action,
-        target: &str,
-        previous_profile: Option<&str>,
-    ) -> Result<(), ActivateError> {
-        if action.sets_profile() {
-            if let Some(profile) = previous_profile {
-                let args = ["-p", "/nix/var/nix/profiles/system", "--set", profile];
-                self.checked("nix-env", &args).await?;
-            }
-        }
-        let program = format!("{target}/bin/switch-to-configuration");
-        self.checked(&program, &[action.as_str()]).await?;
-        Ok(())
-    }
-
-    /// An operator's rollback: the system profile back one generation, and
-    /// that generation activated (`boot` for boot hosts, else `switch`).
-    /// Returns the closure the host is back on.
-    pub async fn roll_back_generation(&self, action: Action) -> Result<String, ActivateError> {
-        self.checked(
-            "nix-env",
-            &["-p", "/nix/var/nix/profiles/system", "--rollback"],
-        )
-        .await?;
-        let previous = self
-            .boot_system()
-            .await?
-            .ok_or_else(|| ActivateError::Failed {
-                destination: self.destination.clone(),
-                command: "readlink -f /nix/var/nix/profiles/system".to_string(),
-                output: CommandOutput {
-                    status: None,
-                    stdout: String::new(),
-                    stderr: "the system profile points at no store path".to_string(),
-                },
-            })?;
-        let how = if action == Action::Boot {
-            "boot"
-        } else {
-            "switch"
-        };
-        self.checked(&format!("{previous}/bin/switch-to-configuration"), &[how])
-            .await?;
-        Ok(previous)
-    }
-
-    async fn checked(&self, program: &str, args: &[&str]) -> Result<CommandOutput, ActivateError> {
         let output = self.run_within(program, args, ACTIVATION_LIMIT).await?;
         match output.status {
             Some(0) => Ok(output),
