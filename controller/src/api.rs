@@ -101,6 +101,7 @@ pub fn router(
     state_dir: PathBuf,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
+    health: tokio::sync::watch::Receiver<Option<String>>,
 ) -> Router {
     let state = AppState {
         state_dir,
@@ -110,7 +111,7 @@ pub fn router(
         events,
     };
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(move || healthz(health.clone())))
         .route("/api/v1/status", get(status))
         .route("/api/v1/hosts/{name}", get(host))
         .route("/api/v1/events", get(list_events))
@@ -119,6 +120,15 @@ pub fn router(
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
         .with_state(state)
+}
+
+/// `ok`, or 503 with why the controller cannot work (a store refusing
+/// writes): what a liveness probe or an operator looks at.
+async fn healthz(health: tokio::sync::watch::Receiver<Option<String>>) -> Response {
+    match health.borrow().clone() {
+        None => "ok".into_response(),
+        Some(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {

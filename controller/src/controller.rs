@@ -137,6 +137,8 @@ pub struct Controller {
     gated: std::collections::BTreeSet<String>,
     /// Why the store last refused a write; while set, no new work starts.
     store_failure: Option<String>,
+    /// `store_failure`, published for `/healthz`.
+    health: tokio::sync::watch::Sender<Option<String>>,
     /// A revision whose specs the store refused to record.
     unapplied: Option<(String, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
@@ -176,6 +178,7 @@ impl Controller {
             gated: std::collections::BTreeSet::new(),
             pending_rollbacks: std::collections::BTreeSet::new(),
             store_failure: None,
+            health: tokio::sync::watch::Sender::new(None),
             unapplied: None,
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&driver)),
@@ -199,6 +202,11 @@ impl Controller {
 
     pub fn status(&self) -> &FleetStatus {
         &self.status
+    }
+
+    /// Why the controller cannot work (`None`: it can), for `/healthz`.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.health.subscribe()
     }
 
     pub fn events(&self) -> broadcast::Sender<Event> {
@@ -345,6 +353,9 @@ impl Controller {
             Err(e) => {
                 let message = crate::error::error_chain(&e);
                 tracing::error!(error = %message, "cannot record an event; no new work starts until the store takes writes again");
+                self.health.send_replace(Some(format!(
+                    "the store refuses writes, no new work starts: {message}"
+                )));
                 self.store_failure = Some(message);
                 None
             }
@@ -553,6 +564,7 @@ impl Controller {
             Ok(()) => {
                 tracing::info!("the store takes writes again; resuming work");
                 self.store_failure = None;
+                self.health.send_replace(None);
                 if let Some((revision, fleet)) = self.unapplied.take() {
                     self.start_evaluation(&revision, Purpose::New(fleet));
                 }

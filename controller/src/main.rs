@@ -446,7 +446,12 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         fetch_now,
         cancel.clone(),
     );
-    let app = api::router(state_dir.clone(), req_tx, controller.events());
+    let app = api::router(
+        state_dir.clone(),
+        req_tx,
+        controller.events(),
+        controller.health(),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

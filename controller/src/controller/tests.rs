@@ -82,9 +82,14 @@ async fn a_rollback_the_store_refuses_is_not_carried_out() {
     let mut c = controller(dir.path());
     one_host(&mut c);
     break_store(dir.path(), true);
+    let health = c.health();
     let answer = c.on_rollback("web-1");
     let err = answer.expect_err("the request must fail");
     assert!(err.contains("not carried out"), "{err}");
+    assert!(health
+        .borrow()
+        .as_deref()
+        .is_some_and(|why| why.contains("refuses writes")));
     // Not suspended, not rolled back, and no new work starts.
     assert!(!c.operator_suspended("web-1"));
     assert!(c.workers.is_empty());
@@ -98,6 +103,7 @@ async fn a_rollback_the_store_refuses_is_not_carried_out() {
     break_store(dir.path(), false);
     c.check_store();
     assert!(c.store_failure.is_none());
+    assert!(health.borrow().is_none());
     // (Busy, so that the rollback waits instead of connecting.)
     assert!(c.queue.claim("web-1"));
     assert!(c.on_rollback("web-1").is_ok());
