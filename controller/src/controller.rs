@@ -353,10 +353,7 @@ impl Controller {
             Err(e) => {
                 let message = crate::error::error_chain(&e);
                 tracing::error!(error = %message, "cannot record an event; no new work starts until the store takes writes again");
-                self.health.send_replace(Some(format!(
-                    "the store refuses writes, no new work starts: {message}"
-                )));
-                self.store_failure = Some(message);
+                self.set_store_failure(Some(message));
                 None
             }
         }
@@ -556,6 +553,15 @@ impl Controller {
         );
     }
 
+    /// Sets why the store refuses writes (`None`: it takes them), and says
+    /// so on `/healthz`.
+    fn set_store_failure(&mut self, failure: Option<String>) {
+        self.health.send_replace(failure.as_ref().map(|message| {
+            format!("the store refuses writes, no new work starts: {message}")
+        }));
+        self.store_failure = failure;
+    }
+
     /// While the store refuses writes, tries a write; once one succeeds,
     /// work resumes (nothing is lost: status only ever changes after a
     /// commit, and the level-triggered loop redoes what was skipped).
@@ -563,8 +569,7 @@ impl Controller {
         match self.store.check_writable() {
             Ok(()) => {
                 tracing::info!("the store takes writes again; resuming work");
-                self.store_failure = None;
-                self.health.send_replace(None);
+                self.set_store_failure(None);
                 if let Some((revision, fleet)) = self.unapplied.take() {
                     self.start_evaluation(&revision, Purpose::New(fleet));
                 }

@@ -80,7 +80,6 @@ pub fn spawn(
         let _watcher = local
             .as_ref()
             .and_then(|l| watch_refs(l.git_dir(), &cfg.branch, fs_tx));
-        let mirror_path = mirror.path().to_path_buf();
         let mirror = Arc::new(Mutex::new(mirror));
         let mut last_sent: Option<String> = None;
         let mut retry: Option<backon::ExponentialBackoff> = None;
@@ -121,7 +120,7 @@ pub fn spawn(
                 Ok(Some((revision, specs))) => {
                     retry = None;
                     last_sent = Some(revision.clone());
-                    tracing::debug!(%revision, mirror = %mirror_path.display(), "new head fetched");
+                    tracing::debug!(%revision, "new head fetched");
                     Found::Revision { revision, specs }
                 }
                 Err(message) => {

@@ -33,22 +33,20 @@ const FALLBACK_PARALLELISM: usize = 2;
 /// needs.
 pub(super) struct NixCommand {
     pub(super) cmd: Command,
-    subcommand: &'static str,
+    /// How errors name it: `nix eval`, `nix-store --realise`, …
+    name: String,
 }
 
 impl NixCommand {
-    /// `nix SUBCOMMAND` with the experimental features and options.
+    /// `nix SUBCOMMAND…` (e.g. `"store sign"`) with the experimental
+    /// features and options.
     pub(super) fn new(cfg: &DriverConfig, subcommand: &'static str) -> NixCommand {
-        let mut nix = NixCommand::program(cfg, "nix", subcommand);
-        nix.cmd.arg(subcommand);
-        nix
+        NixCommand::program(cfg, "nix", subcommand)
     }
 
     /// `nix-store OPERATION`, with the operator's options.
     fn store(cfg: &DriverConfig, operation: &'static str) -> NixCommand {
-        let mut nix = NixCommand::program(cfg, "nix-store", operation);
-        nix.cmd.arg(operation);
-        nix
+        NixCommand::program(cfg, "nix-store", operation)
     }
 
     fn program(cfg: &DriverConfig, program: &str, subcommand: &'static str) -> NixCommand {
@@ -66,7 +64,11 @@ impl NixCommand {
         // Remote builders (`--nix-option builders=…`) go through ssh too.
         cmd.env("NIX_SSHOPTS", cfg.base_sshopts().join(" "));
         cmd.stdin(Stdio::null()).kill_on_drop(true);
-        NixCommand { cmd, subcommand }
+        cmd.args(subcommand.split(' '));
+        NixCommand {
+            cmd,
+            name: format!("{program} {subcommand}"),
+        }
     }
 
     pub(super) fn describe(&self) -> String {
@@ -88,7 +90,7 @@ impl NixCommand {
     /// `what`, with nix's stderr.
     async fn run(self, what: String, limit: Duration) -> Result<CommandOutput, BuildError> {
         let command = self.describe();
-        let subcommand = self.subcommand;
+        let name = self.name.clone();
         tracing::debug!(%command, "running nix");
         let out = self
             .output(limit)
@@ -103,7 +105,7 @@ impl NixCommand {
             Ok(output)
         } else {
             Err(BuildError::Failed {
-                subcommand,
+                command: name,
                 attribute: what,
                 output,
             })
@@ -121,9 +123,9 @@ pub enum BuildError {
     },
     #[error("`{command}` did not finish within {}s", .limit.as_secs())]
     Timeout { command: String, limit: Duration },
-    #[error("`nix {subcommand}` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
+    #[error("`{command}` of {attribute} failed:\n{}", relevant_lines(&.output.stderr))]
     Failed {
-        subcommand: &'static str,
+        command: String,
         attribute: String,
         output: CommandOutput,
     },
@@ -292,7 +294,7 @@ async fn evaluate_single(
 
 /// The names under the flake's `nixosConfigurations`. `attrNames` does not
 /// evaluate the configurations themselves, so this stays cheap.
-pub async fn configuration_names(
+async fn configuration_names(
     cfg: &DriverConfig,
     flake: &str,
 ) -> Result<Vec<String>, BuildError> {
@@ -340,9 +342,9 @@ pub async fn push_to_cache(
     cache: &BinaryCache,
     closure: &StorePath,
 ) -> Result<(), BuildError> {
-    let mut sign = NixCommand::new(cfg, "store");
+    let mut sign = NixCommand::new(cfg, "store sign");
     sign.cmd
-        .args(["sign", "--recursive", "--key-file"])
+        .args(["--recursive", "--key-file"])
         .arg(&cache.signing_key)
         .arg(closure);
     sign.run(closure.to_string(), PUSH_LIMIT).await?;
