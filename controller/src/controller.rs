@@ -556,9 +556,11 @@ impl Controller {
     /// Sets why the store refuses writes (`None`: it takes them), and says
     /// so on `/healthz`.
     fn set_store_failure(&mut self, failure: Option<String>) {
-        self.health.send_replace(failure.as_ref().map(|message| {
-            format!("the store refuses writes, no new work starts: {message}")
-        }));
+        self.health.send_replace(
+            failure
+                .as_ref()
+                .map(|message| format!("the store refuses writes, no new work starts: {message}")),
+        );
         self.store_failure = failure;
     }
 

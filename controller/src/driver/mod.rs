@@ -22,8 +22,7 @@ mod scripts;
 
 use nix::NixCommand;
 pub use nix::{
-    evaluate, push_to_cache, realise, toplevel_attribute, BuildError,
-    Evaluation, Toplevel,
+    evaluate, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation, Toplevel,
 };
 pub use scripts::{Look, CONFIRM, LOOK, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
 

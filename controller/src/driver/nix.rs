@@ -294,10 +294,7 @@ async fn evaluate_single(
 
 /// The names under the flake's `nixosConfigurations`. `attrNames` does not
 /// evaluate the configurations themselves, so this stays cheap.
-async fn configuration_names(
-    cfg: &DriverConfig,
-    flake: &str,
-) -> Result<Vec<String>, BuildError> {
+async fn configuration_names(cfg: &DriverConfig, flake: &str) -> Result<Vec<String>, BuildError> {
     let mut nix = NixCommand::new(cfg, "eval");
     nix.cmd
         .arg("--json")
