@@ -4,21 +4,16 @@
 
 use std::time::Duration;
 
-use cim_sandbox::harness::Cim;
-use cim_sandbox::Fleet;
-
-fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
-    cim_sandbox::harness::fleet_and_state(n)
-}
-
-fn state(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    dir.path().join("state")
-}
+use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
 
 #[test]
 fn a_converged_fleet_at_rest_starts_no_process() {
     let (fleet, dir) = fleet(2);
-    let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "1h"]);
+    let cim = Cim::start(
+        &fleet,
+        &dir.path().join("state"),
+        &["--resync-interval", "1h"],
+    );
     cim.wait_converged(&["web-1", "web-2"], None);
     std::thread::sleep(Duration::from_millis(500));
     // Over several polls (every 2s here), with the work tree and the git
@@ -64,7 +59,7 @@ fn a_converged_fleet_at_rest_starts_no_process() {
 fn a_new_controller_on_a_converged_fleet_builds_and_copies_nothing() {
     let (fleet, dir) = fleet(2);
     let rev = fleet.commit("start").unwrap();
-    let mut first = Cim::start(&fleet, &state(&dir), &[]);
+    let mut first = Cim::start(&fleet, &dir.path().join("state"), &[]);
     first.wait_converged(&["web-1", "web-2"], Some(&rev));
     first.kill();
     // A controller with a new state directory knows nothing of the hosts;

@@ -3,16 +3,8 @@
 
 use std::time::Duration;
 
-use cim_sandbox::harness::Cim;
-use cim_sandbox::{host_spec, Fleet};
-
-fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
-    cim_sandbox::harness::fleet_and_state(n)
-}
-
-fn state(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    dir.path().join("state")
-}
+use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
+use cim_sandbox::host_spec;
 
 #[test]
 fn waves_roll_out_in_order_and_a_failing_canary_halts_the_rest() {
@@ -31,7 +23,7 @@ fn waves_roll_out_in_order_and_a_failing_canary_halts_the_rest() {
     );
     fleet.write("specs/fleet.yaml", &specs).unwrap();
     let rev1 = fleet.commit("waves").unwrap();
-    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
     cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev1));
     let seq = |host: &str, reason: &str| cim.events_of(host, reason)[0]["seq"].as_u64().unwrap();
     assert!(
@@ -101,7 +93,7 @@ fn a_host_waits_for_the_hosts_it_depends_on() {
     );
     fleet.write("specs/fleet.yaml", &specs).unwrap();
     let rev = fleet.commit("web-2 depends on web-1").unwrap();
-    let cim = Cim::start(&fleet, &state(&dir), &[]);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
     cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
     let seq = |host: &str, reason: &str| cim.events_of(host, reason)[0]["seq"].as_u64().unwrap();
     assert!(
