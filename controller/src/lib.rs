@@ -8,14 +8,17 @@
 pub mod api;
 pub mod client;
 pub mod controller;
+pub mod decide;
 pub mod driver;
 pub mod error;
 pub mod event;
 pub mod git;
+pub mod host;
 pub mod queue;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;
+pub mod simulate;
 pub mod spec;
 pub mod status;
 pub mod store;

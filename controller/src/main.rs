@@ -88,6 +88,41 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Benchmark the controller: drive simulated hosts (no ssh, no nix)
+    /// through one whole-fleet change and print what it cost, as JSON.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[arg(long, default_value_t = 10_000)]
+    hosts: usize,
+    #[arg(long, default_value_t = 1_000)]
+    max_parallel: usize,
+    /// Where the simulation's store goes (a new temporary directory if
+    /// not given).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The API, served while the simulation runs (port 0: any free port;
+    /// the address is printed first).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Simulated latencies, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    connect_ms: u64,
+    #[arg(long, default_value_t = 10)]
+    command_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    copy_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    activate_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    evaluate_ms: u64,
+    #[arg(long, default_value_t = 200)]
+    build_ms: u64,
+    /// Give up after this long.
+    #[arg(long, default_value = "10m", value_parser = spec::parse_duration)]
+    deadline: Duration,
 }
 
 #[derive(Args)]
@@ -181,6 +216,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Validate { path } => validate(&path),
+        Command::Simulate(args) => simulate(args),
         Command::Status { host, source } => status(host, &source),
         Command::Events {
             host,
@@ -338,6 +374,42 @@ fn say(answer: Result<String, cim::client::ClientError>) -> Exit {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+fn simulate(args: SimulateArgs) -> Exit {
+    let temporary = args.state_dir.is_none();
+    let state_dir = args.state_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("cim-simulate-{}", std::process::id()))
+    });
+    if temporary && state_dir.exists() {
+        bail!("{} exists already", state_dir.display());
+    }
+    let ms = Duration::from_millis;
+    let opts = cim::simulate::SimulateOptions {
+        hosts: args.hosts,
+        max_parallel: args.max_parallel,
+        state_dir: state_dir.clone(),
+        listen: args.listen,
+        sim: cim::host::sim::SimConfig {
+            connect: ms(args.connect_ms),
+            command: ms(args.command_ms),
+            copy: ms(args.copy_ms),
+            activate: ms(args.activate_ms),
+            evaluate: ms(args.evaluate_ms),
+            build: ms(args.build_ms),
+            ..Default::default()
+        },
+        deadline: args.deadline,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {
+        emit(&format!("api http://{addr}"));
+    }));
+    if temporary {
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+    emit(&serde_json::to_string(&report?)?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CIM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -473,7 +545,11 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
     // On a worker thread of the runtime (not block_on's), so that its
     // blocking appends hand the thread's other tasks to the others.
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
-    let crashed = run.await.err();
+    let crashed = match run.await {
+        Ok(Ok(())) => None,
+        Ok(Err(stopped)) => Some(cim::error::error_chain(&stopped)),
+        Err(e) => Some(e.to_string()),
+    };
     if let Some(e) = &crashed {
         tracing::error!(error = %e, "the controller task failed");
     }

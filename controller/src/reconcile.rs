@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::driver::{self, DriverConfig, HostSession, Toplevel};
+use crate::driver::{self, Toplevel};
 use crate::error::error_chain;
 use crate::event::Reason;
+use crate::host::{Backend, Host};
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
@@ -137,8 +138,8 @@ pub enum Report {
 
 /// Runs one reconcile of `item.host` and reports to `tx`. Cancellation drops
 /// the in-flight command (nix children are killed on drop).
-pub async fn run(
-    cfg: Arc<DriverConfig>,
+pub async fn run<B: Backend>(
+    backend: Arc<B>,
     builds: Builds,
     item: WorkItem,
     tx: mpsc::Sender<Report>,
@@ -147,7 +148,7 @@ pub async fn run(
     let host = item.host.name.clone();
     let revision = item.revision.clone();
     let outcome = tokio::select! {
-        outcome = reconcile(&cfg, &builds, &item, &tx) => outcome,
+        outcome = reconcile(&*backend, &builds, &item, &tx) => outcome,
         () = cancel.cancelled() => Outcome::Cancelled,
     };
     // The controller may be gone during shutdown; nothing to do then.
@@ -160,6 +161,29 @@ pub async fn run(
         .await;
 }
 
+/// Connects to `host`, within the backend's connect timeout (plus a grace
+/// for the handshake): a host that accepts the TCP connection and then
+/// says nothing must not hold a worker forever.
+pub(crate) async fn connect<B: Backend>(
+    backend: &B,
+    host: &crate::spec::HostSpec,
+) -> Result<B::Session, driver::SshError> {
+    let limit = backend.connect_timeout() + CONNECT_GRACE;
+    tokio::time::timeout(limit, backend.connect(host))
+        .await
+        .unwrap_or_else(|_| {
+            Err(driver::SshError::Timeout {
+                destination: driver::destination(host),
+                command: "ssh (connecting)".to_string(),
+                limit,
+            })
+        })
+}
+
+/// How much longer than `--connect-timeout` a connection may take to be
+/// ready (authentication, the multiplexing master starting).
+const CONNECT_GRACE: Duration = Duration::from_secs(10);
+
 /// What the worker found on first looking at the host.
 enum Looked {
     /// An activation a killed controller left behind, now finished.
@@ -168,8 +192,8 @@ enum Looked {
     Found(driver::Look),
 }
 
-async fn reconcile(
-    cfg: &DriverConfig,
+async fn reconcile<B: Backend>(
+    backend: &B,
     builds: &Builds,
     item: &WorkItem,
     tx: &mpsc::Sender<Report>,
@@ -195,7 +219,7 @@ async fn reconcile(
         Ok::<(), String>(())
     };
     let look = async {
-        let session = HostSession::connect(cfg, &item.host).await?;
+        let session = connect(backend, &item.host).await?;
         let found = match session.look().await {
             Ok(found) => found,
             Err(e) => {
@@ -261,13 +285,13 @@ async fn reconcile(
         if let Err(message) = built {
             return Outcome::BuildFailed { message };
         }
-        if let (true, Some(cache)) = (item.push, &cfg.cache) {
-            if let Err(e) = driver::push_to_cache(cfg, cache, &item.desired).await {
+        if let (true, Some(cache)) = (item.push, backend.cache()) {
+            if let Err(e) = backend.push(&item.desired).await {
                 return Outcome::Failed {
                     reason: Reason::CopyFailed,
                     message: format!(
                         "pushing to the binary cache {} failed: {}",
-                        cache.url,
+                        cache,
                         error_chain(&e)
                     ),
                 };
@@ -275,7 +299,7 @@ async fn reconcile(
             let _ = report(Step::Pushed).await;
         }
         let _ = report(Step::CopyStarted).await;
-        if let Err(e) = session.copy(cfg, &item.desired, item.substitute).await {
+        if let Err(e) = session.copy(&item.desired, item.substitute).await {
             return failed(Reason::CopyFailed, &e);
         }
         let _ = report(Step::CopySucceeded).await;
@@ -288,7 +312,7 @@ async fn reconcile(
             profile: previous_profile.as_deref(),
         };
         let activated = if matches!(item.host.action, Action::Switch | Action::Test) {
-            confirmed::activate(cfg, &session, item, previous, tx).await
+            confirmed::activate(backend, &session, item, previous, tx).await
         } else {
             match session.activate(&item.desired, item.host.action).await {
                 Ok(_) => verify(&session, item).await,
@@ -309,8 +333,8 @@ async fn reconcile(
 
 /// Runs an operator's rollback of `host` (see [`HostSession::roll_back_generation`])
 /// and reports its outcome like a reconcile.
-pub async fn run_rollback(
-    cfg: Arc<DriverConfig>,
+pub async fn run_rollback<B: Backend>(
+    backend: Arc<B>,
     host: HostSpec,
     revision: String,
     tx: mpsc::Sender<Report>,
@@ -318,7 +342,7 @@ pub async fn run_rollback(
 ) {
     let name = host.name.clone();
     let work = async {
-        let session = match HostSession::connect(&cfg, &host).await {
+        let session = match connect(&*backend, &host).await {
             Ok(s) => s,
             Err(e) => {
                 return Rollback::Failed {
@@ -369,10 +393,7 @@ pub(crate) struct Previous<'a> {
 
 /// What the host runs, as far as `action` is concerned: the booted-into
 /// profile for `boot`, the running system otherwise.
-async fn observe(
-    session: &HostSession,
-    action: Action,
-) -> Result<Option<String>, driver::SshError> {
+async fn observe<H: Host>(session: &H, action: Action) -> Result<Option<String>, driver::SshError> {
     match action {
         Action::Boot => session.boot_system().await,
         _ => session.current_system().await,
@@ -389,8 +410,8 @@ pub(crate) fn rollback_target<'a>(action: Action, previous: Previous<'a>) -> Opt
 }
 
 /// Undoes a failed activation and checks that the host is back where it was.
-pub(crate) async fn roll_back(
-    session: &HostSession,
+pub(crate) async fn roll_back<H: Host>(
+    session: &H,
     item: &WorkItem,
     previous: Previous<'_>,
 ) -> Rollback {
@@ -423,7 +444,7 @@ pub(crate) async fn roll_back(
 
 /// After activation, checks that the host really is on the new system, so
 /// that `Converged` is never claimed on the strength of an exit code alone.
-pub(crate) async fn verify(session: &HostSession, item: &WorkItem) -> Outcome {
+pub(crate) async fn verify<H: Host>(session: &H, item: &WorkItem) -> Outcome {
     if item.host.action == Action::DryActivate {
         return Outcome::Converged {
             system: item.desired.to_string(),
@@ -470,3 +491,6 @@ pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
+
+#[cfg(test)]
+mod tests;

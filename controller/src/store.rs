@@ -47,6 +47,9 @@ pub struct EventQuery {
 
 pub struct Store {
     conn: Connection,
+    /// Between [`Store::begin_group`] and [`Store::commit_group`]: appends
+    /// share one transaction (and one disk sync).
+    grouped: bool,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -107,7 +110,10 @@ impl Store {
                 found: version,
             });
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            grouped: false,
+        })
     }
 
     /// Opens an existing store read-only, for the CLI and the API.
@@ -125,7 +131,10 @@ impl Store {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            grouped: false,
+        })
     }
 
     /// Appends `new` to the log and folds it into `status`, writing the
@@ -188,7 +197,12 @@ impl Store {
             events.push(event);
         }
 
-        let tx = self.conn.transaction()?;
+        if self.grouped && self.conn.is_autocommit() {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        }
+        // A savepoint: its own transaction outside a group, a part of the
+        // group's that can fail alone inside one.
+        let tx = self.conn.savepoint()?;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events (seq, host, reason, body) VALUES (?1, ?2, ?3, ?4)",
@@ -227,6 +241,28 @@ impl Store {
             };
         }
         Ok(events)
+    }
+
+    /// Starts a group commit: the appends until [`Store::commit_group`]
+    /// share one transaction, opened by the first of them. Each append
+    /// still fails or succeeds alone (a savepoint).
+    pub fn begin_group(&mut self) {
+        self.grouped = true;
+    }
+
+    /// Commits the group's appends with one disk sync. On failure the
+    /// group is rolled back whole: the caller's in-memory state is then
+    /// ahead of the store and must be rebuilt from it.
+    pub fn commit_group(&mut self) -> Result<(), StoreError> {
+        self.grouped = false;
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Deletes the events `retention` no longer keeps (never the newest

@@ -190,6 +190,8 @@ pub struct HostSession {
     session: Session,
     destination: String,
     port: u16,
+    /// For the `nix copy` to this host.
+    cfg: DriverConfig,
 }
 
 impl HostSession {
@@ -220,6 +222,7 @@ impl HostSession {
             session,
             destination,
             port: host.port,
+            cfg: cfg.clone(),
         })
     }
 
@@ -288,12 +291,8 @@ impl HostSession {
     /// Copies `closure` to the host over this session's connection. With
     /// `substitute`, the host first fetches what it can from its own binary
     /// caches, and only the rest crosses this connection.
-    pub async fn copy(
-        &self,
-        cfg: &DriverConfig,
-        closure: &StorePath,
-        substitute: bool,
-    ) -> Result<(), CopyError> {
+    pub async fn copy(&self, closure: &StorePath, substitute: bool) -> Result<(), CopyError> {
+        let cfg = &self.cfg;
         let mut nix = NixCommand::new(cfg, "copy");
         if substitute {
             nix.cmd.arg("--substitute-on-destination");

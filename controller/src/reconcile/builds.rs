@@ -16,7 +16,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::driver::{self, DriverConfig, Toplevel};
+use crate::driver::{self, Toplevel};
+use crate::host::Backend;
 use crate::types::StorePath;
 
 /// How long a batch waits for more requests after its first.
@@ -37,7 +38,7 @@ pub struct Builds {
 
 impl Builds {
     /// Starts the build task. It ends when every handle is dropped.
-    pub fn spawn(cfg: Arc<DriverConfig>) -> Builds {
+    pub fn spawn<B: Backend>(cfg: Arc<B>) -> Builds {
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(serve(cfg, rx));
         Builds { tx }
@@ -55,7 +56,7 @@ impl Builds {
     }
 }
 
-async fn serve(cfg: Arc<DriverConfig>, mut rx: mpsc::Receiver<Request>) {
+async fn serve<B: Backend>(cfg: Arc<B>, mut rx: mpsc::Receiver<Request>) {
     let mut batches = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -69,21 +70,20 @@ async fn serve(cfg: Arc<DriverConfig>, mut rx: mpsc::Receiver<Request>) {
     while batches.join_next().await.is_some() {}
 }
 
-async fn run_batch(cfg: Arc<DriverConfig>, batch: Vec<Request>) {
+async fn run_batch<B: Backend>(cfg: Arc<B>, batch: Vec<Request>) {
     let mut systems: BTreeMap<StorePath, Toplevel> = BTreeMap::new();
     for r in &batch {
         systems.insert(r.system.drv.clone(), r.system.clone());
     }
     let systems: Vec<Toplevel> = systems.into_values().collect();
     tracing::debug!(systems = systems.len(), "building a batch");
-    let results: BTreeMap<StorePath, Result<(), String>> =
-        match driver::realise(&cfg, &systems).await {
-            Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
-            Err(e) if systems.len() == 1 && !killed(&e) => {
-                BTreeMap::from([(systems[0].drv.clone(), Err(crate::error::error_chain(&e)))])
-            }
-            Err(_) => one_by_one(&cfg, systems).await,
-        };
+    let results: BTreeMap<StorePath, Result<(), String>> = match cfg.realise(&systems).await {
+        Ok(()) => systems.iter().map(|s| (s.drv.clone(), Ok(()))).collect(),
+        Err(e) if systems.len() == 1 && !killed(&e) => {
+            BTreeMap::from([(systems[0].drv.clone(), Err(crate::error::error_chain(&e)))])
+        }
+        Err(_) => one_by_one(&*cfg, systems).await,
+    };
     for r in batch {
         let result = results
             .get(&r.system.drv)
@@ -101,13 +101,14 @@ fn killed(e: &driver::BuildError) -> bool {
     e.to_string().contains("failed due to signal")
 }
 
-async fn one_by_one(
-    cfg: &DriverConfig,
+async fn one_by_one<B: Backend>(
+    cfg: &B,
     systems: Vec<Toplevel>,
 ) -> BTreeMap<StorePath, Result<(), String>> {
     futures::stream::iter(systems)
         .map(|s| async move {
-            let result = driver::realise(cfg, std::slice::from_ref(&s))
+            let result = cfg
+                .realise(std::slice::from_ref(&s))
                 .await
                 .map_err(|e| crate::error::error_chain(&e));
             (s.drv, result)

@@ -4,7 +4,9 @@
 //! host's `confirmTimeout`. This proves that the new system still lets the
 //! controller in; a system that breaks networking or sshd undoes itself.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -12,8 +14,9 @@ use super::{
     failed, observe, roll_back, rollback_target, Outcome, Previous, Report, Rollback, Step,
     WorkItem,
 };
-use crate::driver::{tail, ConfirmedRun, DriverConfig, HostSession};
+use crate::driver::{tail, ConfirmedRun};
 use crate::event::Reason;
+use crate::host::{Backend, Host};
 
 /// How long `switch-to-configuration` may run before the controller stops
 /// waiting for its exit code.
@@ -26,9 +29,9 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(10);
 /// to reach it to verify.
 const VERIFY_WINDOW: Duration = Duration::from_secs(60);
 
-pub(super) async fn activate(
-    cfg: &DriverConfig,
-    session: &HostSession,
+pub(super) async fn activate<B: Backend>(
+    backend: &B,
+    session: &B::Session,
     item: &WorkItem,
     previous: Previous<'_>,
     tx: &mpsc::Sender<Report>,
@@ -60,7 +63,7 @@ pub(super) async fn activate(
     }
     match wait_for_exit(session, &token).await {
         Some((0, _)) => {
-            if let Some(outcome) = confirm_over_new_connection(cfg, item, &token).await {
+            if let Some(outcome) = confirm_over_new_connection(backend, item, &token).await {
                 return outcome;
             }
         }
@@ -93,7 +96,7 @@ pub(super) async fn activate(
             step: Step::ConfirmationTimedOut { message },
         })
         .await;
-    let rollback = verify_reverted(cfg, item, previous, started + timeout).await;
+    let rollback = verify_reverted(backend, item, previous, started + timeout).await;
     Outcome::NotConfirmed { rollback }
 }
 
@@ -102,8 +105,8 @@ pub(super) async fn activate(
 /// connection, confirms it. If the host ends up on the desired closure the
 /// reconcile is done, with no second activation. `None` means carry on
 /// normally.
-pub(super) async fn adopt(
-    session: &HostSession,
+pub(super) async fn adopt<H: Host>(
+    session: &H,
     item: &WorkItem,
     pending: &[String],
 ) -> Option<Adopted> {
@@ -156,7 +159,7 @@ pub(super) struct Adopted {
 /// the host, a few seconds per command: a connection that stops answering
 /// (the new system may have cut it) is noticed within [`COMMAND_LIMIT`] plus
 /// that. `None` then, or when the activation runs too long.
-async fn wait_for_exit(session: &HostSession, token: &str) -> Option<(i32, String)> {
+async fn wait_for_exit<H: Host>(session: &H, token: &str) -> Option<(i32, String)> {
     let deadline = Instant::now() + ACTIVATION_LIMIT;
     while Instant::now() < deadline {
         let wait = session.activation_result(token, RESULT_WAIT);
@@ -171,13 +174,13 @@ async fn wait_for_exit(session: &HostSession, token: &str) -> Option<(i32, Strin
 
 /// Confirms over a fresh connection and verifies the host. `None` means it
 /// could not be confirmed (the watchdog will revert).
-async fn confirm_over_new_connection(
-    cfg: &DriverConfig,
+async fn confirm_over_new_connection<B: Backend>(
+    backend: &B,
     item: &WorkItem,
     token: &str,
 ) -> Option<Outcome> {
     let attempt = async {
-        let fresh = HostSession::connect(cfg, &item.host).await.ok()?;
+        let fresh = super::connect(backend, &item.host).await.ok()?;
         let outcome = match fresh.confirm_and_read(token).await {
             Ok(Some(now)) => Some(super::verified(item, now)),
             Ok(None) => None,
@@ -186,7 +189,7 @@ async fn confirm_over_new_connection(
         let _ = tokio::time::timeout(Duration::from_secs(3), fresh.close()).await;
         outcome
     };
-    tokio::time::timeout(cfg.connect_timeout + COMMAND_LIMIT, attempt)
+    tokio::time::timeout(backend.connect_timeout() + COMMAND_LIMIT, attempt)
         .await
         .ok()
         .flatten()
@@ -194,8 +197,8 @@ async fn confirm_over_new_connection(
 
 /// Waits until the host should have reverted, then reconnects (retrying
 /// for a while) and checks that it is back on its previous system.
-async fn verify_reverted(
-    cfg: &DriverConfig,
+async fn verify_reverted<B: Backend>(
+    backend: &B,
     item: &WorkItem,
     previous: Previous<'_>,
     reverts_by: Instant,
@@ -203,12 +206,12 @@ async fn verify_reverted(
     let Some(to) = rollback_target(item.host.action, previous).map(str::to_string) else {
         return Rollback::NothingToRollBackTo;
     };
-    tokio::time::sleep_until((reverts_by + Duration::from_secs(1)).into()).await;
+    tokio::time::sleep_until(reverts_by + Duration::from_secs(1)).await;
     let give_up = Instant::now() + VERIFY_WINDOW;
     let mut last = "the host did not answer".to_string();
     while Instant::now() < give_up {
         let attempt = async {
-            let s = HostSession::connect(cfg, &item.host)
+            let s = super::connect(backend, &item.host)
                 .await
                 .map_err(|e| crate::error::error_chain(&e))?;
             let now = observe(&s, item.host.action)
@@ -217,7 +220,7 @@ async fn verify_reverted(
             let _ = tokio::time::timeout(Duration::from_secs(3), s.close()).await;
             now
         };
-        match tokio::time::timeout(cfg.connect_timeout + COMMAND_LIMIT, attempt).await {
+        match tokio::time::timeout(backend.connect_timeout() + COMMAND_LIMIT, attempt).await {
             Ok(Ok(Some(now))) if now == to => return Rollback::RolledBack { to },
             Ok(Ok(now)) => {
                 last = format!("the host is on {}", now.as_deref().unwrap_or("no system"))

@@ -8,13 +8,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{roll_back, Outcome, Previous, Report, Step, WorkItem};
-use crate::driver::{tail, HostSession};
+use crate::driver::tail;
+use crate::host::Host;
 use crate::spec::{Action, HealthCheck, Probe};
 
 /// Runs the host's checks after a successful activation; any other outcome
 /// passes through unchanged.
-pub(super) async fn after_activation(
-    session: &HostSession,
+pub(super) async fn after_activation<H: Host>(
+    session: &H,
     item: &WorkItem,
     previous: Previous<'_>,
     activated: Outcome,
@@ -44,7 +45,7 @@ pub(super) async fn after_activation(
 }
 
 /// One check, with its retries: `Ok` as soon as an attempt passes.
-async fn run(session: &HostSession, check: &HealthCheck) -> Result<(), String> {
+async fn run<H: Host>(session: &H, check: &HealthCheck) -> Result<(), String> {
     let mut last = String::new();
     for attempt in 1..=check.retries {
         let result = match &check.probe {
@@ -65,7 +66,7 @@ async fn run(session: &HostSession, check: &HealthCheck) -> Result<(), String> {
     Err(format!("{last} (after {} attempts)", check.retries))
 }
 
-async fn command(session: &HostSession, argv: &[String], timeout: Duration) -> Result<(), String> {
+async fn command<H: Host>(session: &H, argv: &[String], timeout: Duration) -> Result<(), String> {
     let out = session
         .run_check(argv, timeout)
         .await

@@ -4,17 +4,20 @@
 //! converged, failed and retried with backoff, or held after a failed
 //! activation and its rollback.
 
-use time::OffsetDateTime;
-use tokio::time::Instant;
-
-use super::Controller;
+use super::{append, Effect, Now, State, Then};
 use crate::event::{NewEvent, Phase, Reason};
 use crate::queue::backoff;
 use crate::reconcile::{Outcome, Rollback, Step};
 use crate::spec::Action;
 
-impl Controller {
-    pub(super) fn on_step(&mut self, host: &str, revision: &str, step: Step) {
+impl State {
+    pub(super) fn on_step(
+        &mut self,
+        host: &str,
+        revision: &str,
+        step: Step,
+        out: &mut Vec<Effect>,
+    ) {
         let status = self.status.hosts.get(host);
         let desired = self
             .desired
@@ -108,18 +111,35 @@ impl Controller {
             )
             .phase(Phase::Activating),
         };
-        self.record(ev);
+        append(out, vec![ev], Then::Nothing);
     }
 
-    pub(super) fn on_done(&mut self, host: &str, revision: &str, outcome: Outcome) {
+    /// A worker's run ended: its host's new state, in one append, then the
+    /// rollout moves on.
+    pub(super) fn on_done(
+        &mut self,
+        host: &str,
+        revision: &str,
+        outcome: Outcome,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
         self.queue.done(host);
-        self.handle_outcome(host, revision, outcome);
-        self.advance_rollout();
+        let news = self.handle_outcome(host, revision, outcome, now, out);
+        append(out, news, Then::AdvanceRollout);
     }
 
-    fn handle_outcome(&mut self, host: &str, revision: &str, outcome: Outcome) {
+    fn handle_outcome(
+        &mut self,
+        host: &str,
+        revision: &str,
+        outcome: Outcome,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) -> Vec<NewEvent> {
+        let mut news = Vec::new();
         if self.host_spec(host).is_none_or(|h| h.suspend) {
-            return;
+            return news;
         }
         if self.operator_suspended(host) && !matches!(outcome, Outcome::ManualRollback { .. }) {
             // A reconcile that was in flight when `cim rollback` came in:
@@ -130,7 +150,7 @@ impl Controller {
                 changed: true,
             } = outcome
             {
-                self.record(
+                news.push(
                     NewEvent::host(
                         host,
                         Reason::Converged,
@@ -141,27 +161,29 @@ impl Controller {
                 );
             }
             if self.pending_rollbacks.remove(host) {
-                self.start_rollback(host);
+                self.start_rollback(host, out);
             }
-            return;
+            return news;
         }
         match outcome {
             Outcome::Cancelled => {}
-            Outcome::BuildFailed { message } => self.build_failed(host, revision, message),
+            Outcome::BuildFailed { message } => {
+                news.push(self.build_failed(host, revision, message));
+            }
             Outcome::Converged { system, changed } => {
-                let news = changed
+                let worth_saying = changed
                     || self.status.hosts.get(host).is_none_or(|status| {
                         status.phase != Phase::Converged
                             || status.observed_revision.as_deref() != Some(revision)
                             || status.current_system.as_deref() != Some(system.as_str())
                     });
-                if news {
+                if worth_saying {
                     let message = if changed {
                         format!("switched to {system}")
                     } else {
                         format!("already running {system}")
                     };
-                    self.record(
+                    news.push(
                         NewEvent::host(host, Reason::Converged, Some(revision), message)
                             .phase(Phase::Converged)
                             .system(system),
@@ -171,21 +193,20 @@ impl Controller {
             Outcome::Failed { reason, message } => {
                 let failures = self.status.hosts.get(host).map_or(0, |h| h.failures) + 1;
                 let delay = backoff(failures, self.cfg.backoff_base, self.cfg.backoff_max);
-                let next = OffsetDateTime::now_utc() + delay;
-                self.record(
+                news.push(
                     NewEvent::host(host, reason, Some(revision), message)
                         .phase(Phase::Failed)
-                        .next_retry(next),
+                        .next_retry(now.wall + delay),
                 );
-                self.queue.schedule(host, Instant::now() + delay);
+                self.queue.schedule(host, now.at + delay);
             }
             Outcome::ActivationFailed { message, rollback } => {
                 let failure = (Reason::ActivationFailed, message);
-                self.activation_failed(host, revision, Some(failure), rollback);
+                news.extend(self.activation_failed(host, revision, Some(failure), rollback));
             }
             Outcome::HealthCheckFailed { message, rollback } => {
                 let failure = (Reason::HealthCheckFailed, message);
-                self.activation_failed(host, revision, Some(failure), rollback);
+                news.extend(self.activation_failed(host, revision, Some(failure), rollback));
             }
             Outcome::ManualRollback { rollback } => {
                 let ev = match rollback {
@@ -212,17 +233,18 @@ impl Controller {
                         "no previous generation to roll back to",
                     ),
                 };
-                self.record(ev);
-                return;
+                news.push(ev);
+                return news;
             }
             Outcome::NotConfirmed { rollback } => {
-                self.activation_failed(host, revision, None, rollback);
+                news.extend(self.activation_failed(host, revision, None, rollback));
             }
         }
         // A newer revision may have arrived while this host was busy.
         if self.current_revision() != Some(revision) && self.desired.contains_key(host) {
-            self.queue.enqueue(host, Instant::now());
+            self.queue.enqueue(host, now.at);
         }
+        news
     }
 
     /// Records a failed activation and its rollback. The host is held: it
@@ -234,7 +256,8 @@ impl Controller {
         revision: &str,
         failure: Option<(Reason, String)>,
         rollback: Rollback,
-    ) {
+    ) -> Vec<NewEvent> {
+        let mut news = Vec::new();
         let desired = self
             .desired
             .get(host)
@@ -250,7 +273,7 @@ impl Controller {
                     format!("rolling back to {} failed", Rollback::target(to))
                 }
             };
-            self.record(
+            news.push(
                 NewEvent::host(
                     host,
                     reason,
@@ -286,8 +309,9 @@ impl Controller {
             ),
         };
         if !announced_nothing {
-            self.record(ev.phase(Phase::Failed));
+            news.push(ev.phase(Phase::Failed));
         }
         self.queue.forget(host);
+        news
     }
 }

@@ -1,0 +1,570 @@
+//! The controller's brain: every decision it makes, as plain functions of
+//! its state, one message and the time — `handle(&mut State, Msg, now) ->
+//! Vec<Effect>`. No IO, no tokio, no store: an effect is a value (append
+//! these events, evaluate this revision, run this host's reconcile, reply
+//! to this request, fetch now) and the run loop in `controller` carries it
+//! out.
+//!
+//! Whatever depends on an event being durable is not done alongside the
+//! append but in its continuation ([`Then`]): the loop appends, and answers
+//! with [`Msg::Committed`] or [`Msg::AppendFailed`]. So a refused append
+//! fails closed by construction — the state change, request or work that
+//! needed it never happens, and the operator is told why.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+
+use crate::driver::{Evaluation, Toplevel};
+use crate::event::{short, NewEvent, Phase, Reason};
+use crate::queue::WorkQueue;
+use crate::reconcile::{Report, WorkItem};
+use crate::rollout;
+use crate::spec::{Action, FleetSpec, HostSpec};
+use crate::status::FleetStatus;
+use crate::types::StorePath;
+
+mod evaluation;
+mod outcome;
+mod requests;
+
+/// The decisions' tunables (from the command line).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_parallel: usize,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// `--substitute-on-destination`, unless a spec says otherwise.
+    pub substitute_on_destination: bool,
+    /// Whether closures are pushed to a binary cache before copying.
+    pub push_to_cache: bool,
+}
+
+/// The two clocks a decision may read: the monotonic one for the queue,
+/// the wall clock for what events say (a retry's time).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub at: Instant,
+    pub wall: OffsetDateTime,
+}
+
+/// Identifies an operator request, so that its answer finds its way back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// Reconcile one host, or every host, now.
+    Reconcile { host: Option<String> },
+    /// Suspend a host and switch it to its previous generation.
+    Rollback { host: String },
+    /// Hand a host suspended by `Rollback` back to the controller.
+    Resume { host: String },
+}
+
+/// Why a revision is evaluated.
+#[derive(Debug, Clone)]
+pub enum Purpose {
+    /// A new revision with valid specs: deployed once its configurations
+    /// check out against the flake.
+    New(FleetSpec),
+    /// The current revision again: after a restart, or for hosts without a
+    /// system (their build failed and a reconcile was asked for).
+    Refresh,
+}
+
+/// Everything the controller decides on.
+#[derive(Debug)]
+pub enum Msg {
+    /// The branch moved (before its specs are read).
+    Head {
+        revision: String,
+    },
+    /// A fetched revision and its specs.
+    Revision {
+        revision: String,
+        specs: Result<FleetSpec, crate::spec::SpecErrors>,
+    },
+    FetchFailed {
+        message: String,
+    },
+    Evaluated {
+        revision: String,
+        purpose: Purpose,
+        result: Result<Evaluation, String>,
+    },
+    Report(Report),
+    Request {
+        id: RequestId,
+        ask: Ask,
+    },
+    /// `--event-retention` deleted old events.
+    Trimmed {
+        through: u64,
+        deleted: u64,
+    },
+    /// The resync timer: re-check every host.
+    Resync,
+    /// The store takes writes again after refusing one.
+    StoreWritable,
+    /// Time passed: hand due hosts to workers.
+    Tick,
+    /// An [`Effect::Append`] committed; its events are folded into the
+    /// status already.
+    Committed {
+        then: Then,
+    },
+    /// An [`Effect::Append`] was refused; nothing of it is in the status.
+    AppendFailed {
+        error: String,
+        then: Then,
+    },
+}
+
+/// What the run loop must do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Append these events in one transaction, then answer with
+    /// [`Msg::Committed`] or [`Msg::AppendFailed`] carrying `then`.
+    Append { events: Vec<NewEvent>, then: Then },
+    /// Evaluate every listed configuration at `revision` (one `nix eval`),
+    /// replacing any evaluation in flight; answer with [`Msg::Evaluated`].
+    Evaluate {
+        revision: String,
+        purpose: Purpose,
+        configurations: Vec<String>,
+    },
+    /// Start a worker reconciling one host; it reports with [`Msg::Report`].
+    Run(WorkItem),
+    /// Start a worker rolling `host` back to its previous generation.
+    RollBack { host: HostSpec, revision: String },
+    /// Fetch the watched branch now.
+    Fetch,
+    /// Answer an operator request.
+    Reply {
+        id: RequestId,
+        result: Result<String, String>,
+    },
+}
+
+/// What follows an append once it committed (or what to say when it did
+/// not).
+#[derive(Debug)]
+pub enum Then {
+    Nothing,
+    /// A revision's specs were recorded: make them current and give hosts
+    /// their systems.
+    SpecsApplied {
+        revision: String,
+        fleet: FleetSpec,
+        removed: Vec<String>,
+        suspended: Vec<String>,
+        result: Result<Evaluation, String>,
+    },
+    /// A host's state changed: see whether the rollout moves on.
+    AdvanceRollout,
+    /// `cim rollback`'s suspension is durable: roll the host back.
+    RollbackRecorded {
+        id: RequestId,
+        host: String,
+    },
+    /// `cim resume` is durable: reconcile the host again.
+    Resumed {
+        id: RequestId,
+        host: String,
+        revision: Option<String>,
+    },
+    /// `cim reconcile`'s requests are durable (they clear holds): queue.
+    ReconcileRecorded {
+        id: RequestId,
+        one: Option<String>,
+        hosts: Vec<String>,
+        revision: String,
+    },
+}
+
+/// Everything the controller knows. Only [`handle`] changes it, and the
+/// status only by folding committed events.
+#[derive(Debug)]
+pub struct State {
+    pub(crate) cfg: Config,
+    pub(crate) status: FleetStatus,
+    /// The current valid revision and its specs.
+    pub(crate) specs: Option<(String, FleetSpec)>,
+    /// Each host's system at the current revision (evaluated; built by
+    /// its worker when needed).
+    pub(crate) desired: BTreeMap<String, Toplevel>,
+    /// Closures known to exist in the local store (built this run).
+    built: BTreeSet<StorePath>,
+    /// Closures pushed to the binary cache this run.
+    pushed: BTreeSet<StorePath>,
+    /// The revision of the evaluation in flight.
+    evaluating: Option<String>,
+    /// A revision whose invalid specs were already reported.
+    judged: Option<String>,
+    pub(crate) queue: WorkQueue<Instant>,
+    /// Hosts due but held back by the rollout policy (waves, dependsOn, a
+    /// halt); queued again whenever another host's state changes.
+    gated: BTreeSet<String>,
+    /// Why the store last refused a write; while set, no new work starts.
+    pub(crate) store_failure: Option<String>,
+    /// A revision whose specs the store refused to record.
+    unapplied: Option<(String, FleetSpec)>,
+    /// Hosts whose `cim rollback` waits for their current reconcile to end.
+    pending_rollbacks: BTreeSet<String>,
+}
+
+impl State {
+    pub fn new(cfg: Config, status: FleetStatus) -> State {
+        // A newest revision that is not the deployed one and carries a
+        // message was refused before this restart; do not report it again.
+        let judged =
+            status.repo.latest_revision.clone().filter(|l| {
+                Some(l) != status.repo.revision.as_ref() && status.repo.message.is_some()
+            });
+        State {
+            cfg,
+            status,
+            specs: None,
+            desired: BTreeMap::new(),
+            built: BTreeSet::new(),
+            pushed: BTreeSet::new(),
+            evaluating: None,
+            judged,
+            queue: WorkQueue::default(),
+            gated: BTreeSet::new(),
+            store_failure: None,
+            unapplied: None,
+            pending_rollbacks: BTreeSet::new(),
+        }
+    }
+
+    pub fn status(&self) -> &FleetStatus {
+        &self.status
+    }
+
+    /// The status, for the run loop's store to fold committed events into.
+    pub fn projection(&mut self) -> &mut FleetStatus {
+        &mut self.status
+    }
+
+    /// Why the store refuses writes (`None`: it takes them).
+    pub fn store_failure(&self) -> Option<&str> {
+        self.store_failure.as_deref()
+    }
+
+    /// When the queue next has a host due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.queue.next_due()
+    }
+
+    /// Resumes reconciling the last valid revision recorded in the store,
+    /// before the watcher has fetched anything: a restart, or an unreachable
+    /// git server, must not stop the fleet from being kept converged.
+    pub fn resume(&mut self, revision: String, specs: FleetSpec) -> Vec<Effect> {
+        self.specs = Some((revision.clone(), specs));
+        let mut out = Vec::new();
+        self.start_evaluation(&revision, Purpose::Refresh, &mut out);
+        out
+    }
+
+    pub(crate) fn current_revision(&self) -> Option<&str> {
+        self.specs.as_ref().map(|(r, _)| r.as_str())
+    }
+
+    fn host_spec(&self, name: &str) -> Option<&HostSpec> {
+        self.specs.as_ref().and_then(|(_, s)| s.hosts.get(name))
+    }
+
+    fn active_hosts(&self) -> Vec<String> {
+        self.specs
+            .as_ref()
+            .map(|(_, s)| {
+                s.hosts
+                    .values()
+                    .filter(|h| !h.suspend)
+                    .map(|h| h.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn operator_suspended(&self, host: &str) -> bool {
+        self.status
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.operator_suspended)
+    }
+
+    /// Whether `host` must not be worked on now: an operator suspended it
+    /// with `cim rollback`, or it failed to activate the current revision
+    /// and waits for a new one or an explicit reconcile.
+    fn held(&self, host: &str) -> bool {
+        if self.operator_suspended(host) {
+            return true;
+        }
+        let failed = self
+            .status
+            .hosts
+            .get(host)
+            .and_then(|h| h.failed_revision.as_deref());
+        failed.is_some() && failed == self.current_revision()
+    }
+}
+
+/// Decides what `msg` means for the controller: changes `state` and
+/// returns what the run loop must do, in order.
+pub fn handle(state: &mut State, msg: Msg, now: Now) -> Vec<Effect> {
+    let mut out = Vec::new();
+    match msg {
+        Msg::Head { revision } => state.on_head(&revision, &mut out),
+        Msg::Revision { revision, specs } => state.on_revision(revision, specs, &mut out),
+        Msg::FetchFailed { message } => {
+            let revision = state.status.repo.latest_revision.clone();
+            append(
+                &mut out,
+                vec![NewEvent::repo(
+                    Reason::FetchFailed,
+                    revision.as_deref(),
+                    message,
+                )],
+                Then::Nothing,
+            );
+        }
+        Msg::Evaluated {
+            revision,
+            purpose,
+            result,
+        } => state.on_evaluated(revision, purpose, result, now, &mut out),
+        Msg::Report(Report::Step {
+            host,
+            revision,
+            step,
+        }) => state.on_step(&host, &revision, step, &mut out),
+        Msg::Report(Report::Done {
+            host,
+            revision,
+            outcome,
+        }) => state.on_done(&host, &revision, outcome, now, &mut out),
+        Msg::Request { id, ask } => state.on_request(id, ask, &mut out),
+        Msg::Trimmed { through, deleted } => {
+            let mut ev = NewEvent::repo(
+                Reason::EventsTrimmed,
+                None,
+                format!(
+                    "--event-retention deleted {deleted} events; the history now starts after #{through}"
+                ),
+            );
+            ev.trimmed_through = Some(through);
+            append(&mut out, vec![ev], Then::Nothing);
+        }
+        Msg::Resync => state.resync(now),
+        Msg::StoreWritable => {
+            state.store_failure = None;
+            if let Some((revision, fleet)) = state.unapplied.take() {
+                state.start_evaluation(&revision, Purpose::New(fleet), &mut out);
+            }
+            state.resync(now);
+        }
+        Msg::Tick => state.dispatch(now, &mut out),
+        Msg::Committed { then } => state.committed(then, now, &mut out),
+        Msg::AppendFailed { error, then } => state.append_failed(error, then, &mut out),
+    }
+    out
+}
+
+/// Asks for `events` to be appended, `then` to follow once they are
+/// durable. An empty append still carries its continuation, in order.
+fn append(out: &mut Vec<Effect>, events: Vec<NewEvent>, then: Then) {
+    if events.is_empty() && matches!(then, Then::Nothing) {
+        return;
+    }
+    out.push(Effect::Append { events, then });
+}
+
+impl State {
+    fn committed(&mut self, then: Then, now: Now, out: &mut Vec<Effect>) {
+        match then {
+            Then::Nothing => {}
+            Then::SpecsApplied {
+                revision,
+                fleet,
+                removed,
+                suspended,
+                result,
+            } => self.specs_applied(revision, fleet, removed, suspended, result, now, out),
+            Then::AdvanceRollout => self.advance_rollout(now, out),
+            Then::RollbackRecorded { id, host } => self.rollback_recorded(id, &host, out),
+            Then::Resumed { id, host, revision } => self.resumed(id, &host, revision, now, out),
+            Then::ReconcileRecorded {
+                id,
+                one,
+                hosts,
+                revision,
+            } => self.reconcile_recorded(id, one, &hosts, &revision, now, out),
+        }
+    }
+
+    /// A refused append: remember why (no new work starts until the store
+    /// takes writes again), and do not do what depended on it.
+    fn append_failed(&mut self, error: String, then: Then, out: &mut Vec<Effect>) {
+        self.store_failure = Some(error);
+        match then {
+            Then::Nothing | Then::AdvanceRollout => {}
+            Then::SpecsApplied {
+                revision, fleet, ..
+            } => {
+                // Evaluated again once the store takes writes.
+                self.unapplied = Some((revision, fleet));
+            }
+            Then::RollbackRecorded { id, .. } => self.refuse(id, "rollback", out),
+            Then::Resumed { id, .. } => self.refuse(id, "resume", out),
+            Then::ReconcileRecorded { id, .. } => self.refuse(id, "reconcile", out),
+        }
+    }
+
+    /// Answers a request whose event the store refused.
+    fn refuse(&self, id: RequestId, what: &str, out: &mut Vec<Effect>) {
+        out.push(Effect::Reply {
+            id,
+            result: Err(format!(
+                "the {what} was not carried out: the store refused to record it ({})",
+                self.store_failure.as_deref().unwrap_or("unknown error")
+            )),
+        });
+    }
+
+    /// After any host's state changed: halt the rollout if its failure
+    /// budget is spent, announce a new wave, and let gated hosts be
+    /// re-evaluated.
+    fn advance_rollout(&mut self, now: Now, out: &mut Vec<Effect>) {
+        let Some((revision, fleet)) = self.specs.as_ref() else {
+            return;
+        };
+        let mut news = Vec::new();
+        if let Some(failed) = rollout::over_budget(fleet, &self.status, revision) {
+            news.push(NewEvent::repo(
+                Reason::RolloutHalted,
+                Some(revision),
+                format!(
+                    "rollout of {} halted: {} failed ({}); hosts not yet touched stay as they are until a new revision or `cim reconcile --all`",
+                    short(revision),
+                    failed.join(", "),
+                    fleet.policy.max_failures
+                ),
+            ));
+        }
+        let waves = fleet.policy.waves.len();
+        if let Some(w) = rollout::current_wave(fleet, &self.status, revision)
+            .filter(|w| self.status.repo.wave.as_deref() != Some(w.name.as_str()))
+        {
+            let mut ev = NewEvent::repo(
+                Reason::WaveStarted,
+                Some(revision),
+                format!(
+                    "wave {} of {}: {} ({})",
+                    w.index + 1,
+                    waves + 1,
+                    w.name,
+                    w.members.join(", ")
+                ),
+            );
+            ev.wave = Some(w.name);
+            news.push(ev);
+        }
+        append(out, news, Then::Nothing);
+        for host in std::mem::take(&mut self.gated) {
+            self.queue.enqueue(&host, now.at);
+        }
+    }
+
+    /// Records a build error. It is deterministic for a given revision, so
+    /// it is not retried on a timer: a new revision or `cim reconcile`
+    /// tries again.
+    fn build_failed(&mut self, host: &str, revision: &str, message: String) -> NewEvent {
+        self.desired.remove(host);
+        self.gated.remove(host);
+        NewEvent::host(host, Reason::BuildFailed, Some(revision), message).phase(Phase::Failed)
+    }
+
+    /// Hands due hosts to workers, within `--max-parallel` and the rollout
+    /// policy.
+    fn dispatch(&mut self, now: Now, out: &mut Vec<Effect>) {
+        if self.store_failure.is_some() {
+            return;
+        }
+        let limit = self
+            .specs
+            .as_ref()
+            .and_then(|(_, f)| f.policy.max_parallel)
+            .map_or(self.cfg.max_parallel, |p| p.min(self.cfg.max_parallel));
+        let free = limit.saturating_sub(self.queue.running());
+        if free == 0 {
+            return;
+        }
+        for host in self.queue.pop_ready(now.at, free) {
+            let Some(item) = self.work_item(&host).filter(|_| !self.held(&host)) else {
+                self.queue.done(&host);
+                continue;
+            };
+            if let Some((revision, fleet)) = self.specs.as_ref() {
+                if rollout::blocked_by(fleet, &self.status, revision, &item.host).is_some() {
+                    self.queue.done(&host);
+                    self.gated.insert(host);
+                    continue;
+                }
+            }
+            out.push(Effect::Run(item));
+        }
+    }
+
+    fn work_item(&self, host: &str) -> Option<WorkItem> {
+        let (revision, fleet) = self.specs.as_ref()?;
+        let desired = self.desired.get(host)?;
+        let spec = fleet.hosts.get(host).filter(|h| !h.suspend)?;
+        Some(WorkItem {
+            host: spec.clone(),
+            revision: revision.clone(),
+            desired: desired.out.clone(),
+            build: (!self.built.contains(&desired.out)).then(|| desired.drv.clone()),
+            // Also for a host cim knows nothing of yet (a new state
+            // directory on a running fleet): looking costs one connection,
+            // building what it already runs could cost minutes.
+            likely_current: self
+                .status
+                .hosts
+                .get(host)
+                .is_none_or(|h| h.current_system.as_deref() == Some(desired.out.as_str())),
+            push: self.cfg.push_to_cache && !self.pushed.contains(&desired.out),
+            substitute: spec
+                .substitute_on_destination
+                .unwrap_or(self.cfg.substitute_on_destination),
+        })
+    }
+
+    /// Re-checks every host that is not already waiting for a retry.
+    fn resync(&mut self, now: Now) {
+        let hosts: Vec<String> = self.desired.keys().cloned().collect();
+        for host in hosts {
+            let Some(spec) = self.host_spec(&host) else {
+                continue;
+            };
+            if spec.suspend || self.queue.is_queued(&host) || self.held(&host) {
+                continue;
+            }
+            // dry-activate changes nothing on the host, so there is nothing
+            // to re-check once it has run.
+            if spec.action == Action::DryActivate
+                && self.status.phase_of(&host) == Some(Phase::Converged)
+            {
+                continue;
+            }
+            self.queue.enqueue(&host, now.at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! Decisions about revisions: a new head, a revision's specs, its one
+//! evaluation for the whole fleet, and what follows — refuse specs naming
+//! configurations the flake lacks, record the revision's specs, record
+//! hosts whose configuration does not evaluate, and queue the rest with
+//! the system they should run.
+
+use super::{append, short, Effect, Now, Purpose, State, Then};
+use crate::driver::Evaluation;
+use crate::event::{NewEvent, Phase, Reason};
+use crate::spec::FleetSpec;
+
+impl State {
+    /// The branch moved: said at once, before specs are read or anything
+    /// is evaluated.
+    pub(super) fn on_head(&mut self, revision: &str, out: &mut Vec<Effect>) {
+        if self.status.repo.latest_revision.as_deref() == Some(revision)
+            || self.current_revision() == Some(revision)
+        {
+            return;
+        }
+        append(
+            out,
+            vec![NewEvent::repo(
+                Reason::RevisionDetected,
+                Some(revision),
+                format!("new head {} of the watched branch", short(revision)),
+            )],
+            Then::Nothing,
+        );
+    }
+
+    pub(super) fn on_revision(
+        &mut self,
+        revision: String,
+        specs: Result<FleetSpec, crate::spec::SpecErrors>,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.current_revision() == Some(revision.as_str()) {
+            return;
+        }
+        self.on_head(&revision, out);
+        match specs {
+            Err(errors) => self.spec_invalid(&revision, &errors, out),
+            Ok(fleet) => self.start_evaluation(&revision, Purpose::New(fleet), out),
+        }
+    }
+
+    /// Reports a revision whose specs do not validate (once per revision);
+    /// the current one stays deployed.
+    fn spec_invalid(
+        &mut self,
+        revision: &str,
+        errors: &crate::spec::SpecErrors,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.judged.as_deref() == Some(revision) {
+            return;
+        }
+        self.judged = Some(revision.to_string());
+        let keeping = self
+            .current_revision()
+            .map_or("nothing is deployed".to_string(), |r| {
+                format!("still reconciling {}", short(r))
+            });
+        append(
+            out,
+            vec![NewEvent::repo(
+                Reason::SpecInvalid,
+                Some(revision),
+                format!(
+                    "specs at {} are invalid, {keeping}: {errors}",
+                    short(revision)
+                ),
+            )],
+            Then::Nothing,
+        );
+    }
+
+    /// Evaluates `revision`. A new revision replaces any evaluation in
+    /// flight (it is moot); a refresh waits for one.
+    pub(super) fn start_evaluation(
+        &mut self,
+        revision: &str,
+        purpose: Purpose,
+        out: &mut Vec<Effect>,
+    ) {
+        if matches!(purpose, Purpose::Refresh) && self.evaluating.is_some() {
+            return;
+        }
+        let fleet = match &purpose {
+            Purpose::New(fleet) => fleet,
+            Purpose::Refresh => match self.specs.as_ref() {
+                Some((_, fleet)) => fleet,
+                None => return,
+            },
+        };
+        let mut configurations: Vec<String> = fleet
+            .hosts
+            .values()
+            .filter(|h| !h.suspend)
+            .map(|h| h.configuration.clone())
+            .collect();
+        configurations.sort();
+        configurations.dedup();
+        self.evaluating = Some(revision.to_string());
+        out.push(Effect::Evaluate {
+            revision: revision.to_string(),
+            purpose,
+            configurations,
+        });
+    }
+
+    pub(super) fn on_evaluated(
+        &mut self,
+        revision: String,
+        purpose: Purpose,
+        result: Result<Evaluation, String>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.evaluating.as_deref() != Some(revision.as_str()) {
+            return;
+        }
+        self.evaluating = None;
+        match purpose {
+            Purpose::New(fleet) => {
+                if let Ok(evaluation) = &result {
+                    if let Err(errors) =
+                        crate::spec::check_configurations(&fleet, &evaluation.names)
+                    {
+                        self.spec_invalid(&revision, &errors, out);
+                        return;
+                    }
+                }
+                self.apply_specs(revision, fleet, result, out);
+            }
+            Purpose::Refresh => {
+                if self.current_revision() == Some(revision.as_str()) {
+                    let failures = self.set_desired(&revision, &result, true, now);
+                    append(out, failures, Then::AdvanceRollout);
+                }
+            }
+        }
+    }
+
+    /// Records `fleet` as the current specs: one batch of events (loaded,
+    /// removed, suspended and resumed hosts), in one transaction. Nothing
+    /// changes until it commits.
+    fn apply_specs(
+        &mut self,
+        revision: String,
+        fleet: FleetSpec,
+        result: Result<Evaluation, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        let mut news = vec![NewEvent::repo(
+            Reason::SpecsLoaded,
+            Some(&revision),
+            format!("{} hosts at {}", fleet.hosts.len(), short(&revision)),
+        )];
+        let removed: Vec<String> = self
+            .status
+            .hosts
+            .keys()
+            .filter(|h| !fleet.hosts.contains_key(*h))
+            .cloned()
+            .collect();
+        for host in &removed {
+            news.push(NewEvent::host(
+                host,
+                Reason::HostRemoved,
+                Some(&revision),
+                "no longer in the specs; the host is left running as it is",
+            ));
+        }
+        let mut suspended = Vec::new();
+        for host in fleet.hosts.values() {
+            let phase = self.status.phase_of(&host.name);
+            if host.suspend && phase != Some(Phase::Suspended) {
+                suspended.push(host.name.clone());
+                news.push(
+                    NewEvent::host(
+                        &host.name,
+                        Reason::Suspended,
+                        Some(&revision),
+                        "suspended by its spec",
+                    )
+                    .phase(Phase::Suspended),
+                );
+            } else if !host.suspend
+                && phase == Some(Phase::Suspended)
+                && !self.operator_suspended(&host.name)
+            {
+                news.push(
+                    NewEvent::host(
+                        &host.name,
+                        Reason::Resumed,
+                        Some(&revision),
+                        "resumed by its spec",
+                    )
+                    .phase(Phase::Pending),
+                );
+            }
+        }
+        append(
+            out,
+            news,
+            Then::SpecsApplied {
+                revision,
+                fleet,
+                removed,
+                suspended,
+                result,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn specs_applied(
+        &mut self,
+        revision: String,
+        fleet: FleetSpec,
+        removed: Vec<String>,
+        suspended: Vec<String>,
+        result: Result<Evaluation, String>,
+        now: Now,
+        out: &mut Vec<Effect>,
+    ) {
+        for host in removed {
+            self.queue.remove(&host);
+        }
+        for host in suspended {
+            self.queue.forget(&host);
+        }
+        self.specs = Some((revision.clone(), fleet));
+        self.desired.clear();
+        let failures = self.set_desired(&revision, &result, false, now);
+        append(out, failures, Then::AdvanceRollout);
+    }
+
+    /// Gives every active host its system from `result` and queues it;
+    /// returns the events of hosts that have none. On a refresh, hosts
+    /// that already have their system are left as they are.
+    fn set_desired(
+        &mut self,
+        revision: &str,
+        result: &Result<Evaluation, String>,
+        refresh: bool,
+        now: Now,
+    ) -> Vec<NewEvent> {
+        let hosts: Vec<(String, String)> = self
+            .specs
+            .as_ref()
+            .map(|(_, fleet)| {
+                fleet
+                    .hosts
+                    .values()
+                    .filter(|h| !h.suspend)
+                    .map(|h| (h.name.clone(), h.configuration.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut failures = Vec::new();
+        for (host, configuration) in hosts {
+            if refresh && self.desired.contains_key(&host) {
+                continue;
+            }
+            let system = match result {
+                Err(message) => Err(message.clone()),
+                Ok(evaluation) => evaluation
+                    .systems
+                    .get(&configuration)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Err(format!(
+                            "configuration `{configuration}` is not in the flake at {}",
+                            short(revision)
+                        ))
+                    }),
+            };
+            match system {
+                Ok(system) => {
+                    self.desired.insert(host.clone(), system);
+                    if !self.held(&host) {
+                        self.queue.enqueue(&host, now.at);
+                    }
+                }
+                Err(message) => failures.push(self.build_failed(&host, revision, message)),
+            }
+        }
+        failures
+    }
+}

@@ -1,0 +1,694 @@
+//! The controller's rules, one by one, as plain function calls: no tokio,
+//! no SQLite, no processes. [`Rig`] plays the run loop — it folds appended
+//! events into the status (or refuses them, as a full disk would) and
+//! feeds continuations back — and hands every other effect to the test.
+
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+
+use super::*;
+use crate::driver::Evaluation;
+use crate::event::Event;
+use crate::reconcile::{Outcome, Rollback, Step};
+
+struct Rig {
+    state: State,
+    at: Instant,
+    wall: OffsetDateTime,
+    log: Vec<Event>,
+    /// Why the store refuses appends, when it does.
+    refuse: Option<&'static str>,
+    next_request: u64,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        Rig::restarted(FleetStatus::default())
+    }
+
+    /// A controller starting on a store that holds `status`.
+    fn restarted(status: FleetStatus) -> Rig {
+        let cfg = Config {
+            max_parallel: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            substitute_on_destination: false,
+            push_to_cache: false,
+        };
+        Rig {
+            state: State::new(cfg, status),
+            at: Instant::now(),
+            wall: OffsetDateTime::UNIX_EPOCH,
+            log: Vec::new(),
+            refuse: None,
+            next_request: 0,
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            at: self.at,
+            wall: self.wall,
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.at += d;
+        self.wall += d;
+    }
+
+    /// Handles `msg` the way the run loop does; returns the effects that
+    /// are not appends.
+    fn send(&mut self, msg: Msg) -> Vec<Effect> {
+        let mut rest = Vec::new();
+        let now = self.now();
+        for effect in handle(&mut self.state, msg, now) {
+            match effect {
+                Effect::Append { events, then } => {
+                    let next = match self.refuse {
+                        Some(why) => Msg::AppendFailed {
+                            error: why.to_string(),
+                            then,
+                        },
+                        None => {
+                            for new in events {
+                                let status = self.state.projection();
+                                let from = new.host.as_deref().and_then(|h| status.phase_of(h));
+                                let ev = new.into_event(status.repo.last_seq + 1, self.wall, from);
+                                status.apply(&ev);
+                                self.log.push(ev);
+                            }
+                            Msg::Committed { then }
+                        }
+                    };
+                    rest.extend(self.send(next));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn tick(&mut self) -> Vec<String> {
+        runs(&self.send(Msg::Tick))
+    }
+
+    /// Deploys `fleet` as `revision`: its specs, then its evaluation, with
+    /// `broken` configurations failing to evaluate.
+    fn deploy(&mut self, revision: &str, fleet: FleetSpec, broken: &[&str]) -> Vec<Effect> {
+        let names: Vec<String> = fleet
+            .hosts
+            .values()
+            .map(|h| h.configuration.clone())
+            .collect();
+        let effects = self.send(Msg::Revision {
+            revision: revision.to_string(),
+            specs: Ok(fleet),
+        });
+        let [Effect::Evaluate {
+            revision,
+            purpose,
+            configurations,
+        }] = <[Effect; 1]>::try_from(effects).expect("one evaluation")
+        else {
+            panic!("not an evaluation");
+        };
+        let mut result = evaluation(&configurations, broken);
+        result.names = names;
+        self.send(Msg::Evaluated {
+            revision,
+            purpose,
+            result: Ok(result),
+        })
+    }
+
+    fn done(&mut self, host: &str, outcome: Outcome) -> Vec<Effect> {
+        let revision = self.state.current_revision().unwrap_or("r1").to_string();
+        self.send(Msg::Report(Report::Done {
+            host: host.to_string(),
+            revision,
+            outcome,
+        }))
+    }
+
+    fn converged(&mut self, host: &str) -> Vec<Effect> {
+        let system = self.state.desired[host].out.to_string();
+        self.done(
+            host,
+            Outcome::Converged {
+                system,
+                changed: true,
+            },
+        )
+    }
+
+    fn ask(&mut self, ask: Ask) -> (Result<String, String>, Vec<Effect>) {
+        self.next_request += 1;
+        let id = RequestId(self.next_request);
+        let mut effects = self.send(Msg::Request { id, ask });
+        let at = effects
+            .iter()
+            .position(|e| matches!(e, Effect::Reply { id: i, .. } if *i == id))
+            .expect("an answer");
+        let Effect::Reply { result, .. } = effects.remove(at) else {
+            unreachable!()
+        };
+        (result, effects)
+    }
+
+    fn reasons(&self) -> Vec<String> {
+        self.log.iter().map(|e| e.reason.to_string()).collect()
+    }
+
+    fn phase(&self, host: &str) -> Option<Phase> {
+        self.state.status.phase_of(host)
+    }
+}
+
+fn runs(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Run(item) => Some(item.host.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A fleet from a `kind: Fleet` spec body (may be empty) and hosts with
+/// extra spec lines.
+fn fleet(policy: &str, hosts: &[(&str, &str)]) -> FleetSpec {
+    let mut text = String::new();
+    if !policy.is_empty() {
+        text.push_str(&format!(
+            "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n{policy}"
+        ));
+    }
+    for (name, extra) in hosts {
+        text.push_str(&format!(
+            "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{role: {}}}}}\nspec:\n  address: 10.0.0.1\n{extra}",
+            name.split('-').next().unwrap_or(name)
+        ));
+    }
+    crate::spec::parse_fleet(&[crate::spec::SpecFile {
+        path: "specs/f.yaml".into(),
+        contents: text.into_bytes(),
+    }])
+    .unwrap()
+}
+
+fn system(name: &str) -> Toplevel {
+    let hash = "smz0ldh5h3kwdxlgw2whndrb1k4ha03j";
+    Toplevel {
+        drv: StorePath::parse(&format!("/nix/store/{hash}-{name}.drv")).unwrap(),
+        out: StorePath::parse(&format!("/nix/store/{hash}-{name}")).unwrap(),
+    }
+}
+
+fn evaluation(configurations: &[String], broken: &[&str]) -> Evaluation {
+    Evaluation {
+        names: configurations.to_vec(),
+        systems: configurations
+            .iter()
+            .map(|c| {
+                let system = if broken.contains(&c.as_str()) {
+                    Err(format!("error: attribute missing in {c}"))
+                } else {
+                    Ok(system(c))
+                };
+                (c.clone(), system)
+            })
+            .collect(),
+    }
+}
+
+fn two_web_hosts() -> FleetSpec {
+    fleet("", &[("web-1", ""), ("web-2", "")])
+}
+
+#[test]
+fn a_new_revision_is_evaluated_once_and_its_hosts_run() {
+    let mut rig = Rig::new();
+    let effects = rig.deploy("r1", two_web_hosts(), &[]);
+    assert!(effects.is_empty(), "{effects:?}");
+    assert_eq!(rig.reasons(), ["RevisionDetected", "SpecsLoaded"]);
+    assert_eq!(rig.tick(), ["web-1", "web-2"]);
+    // Handed out once: a second tick starts nothing.
+    assert!(rig.tick().is_empty());
+}
+
+#[test]
+fn a_host_whose_configuration_does_not_evaluate_fails_alone() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &["web-2"]);
+    assert_eq!(rig.phase("web-2"), Some(Phase::Failed));
+    assert!(rig.reasons().contains(&"BuildFailed".to_string()));
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn a_revision_naming_a_missing_configuration_is_refused_whole() {
+    let mut rig = Rig::new();
+    let effects = rig.send(Msg::Revision {
+        revision: "r1".into(),
+        specs: Ok(fleet("", &[("web-1", "  configuration: nope\n")])),
+    });
+    let [Effect::Evaluate {
+        revision, purpose, ..
+    }] = <[Effect; 1]>::try_from(effects).unwrap()
+    else {
+        panic!()
+    };
+    rig.send(Msg::Evaluated {
+        revision,
+        purpose,
+        result: Ok(Evaluation {
+            names: vec!["web-1".into()],
+            systems: Default::default(),
+        }),
+    });
+    assert_eq!(rig.reasons(), ["RevisionDetected", "SpecInvalid"]);
+    assert!(rig.state.current_revision().is_none());
+    assert!(rig.tick().is_empty());
+}
+
+#[test]
+fn invalid_specs_are_reported_once_and_the_current_revision_stays() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    let bad = || {
+        crate::spec::parse_fleet(&[crate::spec::SpecFile {
+            path: "specs/f.yaml".into(),
+            contents: b"apiVersion: cim/v1\nkind: Host\nmetadata: {name: x}\nspec: {}\n".to_vec(),
+        }])
+    };
+    for _ in 0..2 {
+        rig.send(Msg::Revision {
+            revision: "r2".into(),
+            specs: bad(),
+        });
+    }
+    let invalid = rig.reasons().iter().filter(|r| *r == "SpecInvalid").count();
+    assert_eq!(invalid, 1);
+    assert_eq!(rig.state.current_revision(), Some("r1"));
+}
+
+#[test]
+fn a_converged_host_is_recorded_and_not_run_again_until_resync() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    rig.tick();
+    rig.converged("web-1");
+    assert_eq!(rig.phase("web-1"), Some(Phase::Converged));
+    assert!(rig.tick().is_empty());
+    rig.send(Msg::Resync);
+    // web-2 is still running; only web-1 is checked again.
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn an_unchanged_host_that_stays_converged_says_nothing() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    rig.tick();
+    rig.converged("web-1");
+    let before = rig.log.len();
+    rig.send(Msg::Resync);
+    rig.tick();
+    let system = rig.state.desired["web-1"].out.to_string();
+    rig.done(
+        "web-1",
+        Outcome::Converged {
+            system,
+            changed: false,
+        },
+    );
+    assert_eq!(rig.log.len(), before, "{:?}", &rig.reasons()[before..]);
+}
+
+#[test]
+fn a_failed_reconcile_is_retried_with_backoff() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.tick();
+    let failed = || Outcome::Failed {
+        reason: Reason::HostUnreachable,
+        message: "ssh: connect to host 10.0.0.1 port 22: No route to host".into(),
+    };
+    rig.done("web-1", failed());
+    let ev = rig.log.last().unwrap();
+    assert_eq!(ev.reason, Reason::HostUnreachable);
+    assert_eq!(ev.next_retry, Some(rig.wall + Duration::from_secs(1)));
+    assert!(rig.tick().is_empty(), "not before the backoff");
+    rig.advance(Duration::from_secs(1));
+    assert_eq!(rig.tick(), ["web-1"]);
+    // The second failure waits twice as long.
+    rig.done("web-1", failed());
+    rig.advance(Duration::from_secs(1));
+    assert!(rig.tick().is_empty());
+    rig.advance(Duration::from_secs(1));
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn a_failed_activation_holds_the_host_until_asked_again() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.tick();
+    let previous = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-web-1-0";
+    rig.done(
+        "web-1",
+        Outcome::ActivationFailed {
+            message: "switch-to-configuration exited with 4".into(),
+            rollback: Rollback::RolledBack {
+                to: previous.into(),
+            },
+        },
+    );
+    assert_eq!(
+        &rig.reasons()[rig.log.len() - 2..],
+        ["ActivationFailed", "RolledBack"]
+    );
+    rig.send(Msg::Resync);
+    rig.advance(Duration::from_secs(3600));
+    assert!(rig.tick().is_empty(), "held: not retried on a timer");
+    let (answer, _) = rig.ask(Ask::Reconcile {
+        host: Some("web-1".into()),
+    });
+    assert!(answer.unwrap().starts_with("reconciling web-1"));
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn a_build_failure_waits_for_a_new_revision_or_a_request() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.tick();
+    rig.done(
+        "web-1",
+        Outcome::BuildFailed {
+            message: "builder for '/nix/store/…-web-1.drv' failed".into(),
+        },
+    );
+    rig.send(Msg::Resync);
+    assert!(rig.tick().is_empty());
+    // Its system is gone: a reconcile evaluates again.
+    let (answer, effects) = rig.ask(Ask::Reconcile {
+        host: Some("web-1".into()),
+    });
+    assert!(answer.is_ok());
+    assert!(matches!(
+        effects.as_slice(),
+        [Effect::Evaluate {
+            purpose: Purpose::Refresh,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn drift_on_a_converged_host_is_an_event() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.tick();
+    rig.converged("web-1");
+    let elsewhere = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-hand-made".to_string();
+    rig.send(Msg::Report(Report::Step {
+        host: "web-1".into(),
+        revision: "r1".into(),
+        step: Step::Observed {
+            current: Some(elsewhere.clone()),
+        },
+    }));
+    let ev = rig.log.last().unwrap();
+    assert_eq!(ev.reason, Reason::DriftDetected);
+    assert_eq!(ev.system.as_deref(), Some(elsewhere.as_str()));
+    assert_eq!(rig.phase("web-1"), Some(Phase::Pending));
+}
+
+#[test]
+fn waves_run_in_order() {
+    let policy = "  waves:\n    - {name: canary, selector: {role: canary}}\n";
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet(policy, &[("canary-1", ""), ("web-1", ""), ("web-2", "")]),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["canary-1"], "later waves wait");
+    rig.converged("canary-1");
+    assert_eq!(
+        rig.log.last().unwrap().message,
+        "wave 2 of 2: rest (web-1, web-2)"
+    );
+    assert_eq!(rig.tick(), ["web-1", "web-2"]);
+}
+
+#[test]
+fn a_host_waits_for_what_it_depends_on() {
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet(
+            "",
+            &[
+                ("db-1", ""),
+                ("web-1", "  dependsOn:\n    - {host: db-1}\n"),
+            ],
+        ),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["db-1"]);
+    rig.converged("db-1");
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn a_spent_failure_budget_halts_the_rollout_until_reconcile_all() {
+    let policy = "  maxParallel: 1\n  maxFailures: 1\n";
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet(policy, &[("web-1", ""), ("web-2", ""), ("web-3", "")]),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["web-1"]);
+    rig.converged("web-1");
+    assert_eq!(rig.tick(), ["web-2"]);
+    rig.done(
+        "web-2",
+        Outcome::BuildFailed {
+            message: "boom".into(),
+        },
+    );
+    assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
+    assert!(rig.tick().is_empty(), "web-3 is not touched");
+    let (answer, effects) = rig.ask(Ask::Reconcile { host: None });
+    assert!(answer.is_ok());
+    assert!(matches!(effects[0], Effect::Fetch));
+    assert!(rig.reasons().contains(&"RolloutResumed".to_string()));
+}
+
+#[test]
+fn hosts_suspended_by_their_spec_are_left_alone() {
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet("", &[("web-1", ""), ("web-2", "  suspend: true\n")]),
+        &[],
+    );
+    assert_eq!(
+        rig.phase("web-2"),
+        Some(Phase::Suspended),
+        "{:?}",
+        rig.reasons()
+    );
+    assert_eq!(rig.tick(), ["web-1"]);
+    let (answer, _) = rig.ask(Ask::Reconcile {
+        host: Some("web-2".into()),
+    });
+    assert_eq!(answer.unwrap_err(), "host `web-2` is suspended by its spec");
+}
+
+#[test]
+fn a_rollback_suspends_the_host_and_rolls_it_back_once_its_run_ends() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    assert_eq!(rig.tick(), ["web-1"]);
+    let (answer, effects) = rig.ask(Ask::Rollback {
+        host: "web-1".into(),
+    });
+    assert!(answer
+        .unwrap()
+        .contains("as soon as its current reconcile ends"));
+    assert!(effects.is_empty(), "busy: the rollback waits");
+    assert_eq!(rig.phase("web-1"), Some(Phase::Suspended));
+    // The run in flight ends: recorded, and the rollback starts.
+    let effects = rig.converged("web-1");
+    assert!(matches!(effects.as_slice(), [Effect::RollBack { .. }]));
+    assert_eq!(rig.phase("web-1"), Some(Phase::Suspended));
+    let effects = rig.done(
+        "web-1",
+        Outcome::ManualRollback {
+            rollback: Rollback::RolledBack {
+                to: "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-old".into(),
+            },
+        },
+    );
+    assert!(effects.is_empty());
+    rig.send(Msg::Resync);
+    assert!(rig.tick().is_empty(), "suspended until resumed");
+    let (answer, _) = rig.ask(Ask::Resume {
+        host: "web-1".into(),
+    });
+    assert!(answer.is_ok());
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn requests_for_unknown_hosts_are_refused() {
+    let mut rig = Rig::new();
+    let (answer, effects) = rig.ask(Ask::Reconcile { host: None });
+    assert_eq!(answer.unwrap(), "no valid revision yet; fetching now");
+    assert!(matches!(effects.as_slice(), [Effect::Fetch]));
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    let (answer, _) = rig.ask(Ask::Rollback {
+        host: "nope".into(),
+    });
+    assert_eq!(answer.unwrap_err(), "no host `nope` in the specs");
+    let (answer, _) = rig.ask(Ask::Resume {
+        host: "web-1".into(),
+    });
+    assert!(answer.is_err());
+}
+
+#[test]
+fn a_rollback_the_store_refuses_is_not_carried_out() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.refuse = Some("database or disk is full");
+    let (answer, effects) = rig.ask(Ask::Rollback {
+        host: "web-1".into(),
+    });
+    assert_eq!(
+        answer.unwrap_err(),
+        "the rollback was not carried out: the store refused to record it (database or disk is full)"
+    );
+    assert!(effects.is_empty(), "nothing rolled back: {effects:?}");
+    assert_ne!(rig.phase("web-1"), Some(Phase::Suspended));
+    assert!(rig.tick().is_empty(), "no new work while the store refuses");
+    rig.refuse = None;
+    rig.send(Msg::StoreWritable);
+    assert_eq!(rig.tick(), ["web-1"]);
+}
+
+#[test]
+fn a_revision_the_store_refused_is_deployed_once_it_takes_writes() {
+    let mut rig = Rig::new();
+    rig.refuse = Some("disk I/O error");
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    assert!(rig.state.current_revision().is_none());
+    rig.refuse = None;
+    let effects = rig.send(Msg::StoreWritable);
+    assert!(matches!(
+        effects.as_slice(),
+        [Effect::Evaluate {
+            purpose: Purpose::New(_),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_crashed_worker_frees_its_slot_and_is_retried() {
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet("  maxParallel: 1\n", &[("web-1", ""), ("web-2", "")]),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["web-1"]);
+    rig.done(
+        "web-1",
+        Outcome::Failed {
+            reason: Reason::WorkerCrashed,
+            message: "the worker reconciling this host crashed: boom".into(),
+        },
+    );
+    assert_eq!(rig.phase("web-1"), Some(Phase::Failed));
+    assert_eq!(rig.tick(), ["web-2"], "the slot is free");
+}
+
+#[test]
+fn a_restart_looks_at_hosts_before_building_anything() {
+    let mut first = Rig::new();
+    first.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    first.tick();
+    first.converged("web-1");
+    // A new controller on the same store: the stored revision is
+    // evaluated once, and each host is looked at first (which also adopts
+    // an activation the old controller left in flight).
+    let mut rig = Rig::restarted(first.state.status.clone());
+    let effects = rig.state.resume("r1".into(), fleet("", &[("web-1", "")]));
+    let [Effect::Evaluate {
+        revision,
+        purpose,
+        configurations,
+    }] = <[Effect; 1]>::try_from(effects).unwrap()
+    else {
+        panic!()
+    };
+    rig.send(Msg::Evaluated {
+        revision,
+        purpose,
+        result: Ok(evaluation(&configurations, &[])),
+    });
+    let effects = rig.send(Msg::Tick);
+    let [Effect::Run(item)] = effects.as_slice() else {
+        panic!("{effects:?}")
+    };
+    assert!(item.likely_current);
+    assert!(
+        rig.log.is_empty(),
+        "nothing new to say: {:?}",
+        rig.reasons()
+    );
+}
+
+#[test]
+fn a_newer_revision_reaches_a_host_that_was_busy() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
+    rig.tick();
+    let mut fleet2 = fleet("", &[("web-1", "")]);
+    fleet2.hosts.get_mut("web-1").unwrap().configuration = "web-1-v2".into();
+    rig.deploy("r2", fleet2, &[]);
+    assert!(rig.tick().is_empty(), "never two runs of one host");
+    rig.done(
+        "web-1",
+        Outcome::Converged {
+            system: system("web-1").out.to_string(),
+            changed: true,
+        },
+    );
+    assert_eq!(rig.tick(), ["web-1"]);
+    let item = match rig.send(Msg::Resync).as_slice() {
+        [] => rig.state.work_item("web-1").unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(item.revision, "r2");
+}
+
+#[test]
+fn removed_hosts_are_forgotten() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    rig.tick();
+    rig.converged("web-1");
+    rig.converged("web-2");
+    rig.deploy("r2", fleet("", &[("web-1", "")]), &[]);
+    assert!(rig.reasons().contains(&"HostRemoved".to_string()));
+    assert!(!rig.state.status.hosts.contains_key("web-2"));
+    assert_eq!(rig.tick(), ["web-1"]);
+}

@@ -1,0 +1,187 @@
+//! One host's reconcile, confirmation and rollback against simulated hosts
+//! (`host::sim`), under `tokio::time::pause()`: the paths that otherwise
+//! only a sandbox fleet shows, in milliseconds.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::host::sim::{Fault, Sim, SimConfig};
+
+const OLD: &str = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-web-1-old";
+
+fn spec(extra: &str) -> HostSpec {
+    let text = format!(
+        "apiVersion: cim/v1\nkind: Host\nmetadata: {{name: web-1}}\nspec:\n  address: 10.0.0.2\n{extra}"
+    );
+    let fleet = crate::spec::parse_fleet(&[crate::spec::SpecFile {
+        path: "specs/a.yaml".into(),
+        contents: text.into_bytes(),
+    }])
+    .unwrap();
+    fleet.hosts["web-1"].clone()
+}
+
+fn item(host: HostSpec) -> WorkItem {
+    let system = Sim::system("flake-r2", "web-1");
+    WorkItem {
+        host,
+        revision: "r2".into(),
+        desired: system.out,
+        build: Some(system.drv),
+        likely_current: false,
+        push: false,
+        substitute: false,
+    }
+}
+
+/// Runs one reconcile of `item` on `sim`; its steps and outcome.
+async fn reconcile_on(sim: &Sim, item: WorkItem) -> (Vec<Step>, Outcome) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let backend = Arc::new(sim.clone());
+    let builds = Builds::spawn(Arc::clone(&backend));
+    run(backend, builds, item, tx, CancellationToken::new()).await;
+    let mut steps = Vec::new();
+    while let Some(report) = rx.recv().await {
+        match report {
+            Report::Step { step, .. } => steps.push(step),
+            Report::Done { outcome, .. } => return (steps, outcome),
+        }
+    }
+    panic!("no outcome");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_is_copied_activated_confirmed_and_converged() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let item = item(spec(""));
+    let desired = item.desired.to_string();
+    let (steps, outcome) = reconcile_on(&sim, item).await;
+    assert_eq!(
+        outcome,
+        Outcome::Converged {
+            system: desired.clone(),
+            changed: true
+        }
+    );
+    assert_eq!(
+        steps,
+        [
+            // Built while connecting and looking.
+            Step::BuildStarted,
+            Step::Observed {
+                current: Some(OLD.into())
+            },
+            Step::BuildSucceeded,
+            Step::CopyStarted,
+            Step::CopySucceeded,
+            Step::ActivationStarted,
+        ]
+    );
+    assert_eq!(sim.current("web-1").as_deref(), Some(desired.as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_already_running_its_system_is_left_alone() {
+    let sim = Sim::new(SimConfig::default());
+    let mut item = item(spec(""));
+    sim.install("web-1", item.desired.as_str());
+    item.likely_current = true;
+    let (steps, outcome) = reconcile_on(&sim, item).await;
+    assert!(matches!(outcome, Outcome::Converged { changed: false, .. }));
+    assert_eq!(steps.len(), 1, "only looked: {steps:?}");
+    assert_eq!(
+        sim.counts.copies.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_activation_is_rolled_back() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    sim.set_fault("web-1", Some(Fault::ActivationFails));
+    let (_, outcome) = reconcile_on(&sim, item(spec(""))).await;
+    let Outcome::ActivationFailed { rollback, .. } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(rollback, Rollback::RolledBack { to: OLD.into() });
+    assert_eq!(sim.current("web-1").as_deref(), Some(OLD));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_system_that_cuts_the_network_is_not_confirmed_and_reverts_itself() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    sim.set_fault("web-1", Some(Fault::NewSystemCutsNetwork));
+    let (steps, outcome) =
+        reconcile_on(&sim, item(spec("  rollout: {confirmTimeout: 30s}\n"))).await;
+    assert!(
+        steps
+            .iter()
+            .any(|s| matches!(s, Step::ConfirmationTimedOut { .. })),
+        "{steps:?}"
+    );
+    assert_eq!(
+        outcome,
+        Outcome::NotConfirmed {
+            rollback: Rollback::RolledBack { to: OLD.into() }
+        }
+    );
+    assert_eq!(sim.current("web-1").as_deref(), Some(OLD));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_health_check_rolls_the_host_back() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let host = spec("  healthChecks:\n    - {name: up, command: [\"false\"], retries: 2}\n");
+    let (steps, outcome) = reconcile_on(&sim, item(host)).await;
+    assert_eq!(steps.last(), Some(&Step::Verifying));
+    let Outcome::HealthCheckFailed { rollback, message } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!(message.starts_with("health check `up` failed"), "{message}");
+    assert_eq!(rollback, Rollback::RolledBack { to: OLD.into() });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_host_fails_its_reconcile() {
+    let sim = Sim::new(SimConfig::default());
+    sim.set_fault("web-1", Some(Fault::Unreachable));
+    let (_, outcome) = reconcile_on(&sim, item(spec(""))).await;
+    let Outcome::Failed { reason, message } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(reason, Reason::HostUnreachable);
+    assert!(message.contains("connection refused"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_rollback_goes_back_one_generation() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let (_, _) = reconcile_on(&sim, item(spec(""))).await;
+    let (tx, mut rx) = mpsc::channel(8);
+    run_rollback(
+        Arc::new(sim.clone()),
+        spec(""),
+        "r2".into(),
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
+    let Some(Report::Done { outcome, .. }) = rx.recv().await else {
+        panic!("no outcome");
+    };
+    assert_eq!(
+        outcome,
+        Outcome::ManualRollback {
+            rollback: Rollback::RolledBack { to: OLD.into() }
+        }
+    );
+    assert_eq!(sim.current("web-1").as_deref(), Some(OLD));
+}

@@ -1,0 +1,263 @@
+//! `cim simulate`: the real controller (decisions, run loop, store, API)
+//! driving a fleet of simulated hosts (`host::sim`) through one
+//! whole-fleet change, and what it cost — wall time against the simulated
+//! work's own critical path, events per second, CPU per event, peak
+//! memory. `cim-bench --only simulate` runs it and measures the API while
+//! it runs.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::{Controller, ControllerConfig};
+use crate::event::Reason;
+use crate::host::sim::{Sim, SimConfig};
+use crate::spec::{parse_fleet, SpecFile};
+use crate::store::{Store, StoreError};
+use crate::watch::Found;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub hosts: usize,
+    pub max_parallel: usize,
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub sim: SimConfig,
+    /// Give up after this long.
+    pub deadline: Duration,
+}
+
+/// What a simulation measured (printed as JSON).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulateReport {
+    pub hosts: usize,
+    pub max_parallel: usize,
+    /// Events appended during the change.
+    pub events: u64,
+    /// From the new revision to the last host converged.
+    pub wall_seconds: f64,
+    /// The simulated work's own critical path: one evaluation, then each
+    /// round of `max_parallel` hosts' reconcile.
+    pub critical_path_seconds: f64,
+    pub ratio: f64,
+    pub events_per_second: f64,
+    /// CPU (user + system) of the whole process per event, simulation
+    /// included.
+    pub cpu_micros_per_event: f64,
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("cannot create the state directory {}", .path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the simulated specs do not validate: {0}")]
+    Specs(String),
+    #[error("{converged} of {hosts} hosts converged within {}s", .deadline.as_secs())]
+    TimedOut {
+        converged: usize,
+        hosts: usize,
+        deadline: Duration,
+    },
+}
+
+const REVISION: &str = "5111111111111111111111111111111111111111";
+
+/// Runs the simulation; `listening` is told the API's address as soon as
+/// it answers.
+pub async fn simulate(
+    opts: SimulateOptions,
+    listening: impl FnOnce(SocketAddr),
+) -> Result<SimulateReport, SimulateError> {
+    std::fs::create_dir_all(&opts.state_dir).map_err(|source| SimulateError::StateDir {
+        path: opts.state_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&opts.state_dir)?;
+    let sim = Sim::new(opts.sim.clone());
+    let names: Vec<String> = (0..opts.hosts).map(|i| format!("sim-{i:05}")).collect();
+    for name in &names {
+        sim.install(name, Sim::system("before", name).out.as_str());
+    }
+    let fleet =
+        parse_fleet(&spec_files(&names)).map_err(|e| SimulateError::Specs(e.to_string()))?;
+    let fetch_now = Arc::new(Notify::new());
+    let cfg = ControllerConfig {
+        resync_interval: Duration::from_secs(3600),
+        max_parallel: opts.max_parallel.max(1),
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+        mirror_path: opts.state_dir.join("mirror.git"),
+        substitute_on_destination: false,
+        retention: crate::store::Retention::default(),
+        state_dir: opts.state_dir.clone(),
+    };
+    let controller = Controller::new(cfg, sim.clone(), store, fetch_now)?;
+    let events = controller.events();
+    let mut seen = events.subscribe();
+    let (req_tx, req_rx) = mpsc::channel(64);
+    let app = crate::api::router(opts.state_dir.clone(), req_tx, events, controller.health());
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| SimulateError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| SimulateError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    let cancel = CancellationToken::new();
+    let api = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await
+        }
+    });
+    let (found_tx, found_rx) = mpsc::channel(4);
+    let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
+    listening(addr);
+
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let _ = found_tx
+        .send(Found::Revision {
+            revision: REVISION.to_string(),
+            specs: Ok(fleet),
+        })
+        .await;
+    let mut converged = HashSet::new();
+    let mut last_seq = 0;
+    let deadline = tokio::time::Instant::now() + opts.deadline;
+    while converged.len() < names.len() {
+        match tokio::time::timeout_at(deadline, seen.recv()).await {
+            Err(_) => {
+                cancel.cancel();
+                return Err(SimulateError::TimedOut {
+                    converged: converged.len(),
+                    hosts: names.len(),
+                    deadline: opts.deadline,
+                });
+            }
+            Ok(Ok(ev)) => {
+                last_seq = ev.seq;
+                if ev.reason == Reason::Converged && ev.revision.as_deref() == Some(REVISION) {
+                    converged.extend(ev.host);
+                }
+            }
+            // Fell behind the broadcast: count from the store instead.
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                let status = Store::open_read_only(&opts.state_dir)?.load_status()?;
+                last_seq = status.repo.last_seq;
+                converged = status
+                    .hosts
+                    .values()
+                    .filter(|h| {
+                        h.phase == crate::event::Phase::Converged
+                            && h.observed_revision.as_deref() == Some(REVISION)
+                    })
+                    .map(|h| h.name.clone())
+                    .collect();
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => break,
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    cancel.cancel();
+    let _ = run.await;
+    let _ = api.await;
+    let critical = opts
+        .sim
+        .critical_path(opts.hosts, opts.max_parallel)
+        .as_secs_f64();
+    let events = last_seq;
+    Ok(SimulateReport {
+        hosts: opts.hosts,
+        max_parallel: opts.max_parallel,
+        events,
+        wall_seconds: wall,
+        critical_path_seconds: critical,
+        ratio: wall / critical,
+        events_per_second: events as f64 / wall,
+        cpu_micros_per_event: cpu * 1e6 / events.max(1) as f64,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// The simulated fleet's specs, 1,000 hosts per file (files are limited to
+/// 1 MiB each).
+fn spec_files(names: &[String]) -> Vec<SpecFile> {
+    names
+        .chunks(1000)
+        .enumerate()
+        .map(|(i, chunk)| SpecFile {
+            path: format!("specs/sim-{i}.yaml").into(),
+            contents: chunk
+                .iter()
+                .enumerate()
+                .map(|(j, name)| {
+                    format!(
+                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}}}\nspec: {{address: 10.{}.{}.{}}}\n",
+                        i % 250,
+                        j / 250,
+                        j % 250 + 1
+                    )
+                })
+                .collect::<String>()
+                .into_bytes(),
+        })
+        .collect()
+}
+
+/// This process's CPU time (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
