@@ -216,7 +216,7 @@ fn spec_files(names: &[String]) -> Vec<SpecFile> {
         .chunks(1000)
         .enumerate()
         .map(|(i, chunk)| SpecFile {
-            path: format!("specs/sim-{i}.yaml").into(),
+            path: format!("specs/sim-{i}.yaml"),
             contents: chunk
                 .iter()
                 .enumerate()
