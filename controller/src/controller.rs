@@ -211,7 +211,7 @@ impl<B: Backend> Controller<B> {
         let retains_all = self.cfg.retention.keeps_everything();
         let mut result = self.group(Vec::new());
         while result.is_ok() {
-            let next_due = self.state.next_due().map(Instant::from_std);
+            let next_due = self.state.next_dispatch().map(Instant::from_std);
             let msg = tokio::select! {
                 () = cancel.cancelled() => break,
                 Some(f) = found.recv() => found_msg(f),

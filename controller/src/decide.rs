@@ -255,9 +255,24 @@ impl State {
         self.store_failure.as_deref()
     }
 
-    /// When the queue next has a host due.
-    pub fn next_due(&self) -> Option<Instant> {
+    /// When a host can next be handed to a worker: when the queue next has
+    /// one due, if a worker slot is free and the store takes writes.
+    /// (`None` while every slot is taken: a due host waits for a worker's
+    /// report, not for a timer that would fire again and again.)
+    pub fn next_dispatch(&self) -> Option<Instant> {
+        if self.store_failure.is_some() || self.free_slots() == 0 {
+            return None;
+        }
         self.queue.next_due()
+    }
+
+    fn free_slots(&self) -> usize {
+        let limit = self
+            .specs
+            .as_ref()
+            .and_then(|(_, f)| f.policy.max_parallel)
+            .map_or(self.cfg.max_parallel, |p| p.min(self.cfg.max_parallel));
+        limit.saturating_sub(self.queue.running())
     }
 
     /// Resumes reconciling the last valid revision recorded in the store,
@@ -495,12 +510,7 @@ impl State {
         if self.store_failure.is_some() {
             return;
         }
-        let limit = self
-            .specs
-            .as_ref()
-            .and_then(|(_, f)| f.policy.max_parallel)
-            .map_or(self.cfg.max_parallel, |p| p.min(self.cfg.max_parallel));
-        let free = limit.saturating_sub(self.queue.running());
+        let free = self.free_slots();
         if free == 0 {
             return;
         }

@@ -3,7 +3,7 @@
 //! is being worked on runs again only after the current run ends. Time is a
 //! type parameter so that the queue stays pure and is tested with integers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -13,80 +13,98 @@ struct Item<T> {
     running: bool,
 }
 
-/// Per-host queue keyed by host name.
+/// Per-host queue keyed by host name. Hosts that are due and not running
+/// are also kept ordered by due time, so that handing out the next hosts
+/// and finding the next due time cost O(log n), not a scan of the fleet.
 #[derive(Debug, Clone)]
 pub struct WorkQueue<T> {
     items: BTreeMap<String, Item<T>>,
+    /// `(due, host)` of every item that is queued and not running.
+    waiting: BTreeSet<(T, String)>,
+    running: usize,
 }
 
 impl<T> Default for WorkQueue<T> {
     fn default() -> Self {
         WorkQueue {
             items: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            running: 0,
         }
     }
 }
 
 impl<T: Ord + Copy> WorkQueue<T> {
-    /// Asks for `host` to be worked on at `at`. An earlier request wins, so a
-    /// burst of requests collapses into one run.
-    pub fn enqueue(&mut self, host: &str, at: T) {
+    /// Sets `host`'s due time to what `due` makes of the current one,
+    /// keeping the ordered index in step.
+    fn set_due(&mut self, host: &str, due: impl FnOnce(Option<T>) -> Option<T>) {
         let item = self.items.entry(host.to_string()).or_insert(Item {
             due: None,
             running: false,
         });
-        item.due = Some(match item.due {
-            Some(due) if due <= at => due,
-            _ => at,
+        let old = item.due;
+        item.due = due(old);
+        if item.running || old == item.due {
+            return;
+        }
+        if let Some(old) = old {
+            self.waiting.remove(&(old, host.to_string()));
+        }
+        if let Some(new) = item.due {
+            self.waiting.insert((new, host.to_string()));
+        }
+    }
+
+    /// Asks for `host` to be worked on at `at`. An earlier request wins, so a
+    /// burst of requests collapses into one run.
+    pub fn enqueue(&mut self, host: &str, at: T) {
+        self.set_due(host, |due| {
+            Some(match due {
+                Some(due) if due <= at => due,
+                _ => at,
+            })
         });
     }
 
     /// Like [`WorkQueue::enqueue`], but replaces a pending time: used for
     /// backoff, where the retry time is deliberately later.
     pub fn schedule(&mut self, host: &str, at: T) {
-        let item = self.items.entry(host.to_string()).or_insert(Item {
-            due: None,
-            running: false,
-        });
-        item.due = Some(at);
+        self.set_due(host, |_| Some(at));
     }
 
     /// Hands out up to `limit` hosts that are due and not already running,
     /// earliest first, and marks them running.
     pub fn pop_ready(&mut self, now: T, limit: usize) -> Vec<String> {
-        let mut ready: Vec<(T, String)> = self
-            .items
-            .iter()
-            .filter(|(_, item)| !item.running)
-            .filter_map(|(name, item)| {
-                item.due
-                    .filter(|due| *due <= now)
-                    .map(|d| (d, name.clone()))
-            })
-            .collect();
-        ready.sort();
-        ready.truncate(limit);
-        for (_, name) in &ready {
-            if let Some(item) = self.items.get_mut(name) {
+        let mut ready = Vec::new();
+        while ready.len() < limit {
+            match self.waiting.first() {
+                Some((due, _)) if *due <= now => {}
+                _ => break,
+            }
+            let Some((_, name)) = self.waiting.pop_first() else {
+                break;
+            };
+            if let Some(item) = self.items.get_mut(&name) {
                 item.running = true;
                 item.due = None;
+                self.running += 1;
             }
+            ready.push(name);
         }
-        ready.into_iter().map(|(_, name)| name).collect()
+        ready
     }
 
     /// Marks `host` running outside the normal hand-out (an operator's
     /// rollback); false if it is already running.
     pub fn claim(&mut self, host: &str) -> bool {
-        let item = self.items.entry(host.to_string()).or_insert(Item {
-            due: None,
-            running: false,
-        });
-        if item.running {
+        if self.is_running(host) {
             return false;
         }
-        item.running = true;
-        item.due = None;
+        self.set_due(host, |_| None);
+        if let Some(item) = self.items.get_mut(host) {
+            item.running = true;
+            self.running += 1;
+        }
         true
     }
 
@@ -94,19 +112,30 @@ impl<T: Ord + Copy> WorkQueue<T> {
     /// queued and is handed out by a later [`WorkQueue::pop_ready`].
     pub fn done(&mut self, host: &str) {
         if let Some(item) = self.items.get_mut(host) {
-            item.running = false;
+            if item.running {
+                item.running = false;
+                self.running -= 1;
+                if let Some(due) = item.due {
+                    self.waiting.insert((due, host.to_string()));
+                }
+            }
         }
     }
 
     /// Drops a host's pending request (it may still be running).
     pub fn forget(&mut self, host: &str) {
-        if let Some(item) = self.items.get_mut(host) {
-            item.due = None;
+        if self.items.contains_key(host) {
+            self.set_due(host, |_| None);
         }
     }
 
     pub fn remove(&mut self, host: &str) {
-        self.items.remove(host);
+        self.forget(host);
+        if let Some(item) = self.items.remove(host) {
+            if item.running {
+                self.running -= 1;
+            }
+        }
     }
 
     pub fn is_queued(&self, host: &str) -> bool {
@@ -118,16 +147,12 @@ impl<T: Ord + Copy> WorkQueue<T> {
     }
 
     pub fn running(&self) -> usize {
-        self.items.values().filter(|i| i.running).count()
+        self.running
     }
 
     /// The earliest time a host that is not running becomes due.
     pub fn next_due(&self) -> Option<T> {
-        self.items
-            .values()
-            .filter(|i| !i.running)
-            .filter_map(|i| i.due)
-            .min()
+        self.waiting.first().map(|(due, _)| *due)
     }
 }
 
@@ -200,7 +225,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_two_runs_of_one_host(ops in proptest::collection::vec((0u8..4, 0usize..3, 0u32..20), 1..200)) {
+        fn never_two_runs_of_one_host(ops in proptest::collection::vec((0u8..7, 0usize..3, 0u32..20), 1..200)) {
             let hosts = ["a", "b", "c"];
             let mut q = WorkQueue::default();
             let mut running = std::collections::BTreeSet::new();
@@ -214,11 +239,24 @@ mod tests {
                         }
                         prop_assert!(running.len() <= 3);
                     }
-                    _ => {
+                    3 => {
                         q.done(hosts[h]);
                         running.remove(hosts[h]);
                     }
+                    4 => q.forget(hosts[h]),
+                    5 => {
+                        q.remove(hosts[h]);
+                        running.remove(hosts[h]);
+                    }
+                    _ => {
+                        if q.claim(hosts[h]) {
+                            prop_assert!(running.insert(hosts[h].to_string()));
+                        }
+                    }
                 }
+                prop_assert_eq!(q.running(), running.len());
+                let naive = q.items.values().filter(|i| !i.running).filter_map(|i| i.due).min();
+                prop_assert_eq!(q.next_due(), naive);
             }
         }
 

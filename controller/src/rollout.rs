@@ -48,10 +48,13 @@ pub fn blocked_by(
     if status.repo.halted_revision.as_deref() == Some(revision) {
         return Some(format!("the rollout of {} is halted", short(revision)));
     }
+    // Hosts of the first wave (every host, without waves) and hosts
+    // without dependencies wait for nothing: no scan of the fleet for them.
     let wave = wave_of(fleet, host);
     let waiting: Vec<&str> = fleet
         .hosts
         .values()
+        .take_while(|_| wave > 0)
         .filter(|other| {
             wave_of(fleet, other) < wave && !done(status.hosts.get(&other.name), revision)
         })
@@ -62,6 +65,9 @@ pub fn blocked_by(
             "waiting for an earlier wave: {}",
             waiting.join(", ")
         ));
+    }
+    if host.depends_on.is_empty() {
+        return None;
     }
     let deps: Vec<&str> = fleet
         .hosts

@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{Controller, ControllerConfig};
 use crate::event::Reason;
 use crate::host::sim::{Sim, SimConfig};
 use crate::spec::{parse_fleet, SpecFile};
-use crate::store::{Store, StoreError};
+use crate::store::{EventQuery, Store, StoreError};
 use crate::watch::Found;
 
 /// What to simulate.
@@ -114,7 +114,6 @@ pub async fn simulate(
     };
     let controller = Controller::new(cfg, sim.clone(), store, fetch_now)?;
     let events = controller.events();
-    let mut seen = events.subscribe();
     let (req_tx, req_rx) = mpsc::channel(64);
     let app = crate::api::router(opts.state_dir.clone(), req_tx, events, controller.health());
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -143,50 +142,44 @@ pub async fn simulate(
     listening(addr);
 
     let cpu_before = cpu_seconds();
-    let started = Instant::now();
+    let started_wall = time::OffsetDateTime::now_utc();
     let _ = found_tx
         .send(Found::Revision {
             revision: REVISION.to_string(),
             specs: Ok(fleet),
         })
         .await;
+    // Followed from the store, as an API client would: only new events
+    // are read, and nothing the controller does waits for this reader.
+    let reader = Store::open_read_only(&opts.state_dir)?;
     let mut converged = HashSet::new();
     let mut last_seq = 0;
-    let deadline = tokio::time::Instant::now() + opts.deadline;
+    let mut last_converged = started_wall;
+    let deadline = Instant::now() + opts.deadline;
     while converged.len() < names.len() {
-        match tokio::time::timeout_at(deadline, seen.recv()).await {
-            Err(_) => {
-                cancel.cancel();
-                return Err(SimulateError::TimedOut {
-                    converged: converged.len(),
-                    hosts: names.len(),
-                    deadline: opts.deadline,
-                });
+        if Instant::now() > deadline {
+            cancel.cancel();
+            return Err(SimulateError::TimedOut {
+                converged: converged.len(),
+                hosts: names.len(),
+                deadline: opts.deadline,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let query = EventQuery {
+            since: Some(last_seq),
+            limit: Some(100_000),
+            host: None,
+        };
+        for ev in tokio::task::block_in_place(|| reader.events(&query))? {
+            last_seq = ev.seq;
+            if ev.reason == Reason::Converged && ev.revision.as_deref() == Some(REVISION) {
+                converged.extend(ev.host);
+                last_converged = ev.time;
             }
-            Ok(Ok(ev)) => {
-                last_seq = ev.seq;
-                if ev.reason == Reason::Converged && ev.revision.as_deref() == Some(REVISION) {
-                    converged.extend(ev.host);
-                }
-            }
-            // Fell behind the broadcast: count from the store instead.
-            Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                let status = Store::open_read_only(&opts.state_dir)?.load_status()?;
-                last_seq = status.repo.last_seq;
-                converged = status
-                    .hosts
-                    .values()
-                    .filter(|h| {
-                        h.phase == crate::event::Phase::Converged
-                            && h.observed_revision.as_deref() == Some(REVISION)
-                    })
-                    .map(|h| h.name.clone())
-                    .collect();
-            }
-            Ok(Err(broadcast::error::RecvError::Closed)) => break,
         }
     }
-    let wall = started.elapsed().as_secs_f64();
+    let wall = (last_converged - started_wall).as_seconds_f64();
     let cpu = cpu_seconds() - cpu_before;
     cancel.cancel();
     let _ = run.await;

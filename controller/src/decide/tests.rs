@@ -692,3 +692,18 @@ fn removed_hosts_are_forgotten() {
     assert!(!rig.state.status.hosts.contains_key("web-2"));
     assert_eq!(rig.tick(), ["web-1"]);
 }
+
+#[test]
+fn with_every_slot_taken_no_timer_is_asked_for() {
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet("  maxParallel: 1\n", &[("web-1", ""), ("web-2", "")]),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["web-1"]);
+    // web-2 is due, but only web-1's report can free a slot.
+    assert_eq!(rig.state.next_dispatch(), None);
+    rig.converged("web-1");
+    assert_eq!(rig.state.next_dispatch(), Some(rig.at));
+}
