@@ -26,6 +26,9 @@ use crate::event::Event;
 use crate::status::{FleetStatus, HostStatus};
 use crate::store::{EventQuery, Store};
 
+mod snapshot;
+use snapshot::Snapshot;
+
 /// `GET /api/v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -89,10 +92,9 @@ struct AppState {
     /// Idle read-only connections; a reader takes one (or opens one) and
     /// puts it back, so reads run concurrently instead of in turn.
     readers: Arc<Mutex<Vec<Store>>>,
-    /// The last status response, serialized, and the event it reflects:
-    /// serving the fleet's status costs one serialization per change, not
-    /// one per request, and concurrent requests wait for one reload.
-    status_cache: Arc<tokio::sync::Mutex<Option<(u64, axum::body::Bytes)>>>,
+    /// The status response, serialized and kept up to date by folding new
+    /// events: a request costs the hosts that changed, not the fleet.
+    status_cache: Arc<Mutex<Option<Snapshot>>>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
 }
@@ -103,10 +105,14 @@ pub fn router(
     events: broadcast::Sender<Event>,
     health: tokio::sync::watch::Receiver<Option<String>>,
 ) -> Router {
+    let status_cache = Arc::new(Mutex::new(None));
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(follow(Arc::clone(&status_cache), events.subscribe()));
+    }
     let state = AppState {
         state_dir,
         readers: Arc::new(Mutex::new(Vec::new())),
-        status_cache: Arc::new(tokio::sync::Mutex::new(None)),
+        status_cache,
         requests,
         events,
     };
@@ -171,30 +177,57 @@ impl AppState {
 }
 
 async fn status(State(app): State<AppState>) -> Response {
-    let seq = match app.read(|s| s.last_seq()).await {
-        Ok(seq) => seq,
-        Err(r) => return r,
-    };
-    let mut cache = app.status_cache.lock().await;
-    if let Some((cached, body)) = cache.as_ref() {
-        if *cached == seq {
-            return json_body(body.clone());
-        }
-    }
-    let loaded = app
-        .read(|s| {
-            let status = s.load_status()?;
-            let seq = status.repo.last_seq;
-            Ok((seq, serde_json::to_vec(&StatusResponse::from(status))?))
+    let cache = Arc::clone(&app.status_cache);
+    let body = app
+        .read(move |store| {
+            // Requests take turns: the first one after a gap brings the
+            // snapshot up to date, the others find it so.
+            let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut snapshot = match cached.take() {
+                Some(mut s) => {
+                    if store.last_seq()? == s.seq() || s.catch_up(store)? {
+                        s
+                    } else {
+                        Snapshot::load(store)?
+                    }
+                }
+                None => Snapshot::load(store)?,
+            };
+            let body = snapshot.body()?;
+            *cached = Some(snapshot);
+            Ok(body)
         })
         .await;
-    match loaded {
-        Ok((seq, body)) => {
-            let body = axum::body::Bytes::from(body);
-            *cache = Some((seq, body.clone()));
-            json_body(body)
-        }
+    match body {
+        Ok(body) => json_body(body),
         Err(r) => r,
+    }
+}
+
+/// Folds the controller's events into the status snapshot as they are
+/// broadcast (after their commit), so that a status request rarely has
+/// anything left to read from the store. Missed events (a lagging
+/// receiver) are left to the next request, which reads them from the
+/// store.
+async fn follow(cache: Arc<Mutex<Option<Snapshot>>>, mut events: broadcast::Receiver<Event>) {
+    loop {
+        let first = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let mut batch = vec![first];
+        while let Ok(event) = events.try_recv() {
+            batch.push(event);
+        }
+        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(snapshot) = cached.as_mut() {
+            for event in &batch {
+                if !snapshot.apply(event) {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -408,7 +441,7 @@ mod tests {
         let app = AppState {
             state_dir: dir.path().to_path_buf(),
             readers: Arc::new(Mutex::new(Vec::new())),
-            status_cache: Arc::new(tokio::sync::Mutex::new(None)),
+            status_cache: Arc::new(Mutex::new(None)),
             requests,
             events: tx.clone(),
         };

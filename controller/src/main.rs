@@ -123,6 +123,9 @@ struct SimulateArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10m", value_parser = spec::parse_duration)]
     deadline: Duration,
+    /// Keep the converged controller and its API up until interrupted.
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Args)]
@@ -398,6 +401,7 @@ fn simulate(args: SimulateArgs) -> Exit {
             ..Default::default()
         },
         deadline: args.deadline,
+        hold: args.hold,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {

@@ -32,6 +32,9 @@ pub struct SimulateOptions {
     pub sim: SimConfig,
     /// Give up after this long.
     pub deadline: Duration,
+    /// After the change, keep the controller and its API running until
+    /// interrupted (to look at a converged 10,000-host fleet).
+    pub hold: bool,
 }
 
 /// What a simulation measured (printed as JSON).
@@ -181,6 +184,9 @@ pub async fn simulate(
     }
     let wall = (last_converged - started_wall).as_seconds_f64();
     let cpu = cpu_seconds() - cpu_before;
+    if opts.hold {
+        let _ = tokio::signal::ctrl_c().await;
+    }
     cancel.cancel();
     let _ = run.await;
     let _ = api.await;

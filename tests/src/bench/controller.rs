@@ -255,7 +255,7 @@ fn status_p99(api: &str, clients: usize, requests: usize) -> Result<f64> {
 }
 
 /// A plain HTTP/1.1 GET; the body is read to the end and dropped.
-fn http_get(addr: &str, path: &str) -> Result<()> {
+pub(crate) fn http_get(addr: &str, path: &str) -> Result<()> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;

@@ -10,6 +10,8 @@
 //! - `idle`: the controller's CPU and process starts on a converged fleet.
 //! - `scale`: 10,000 suspended hosts added and removed; status latency.
 //! - `restart`: a controller started on a log of 1,000,000 events.
+//! - `simulate`: `cim simulate`, 10,000 simulated hosts through a
+//!   whole-fleet change, with status read throughout.
 //!
 //! Every figure is a median over rounds, printed as a markdown table.
 
@@ -21,9 +23,11 @@ use cim_sandbox::sh;
 mod cim_run;
 mod controller;
 mod converge;
+mod simulate;
 
 use controller::{idle, latency, restart, scale};
 use converge::converge;
+use simulate::simulate;
 pub(crate) struct Options {
     pub(crate) sizes: Vec<usize>,
     pub(crate) rounds: usize,
@@ -32,6 +36,8 @@ pub(crate) struct Options {
     pub(crate) idle_seconds: u64,
     pub(crate) latency_commits: usize,
     pub(crate) scale_hosts: usize,
+    pub(crate) sim_hosts: usize,
+    pub(crate) sim_parallel: Vec<usize>,
     pub(crate) cim: PathBuf,
     pub(crate) baseline: Option<PathBuf>,
     pub(crate) only: Option<String>,
@@ -46,6 +52,8 @@ fn main() -> Result<()> {
         idle_seconds: 30,
         latency_commits: 20,
         scale_hosts: 10_000,
+        sim_hosts: 10_000,
+        sim_parallel: vec![1000, 10_000],
         // target/release/cim next to target/release/cim-bench.
         cim: std::env::current_exe()?.with_file_name("cim"),
         baseline: None,
@@ -62,11 +70,13 @@ fn main() -> Result<()> {
             "--idle-seconds" => opts.idle_seconds = value()?.parse()?,
             "--latency-commits" => opts.latency_commits = value()?.parse()?,
             "--scale-hosts" => opts.scale_hosts = value()?.parse()?,
+            "--sim-hosts" => opts.sim_hosts = value()?.parse()?,
+            "--sim-parallel" => opts.sim_parallel = list(&value()?)?,
             "--cim" => opts.cim = value()?.into(),
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --only converge|latency|idle|scale|restart)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --sim-hosts N --sim-parallel 1000,10000 --only converge|latency|idle|scale|restart|simulate)"
             ),
         }
     }
@@ -87,6 +97,9 @@ fn main() -> Result<()> {
     }
     if wanted("restart") {
         restart(&opts)?;
+    }
+    if wanted("simulate") {
+        simulate(&opts)?;
     }
     Ok(())
 }
