@@ -94,7 +94,7 @@ pub struct Controller<B: Backend = DriverConfig> {
     workers: JoinSet<()>,
     /// Which host (and revision) each worker task works on, so that a
     /// worker that panics is reported as a failed reconcile of its host.
-    worker_hosts: HashMap<tokio::task::Id, (String, String)>,
+    worker_hosts: HashMap<tokio::task::Id, (crate::types::HostName, crate::types::Revision)>,
     worker_cancel: CancellationToken,
     fetch_now: Arc<Notify>,
     /// Evaluations' and retention's results.
@@ -182,7 +182,7 @@ impl<B: Backend> Controller<B> {
 
     /// Resumes reconciling the last valid revision recorded in the store,
     /// before the watcher has fetched anything.
-    pub fn resume(&mut self, revision: String, specs: FleetSpec) {
+    pub fn resume(&mut self, revision: crate::types::Revision, specs: FleetSpec) {
         tracing::info!(%revision, hosts = specs.hosts.len(), "resuming the last valid revision");
         let effects = self.state.resume(revision, specs);
         self.outbox.extend(effects);
@@ -382,7 +382,7 @@ impl<B: Backend> Controller<B> {
     /// fleet), replacing an evaluation in flight.
     fn evaluate(
         &mut self,
-        revision: String,
+        revision: crate::types::Revision,
         purpose: decide::Purpose,
         configurations: Vec<String>,
     ) {
@@ -441,13 +441,13 @@ impl<B: Backend> Controller<B> {
     /// Starts a worker task for `host`; see [`Controller::worker_ended`].
     fn spawn_worker(
         &mut self,
-        host: &str,
-        revision: &str,
+        host: &crate::types::HostName,
+        revision: &crate::types::Revision,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
         let handle = self.workers.spawn(work);
         self.worker_hosts
-            .insert(handle.id(), (host.to_string(), revision.to_string()));
+            .insert(handle.id(), (host.clone(), revision.clone()));
     }
 
     /// A worker task ended. One that panicked never sent its `Done`: it is

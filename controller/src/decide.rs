@@ -23,7 +23,7 @@ use crate::reconcile::{Report, WorkItem};
 use crate::rollout;
 use crate::spec::{Action, FleetSpec, HostSpec};
 use crate::status::FleetStatus;
-use crate::types::StorePath;
+use crate::types::{Revision, StorePath};
 
 mod evaluation;
 mod outcome;
@@ -80,18 +80,18 @@ pub enum Purpose {
 pub enum Msg {
     /// The branch moved (before its specs are read).
     Head {
-        revision: String,
+        revision: Revision,
     },
     /// A fetched revision and its specs.
     Revision {
-        revision: String,
+        revision: Revision,
         specs: Result<FleetSpec, crate::spec::SpecErrors>,
     },
     FetchFailed {
         message: String,
     },
     Evaluated {
-        revision: String,
+        revision: Revision,
         purpose: Purpose,
         result: Result<Evaluation, String>,
     },
@@ -132,14 +132,14 @@ pub enum Effect {
     /// Evaluate every listed configuration at `revision` (one `nix eval`),
     /// replacing any evaluation in flight; answer with [`Msg::Evaluated`].
     Evaluate {
-        revision: String,
+        revision: Revision,
         purpose: Purpose,
         configurations: Vec<String>,
     },
     /// Start a worker reconciling one host; it reports with [`Msg::Report`].
     Run(WorkItem),
     /// Start a worker rolling `host` back to its previous generation.
-    RollBack { host: HostSpec, revision: String },
+    RollBack { host: HostSpec, revision: Revision },
     /// Fetch the watched branch now.
     Fetch,
     /// Answer an operator request.
@@ -157,7 +157,7 @@ pub enum Then {
     /// A revision's specs were recorded: make them current and give hosts
     /// their systems.
     SpecsApplied {
-        revision: String,
+        revision: Revision,
         fleet: FleetSpec,
         removed: Vec<String>,
         suspended: Vec<String>,
@@ -174,14 +174,14 @@ pub enum Then {
     Resumed {
         id: RequestId,
         host: String,
-        revision: Option<String>,
+        revision: Option<Revision>,
     },
     /// `cim reconcile`'s requests are durable (they clear holds): queue.
     ReconcileRecorded {
         id: RequestId,
         one: Option<String>,
         hosts: Vec<String>,
-        revision: String,
+        revision: Revision,
     },
 }
 
@@ -192,7 +192,7 @@ pub struct State {
     pub(crate) cfg: Config,
     pub(crate) status: FleetStatus,
     /// The current valid revision and its specs.
-    pub(crate) specs: Option<(String, FleetSpec)>,
+    pub(crate) specs: Option<(Revision, FleetSpec)>,
     /// Each host's system at the current revision (evaluated; built by
     /// its worker when needed).
     pub(crate) desired: BTreeMap<String, Toplevel>,
@@ -201,9 +201,9 @@ pub struct State {
     /// Closures pushed to the binary cache this run.
     pushed: BTreeSet<StorePath>,
     /// The revision of the evaluation in flight.
-    evaluating: Option<String>,
+    evaluating: Option<Revision>,
     /// A revision whose invalid specs were already reported.
-    judged: Option<String>,
+    judged: Option<Revision>,
     pub(crate) queue: WorkQueue<Instant>,
     /// Hosts due but held back by the rollout policy (waves, dependsOn, a
     /// halt); queued again whenever another host's state changes.
@@ -211,7 +211,7 @@ pub struct State {
     /// Why the store last refused a write; while set, no new work starts.
     pub(crate) store_failure: Option<String>,
     /// A revision whose specs the store refused to record.
-    unapplied: Option<(String, FleetSpec)>,
+    unapplied: Option<(Revision, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: BTreeSet<String>,
 }
@@ -220,10 +220,14 @@ impl State {
     pub fn new(cfg: Config, status: FleetStatus) -> State {
         // A newest revision that is not the deployed one and carries a
         // message was refused before this restart; do not report it again.
-        let judged =
-            status.repo.latest_revision.clone().filter(|l| {
-                Some(l) != status.repo.revision.as_ref() && status.repo.message.is_some()
-            });
+        let judged = status
+            .repo
+            .latest_revision
+            .as_deref()
+            .filter(|l| {
+                Some(*l) != status.repo.revision.as_deref() && status.repo.message.is_some()
+            })
+            .and_then(Revision::parse);
         State {
             cfg,
             status,
@@ -278,7 +282,7 @@ impl State {
     /// Resumes reconciling the last valid revision recorded in the store,
     /// before the watcher has fetched anything: a restart, or an unreachable
     /// git server, must not stop the fleet from being kept converged.
-    pub fn resume(&mut self, revision: String, specs: FleetSpec) -> Vec<Effect> {
+    pub fn resume(&mut self, revision: Revision, specs: FleetSpec) -> Vec<Effect> {
         self.specs = Some((revision.clone(), specs));
         let mut out = Vec::new();
         self.start_evaluation(&revision, Purpose::Refresh, &mut out);
@@ -286,7 +290,11 @@ impl State {
     }
 
     pub(crate) fn current_revision(&self) -> Option<&str> {
-        self.specs.as_ref().map(|(r, _)| r.as_str())
+        self.current().map(Revision::as_str)
+    }
+
+    fn current(&self) -> Option<&Revision> {
+        self.specs.as_ref().map(|(r, _)| r)
     }
 
     fn host_spec(&self, name: &str) -> Option<&HostSpec> {
@@ -300,7 +308,7 @@ impl State {
                 s.hosts
                     .values()
                     .filter(|h| !h.suspend)
-                    .map(|h| h.name.clone())
+                    .map(|h| h.name.to_string())
                     .collect()
             })
             .unwrap_or_default()

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use gix::ObjectId;
 
 use crate::spec::SpecFile;
+use crate::types::Revision;
 
 /// Directory of spec files inside the repository.
 pub const SPECS_DIR: &str = "specs";
@@ -91,7 +92,7 @@ impl Mirror {
 
     /// Fetches `branch` (force-updating it: a rewritten history simply
     /// becomes the new desired state) and returns its head commit.
-    pub fn fetch(&self, branch: &str) -> Result<String, GitError> {
+    pub fn fetch(&self, branch: &str) -> Result<Revision, GitError> {
         let fetch_err = |source| GitError::Fetch {
             url: self.url.clone(),
             branch: branch.to_string(),
@@ -120,17 +121,17 @@ impl Mirror {
     }
 
     /// The mirror's current head of `branch`, without fetching.
-    pub fn head(&self, branch: &str) -> Result<Option<String>, GitError> {
+    pub fn head(&self, branch: &str) -> Result<Option<Revision>, GitError> {
         branch_head(&self.repo, branch)
     }
 
     /// The spec files in the tree of `revision`.
-    pub fn read_specs(&self, revision: &str) -> Result<Vec<SpecFile>, GitError> {
+    pub fn read_specs(&self, revision: &Revision) -> Result<Vec<SpecFile>, GitError> {
         read_specs_at(&self.repo, revision)
     }
 
     /// Keeps `revision` reachable under `refs/cim/<sha>`.
-    pub fn pin(&self, revision: &str) -> Result<(), GitError> {
+    pub fn pin(&self, revision: &Revision) -> Result<(), GitError> {
         let pin_err = |source| GitError::Pin {
             revision: revision.to_string(),
             source,
@@ -152,13 +153,13 @@ impl Mirror {
     }
 
     /// The flake reference nix builds `revision` from.
-    pub fn flake_ref(&self, revision: &str) -> String {
+    pub fn flake_ref(&self, revision: &Revision) -> String {
         flake_ref(&self.path, revision)
     }
 }
 
 /// The flake reference of a pinned `revision` in the mirror at `mirror`.
-pub fn flake_ref(mirror: &Path, revision: &str) -> String {
+pub fn flake_ref(mirror: &Path, revision: &Revision) -> String {
     format!(
         "git+file://{}?ref=refs/cim/{revision}&rev={revision}",
         mirror.display()
@@ -183,12 +184,12 @@ impl LocalSource {
     }
 
     /// The head of `branch` as it is on disk right now.
-    pub fn head(&self, branch: &str) -> Result<Option<String>, GitError> {
+    pub fn head(&self, branch: &str) -> Result<Option<Revision>, GitError> {
         branch_head(&self.repo, branch)
     }
 }
 
-fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<String>, GitError> {
+fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<Revision>, GitError> {
     let name = format!("refs/heads/{branch}");
     match repo.try_find_reference(name.as_str()) {
         Ok(Some(mut r)) => {
@@ -197,7 +198,10 @@ fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<String>, G
                 what: "the branch".to_string(),
                 source,
             })?;
-            Ok(Some(id.to_string()))
+            let id = id.to_string();
+            Revision::parse(&id)
+                .map(Some)
+                .ok_or(GitError::BadRevision(id))
         }
         Ok(None) => Ok(None),
         Err(source) => Err(GitError::Read {
@@ -322,7 +326,7 @@ mod tests {
         std::fs::write(src.path().join("specs/notes.txt"), "ignored").unwrap();
         git(src.path(), &["add", "."]);
         git(src.path(), &["commit", "-qm", "one"]);
-        let first = git(src.path(), &["rev-parse", "HEAD"]);
+        let first = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
 
         let mirror = Mirror::open(state.path(), src.path().to_str().unwrap()).unwrap();
         assert_eq!(mirror.fetch("main").unwrap(), first);
@@ -337,7 +341,7 @@ mod tests {
 
         std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
         git(src.path(), &["commit", "-qam", "rewritten", "--amend"]);
-        let rewritten = git(src.path(), &["rev-parse", "HEAD"]);
+        let rewritten = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
         assert_eq!(mirror.fetch("main").unwrap(), rewritten);
         assert_eq!(
             mirror.read_specs(&rewritten).unwrap()[0].contents,

@@ -496,7 +496,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         store,
         Arc::clone(&fetch_now),
     )?;
-    if let Some(revision) = controller.status().repo.revision.clone() {
+    let stored = controller.status().repo.revision.clone();
+    if let Some(revision) = stored.as_deref().and_then(cim::types::Revision::parse) {
         match mirror.read_specs(&revision).map(|f| spec::parse_fleet(&f)) {
             Ok(Ok(fleet)) => controller.resume(revision, fleet),
             Ok(Err(e)) => {

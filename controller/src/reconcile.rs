@@ -14,7 +14,7 @@ use crate::error::error_chain;
 use crate::event::Reason;
 use crate::host::{Backend, Host};
 use crate::spec::{Action, HostSpec};
-use crate::types::StorePath;
+use crate::types::{HostName, Revision, StorePath};
 
 mod builds;
 mod confirmed;
@@ -26,7 +26,7 @@ pub use builds::Builds;
 #[derive(Debug, Clone)]
 pub struct WorkItem {
     pub host: HostSpec,
-    pub revision: String,
+    pub revision: Revision,
     /// The closure `host` should run at `revision`.
     pub desired: StorePath,
     /// The derivation of `desired`, when it may not be built yet: the
@@ -125,13 +125,13 @@ pub enum Outcome {
 #[derive(Debug)]
 pub enum Report {
     Step {
-        host: String,
-        revision: String,
+        host: HostName,
+        revision: Revision,
         step: Step,
     },
     Done {
-        host: String,
-        revision: String,
+        host: HostName,
+        revision: Revision,
         outcome: Outcome,
     },
 }
@@ -336,7 +336,7 @@ async fn reconcile<B: Backend>(
 pub async fn run_rollback<B: Backend>(
     backend: Arc<B>,
     host: HostSpec,
-    revision: String,
+    revision: Revision,
     tx: mpsc::Sender<Report>,
     cancel: CancellationToken,
 ) {

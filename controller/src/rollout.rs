@@ -42,7 +42,7 @@ pub fn blocked_by(
     host: &HostSpec,
 ) -> Option<String> {
     // A host already done with this revision is only being re-checked.
-    if done(status.hosts.get(&host.name), revision) {
+    if done(status.hosts.get(host.name.as_str()), revision) {
         return None;
     }
     if status.repo.halted_revision.as_deref() == Some(revision) {
@@ -56,7 +56,7 @@ pub fn blocked_by(
         .values()
         .take_while(|_| wave > 0)
         .filter(|other| {
-            wave_of(fleet, other) < wave && !done(status.hosts.get(&other.name), revision)
+            wave_of(fleet, other) < wave && !done(status.hosts.get(other.name.as_str()), revision)
         })
         .map(|other| other.name.as_str())
         .collect();
@@ -73,7 +73,7 @@ pub fn blocked_by(
         .hosts
         .values()
         .filter(|other| other.name != host.name && host.depends_on.iter().any(|d| d.matches(other)))
-        .filter(|other| !done(status.hosts.get(&other.name), revision))
+        .filter(|other| !done(status.hosts.get(other.name.as_str()), revision))
         .map(|other| other.name.as_str())
         .collect();
     if !deps.is_empty() {
@@ -132,7 +132,7 @@ pub fn current_wave(
     let index = fleet
         .hosts
         .values()
-        .filter(|h| !done(status.hosts.get(&h.name), revision))
+        .filter(|h| !done(status.hosts.get(h.name.as_str()), revision))
         .map(|h| wave_of(fleet, h))
         .min()?;
     let name = fleet
@@ -144,7 +144,7 @@ pub fn current_wave(
         .hosts
         .values()
         .filter(|h| wave_of(fleet, h) == index)
-        .map(|h| h.name.clone())
+        .map(|h| h.name.to_string())
         .collect();
     Some(CurrentWave {
         index,

@@ -20,6 +20,7 @@ use crate::event::Reason;
 use crate::host::sim::{Sim, SimConfig};
 use crate::spec::{parse_fleet, SpecFile};
 use crate::store::{EventQuery, Store, StoreError};
+use crate::types::Revision;
 use crate::watch::Found;
 
 /// What to simulate.
@@ -148,7 +149,8 @@ pub async fn simulate(
     let started_wall = time::OffsetDateTime::now_utc();
     let _ = found_tx
         .send(Found::Revision {
-            revision: REVISION.to_string(),
+            revision: Revision::parse(REVISION)
+                .ok_or_else(|| SimulateError::Specs(format!("`{REVISION}` is no revision")))?,
             specs: Ok(fleet),
         })
         .await;

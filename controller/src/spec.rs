@@ -70,7 +70,7 @@ impl fmt::Display for Action {
 /// argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSpec {
-    pub name: String,
+    pub name: HostName,
     pub labels: BTreeMap<String, String>,
     pub address: String,
     pub port: u16,
@@ -327,7 +327,7 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
                     None => policy = Some((p, file.path.clone())),
                 },
                 Doc::Host(spec, name_loc, deps) => {
-                    if let Some(first) = seen.get(&spec.name) {
+                    if let Some(first) = seen.get(spec.name.as_str()) {
                         errors.push(ctx.error(
                             name_loc,
                             format!(
@@ -337,14 +337,14 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
                         ));
                         continue;
                     }
-                    seen.insert(spec.name.clone(), file.path.clone());
+                    seen.insert(spec.name.to_string(), file.path.clone());
                     declared.push(fleet::DeclaredDeps {
-                        host: spec.name.clone(),
+                        host: spec.name.to_string(),
                         ctx_path: &file.path,
                         ctx_source: source,
                         deps,
                     });
-                    hosts.insert(spec.name.clone(), spec);
+                    hosts.insert(spec.name.to_string(), spec);
                 }
             }
         }
@@ -523,12 +523,17 @@ impl<'a> FileContext<'a> {
         mut errs: Vec<SpecError>,
     ) -> Result<Doc, Vec<SpecError>> {
         let name = &doc.metadata.name;
-        if let Err(why) = check_dns_label(&name.value) {
-            errs.push(self.error(
-                name.into(),
-                format!("invalid host name `{}`: {why}", name.value),
-            ));
-        }
+        let host_name = match HostName::try_from(name.value.clone()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                let why = check_dns_label(&name.value).err().unwrap_or("invalid");
+                errs.push(self.error(
+                    name.into(),
+                    format!("invalid host name `{}`: {why}", name.value),
+                ));
+                None
+            }
+        };
         for key in doc.metadata.labels.keys() {
             if let Err(why) = check_label_key(key) {
                 errs.push(self.error(name.into(), format!("invalid label key `{key}`: {why}")));
@@ -587,9 +592,9 @@ impl<'a> FileContext<'a> {
                 }
             }
         }
-        if !errs.is_empty() {
+        let Some(host_name) = host_name.filter(|_| errs.is_empty()) else {
             return Err(errs);
-        }
+        };
         let configuration_at = {
             let loc: Loc = spec
                 .configuration
@@ -607,7 +612,7 @@ impl<'a> FileContext<'a> {
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),
-            name: name.value.clone(),
+            name: host_name,
             labels: doc.metadata.labels.clone(),
             address,
             port: spec.port.as_ref().map_or(22, |p| p.value),
@@ -760,26 +765,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     .ok_or_else(|| format!("`{s}` is too long"))
 }
 
-/// RFC 1123 DNS label, as Kubernetes object names.
-pub fn check_dns_label(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("must not be empty");
-    }
-    if name.len() > 63 {
-        return Err("must be at most 63 characters");
-    }
-    let bytes = name.as_bytes();
-    if !bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-    {
-        return Err("must contain only lowercase letters, digits and '-'");
-    }
-    if bytes[0] == b'-' || bytes[bytes.len() - 1] == b'-' {
-        return Err("must start and end with a letter or digit");
-    }
-    Ok(())
-}
+pub use crate::types::check_dns_label;
+use crate::types::HostName;
 
 fn check_label_key(key: &str) -> Result<(), &'static str> {
     if key.is_empty() || key.len() > 63 {

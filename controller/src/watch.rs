@@ -23,16 +23,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::git::{LocalSource, Mirror};
 use crate::spec::{parse_fleet, FleetSpec, SpecErrors};
+use crate::types::Revision;
 
 /// What the watcher tells the controller.
 #[derive(Debug)]
 pub enum Found {
     /// The branch moved to `revision`; its specs follow in a `Revision`.
     Head {
-        revision: String,
+        revision: Revision,
     },
     Revision {
-        revision: String,
+        revision: Revision,
         specs: Result<FleetSpec, SpecErrors>,
     },
     FetchFailed {
@@ -81,7 +82,7 @@ pub fn spawn(
             .as_ref()
             .and_then(|l| watch_refs(l.git_dir(), &cfg.branch, fs_tx));
         let mirror = Arc::new(Mutex::new(mirror));
-        let mut last_sent: Option<String> = None;
+        let mut last_sent: Option<Revision> = None;
         let mut retry: Option<backon::ExponentialBackoff> = None;
         let mut wait = Duration::ZERO;
         loop {
@@ -143,7 +144,7 @@ pub fn spawn(
 }
 
 /// A new head and the result of validating its specs.
-type NewHead = (String, Result<FleetSpec, SpecErrors>);
+type NewHead = (Revision, Result<FleetSpec, SpecErrors>);
 
 /// Fetches and, if the head moved since `known`, reads its specs and pins it.
 fn check(

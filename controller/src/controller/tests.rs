@@ -21,6 +21,14 @@ fn controller(dir: &std::path::Path) -> Controller {
     Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()
 }
 
+fn web_1() -> crate::types::HostName {
+    crate::types::HostName::parse("web-1").unwrap()
+}
+
+fn r1() -> crate::types::Revision {
+    crate::types::Revision::parse(&"1".repeat(40)).unwrap()
+}
+
 fn one_host() -> FleetSpec {
     crate::spec::parse_fleet(&[crate::spec::SpecFile {
         path: "specs/a.yaml".into(),
@@ -55,7 +63,7 @@ fn reasons(c: &Controller) -> Vec<String> {
 async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
-    c.spawn_worker("web-1", "r1", async { panic!("boom in a worker") });
+    c.spawn_worker(&web_1(), &r1(), async { panic!("boom in a worker") });
     let joined = c.workers.join_next_with_id().await.unwrap();
     let report = c
         .worker_ended(joined)
@@ -68,7 +76,7 @@ async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
     else {
         panic!("not a Done report");
     };
-    assert_eq!((host.as_str(), revision.as_str()), ("web-1", "r1"));
+    assert_eq!((host.as_str(), revision), ("web-1", &r1()));
     let reconcile::Outcome::Failed { reason, message } = outcome else {
         panic!("{outcome:?}");
     };
@@ -81,7 +89,7 @@ async fn a_worker_that_panics_is_a_failed_reconcile_of_its_host() {
 async fn a_worker_that_ends_normally_reports_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
-    c.spawn_worker("web-1", "r1", async {});
+    c.spawn_worker(&web_1(), &r1(), async {});
     let joined = c.workers.join_next_with_id().await.unwrap();
     assert!(c.worker_ended(joined).is_none());
     assert!(c.worker_hosts.is_empty());
@@ -91,7 +99,7 @@ async fn a_worker_that_ends_normally_reports_by_itself() {
 async fn a_request_the_store_refuses_is_answered_with_why_and_not_done() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = controller(dir.path());
-    c.resume("r1".into(), one_host());
+    c.resume(r1(), one_host());
     c.outbox.clear();
     let health = c.health();
     break_store(dir.path(), true);

@@ -8,13 +8,14 @@ use super::{append, short, Effect, Now, Purpose, State, Then};
 use crate::driver::Evaluation;
 use crate::event::{NewEvent, Phase, Reason};
 use crate::spec::FleetSpec;
+use crate::types::Revision;
 
 impl State {
     /// The branch moved: said at once, before specs are read or anything
     /// is evaluated.
-    pub(super) fn on_head(&mut self, revision: &str, out: &mut Vec<Effect>) {
-        if self.status.repo.latest_revision.as_deref() == Some(revision)
-            || self.current_revision() == Some(revision)
+    pub(super) fn on_head(&mut self, revision: &Revision, out: &mut Vec<Effect>) {
+        if self.status.repo.latest_revision.as_deref() == Some(revision.as_str())
+            || self.current_revision() == Some(revision.as_str())
         {
             return;
         }
@@ -31,7 +32,7 @@ impl State {
 
     pub(super) fn on_revision(
         &mut self,
-        revision: String,
+        revision: Revision,
         specs: Result<FleetSpec, crate::spec::SpecErrors>,
         out: &mut Vec<Effect>,
     ) {
@@ -49,14 +50,14 @@ impl State {
     /// the current one stays deployed.
     fn spec_invalid(
         &mut self,
-        revision: &str,
+        revision: &Revision,
         errors: &crate::spec::SpecErrors,
         out: &mut Vec<Effect>,
     ) {
-        if self.judged.as_deref() == Some(revision) {
+        if self.judged.as_ref() == Some(revision) {
             return;
         }
-        self.judged = Some(revision.to_string());
+        self.judged = Some(revision.clone());
         let keeping = self
             .current_revision()
             .map_or("nothing is deployed".to_string(), |r| {
@@ -80,7 +81,7 @@ impl State {
     /// flight (it is moot); a refresh waits for one.
     pub(super) fn start_evaluation(
         &mut self,
-        revision: &str,
+        revision: &Revision,
         purpose: Purpose,
         out: &mut Vec<Effect>,
     ) {
@@ -102,9 +103,9 @@ impl State {
             .collect();
         configurations.sort();
         configurations.dedup();
-        self.evaluating = Some(revision.to_string());
+        self.evaluating = Some(revision.clone());
         out.push(Effect::Evaluate {
-            revision: revision.to_string(),
+            revision: revision.clone(),
             purpose,
             configurations,
         });
@@ -112,13 +113,13 @@ impl State {
 
     pub(super) fn on_evaluated(
         &mut self,
-        revision: String,
+        revision: Revision,
         purpose: Purpose,
         result: Result<Evaluation, String>,
         now: Now,
         out: &mut Vec<Effect>,
     ) {
-        if self.evaluating.as_deref() != Some(revision.as_str()) {
+        if self.evaluating.as_ref() != Some(&revision) {
             return;
         }
         self.evaluating = None;
@@ -148,7 +149,7 @@ impl State {
     /// changes until it commits.
     fn apply_specs(
         &mut self,
-        revision: String,
+        revision: Revision,
         fleet: FleetSpec,
         result: Result<Evaluation, String>,
         out: &mut Vec<Effect>,
@@ -177,7 +178,7 @@ impl State {
         for host in fleet.hosts.values() {
             let phase = self.status.phase_of(&host.name);
             if host.suspend && phase != Some(Phase::Suspended) {
-                suspended.push(host.name.clone());
+                suspended.push(host.name.to_string());
                 news.push(
                     NewEvent::host(
                         &host.name,
@@ -218,7 +219,7 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn specs_applied(
         &mut self,
-        revision: String,
+        revision: Revision,
         fleet: FleetSpec,
         removed: Vec<String>,
         suspended: Vec<String>,
@@ -243,7 +244,7 @@ impl State {
     /// that already have their system are left as they are.
     fn set_desired(
         &mut self,
-        revision: &str,
+        revision: &Revision,
         result: &Result<Evaluation, String>,
         refresh: bool,
         now: Now,
@@ -256,7 +257,7 @@ impl State {
                     .hosts
                     .values()
                     .filter(|h| !h.suspend)
-                    .map(|h| (h.name.clone(), h.configuration.clone()))
+                    .map(|h| (h.name.to_string(), h.configuration.clone()))
                     .collect()
             })
             .unwrap_or_default();

@@ -4,6 +4,7 @@
 
 use super::{append, short, Ask, Effect, Now, Purpose, RequestId, State, Then};
 use crate::event::{NewEvent, Phase, Reason};
+use crate::types::Revision;
 
 impl State {
     pub(super) fn on_request(&mut self, id: RequestId, ask: Ask, out: &mut Vec<Effect>) {
@@ -84,7 +85,9 @@ impl State {
         if !self.queue.claim(host) {
             return false;
         }
-        let revision = self.current_revision().unwrap_or_default().to_string();
+        let Some(revision) = self.current().cloned() else {
+            return false;
+        };
         out.push(Effect::RollBack {
             host: spec,
             revision,
@@ -106,12 +109,12 @@ impl State {
                 "the rollback of `{host}` is still running; try again in a moment"
             ));
         }
-        let revision = self.current_revision().map(str::to_string);
+        let revision = self.current().cloned();
         let suspended_by_spec = self.host_spec(host).is_none_or(|h| h.suspend);
         let mut ev = NewEvent::host(
             host,
             Reason::Resumed,
-            revision.as_deref(),
+            revision.as_ref().map(Revision::as_str),
             "resumed by `cim resume`",
         );
         if !suspended_by_spec {
@@ -133,7 +136,7 @@ impl State {
         &mut self,
         id: RequestId,
         host: &str,
-        revision: Option<String>,
+        revision: Option<Revision>,
         now: Now,
         out: &mut Vec<Effect>,
     ) {
@@ -156,7 +159,7 @@ impl State {
         host: Option<String>,
         out: &mut Vec<Effect>,
     ) -> Result<(), String> {
-        let Some(revision) = self.current_revision().map(str::to_string) else {
+        let Some(revision) = self.current().cloned() else {
             out.push(Effect::Fetch);
             out.push(Effect::Reply {
                 id,
@@ -222,7 +225,7 @@ impl State {
         id: RequestId,
         one: Option<String>,
         hosts: &[String],
-        revision: &str,
+        revision: &Revision,
         now: Now,
         out: &mut Vec<Effect>,
     ) {

@@ -11,6 +11,13 @@ use super::*;
 use crate::driver::Evaluation;
 use crate::event::Event;
 use crate::reconcile::{Outcome, Rollback, Step};
+use crate::types::{HostName, Revision};
+
+/// A test revision: `r1` is `1111…`, `r2` is `2222…`.
+fn rev(name: &str) -> Revision {
+    let digit = name.trim_start_matches('r');
+    Revision::parse(&digit.repeat(40)).unwrap()
+}
 
 struct Rig {
     state: State,
@@ -103,7 +110,7 @@ impl Rig {
             .map(|h| h.configuration.clone())
             .collect();
         let effects = self.send(Msg::Revision {
-            revision: revision.to_string(),
+            revision: rev(revision),
             specs: Ok(fleet),
         });
         let [Effect::Evaluate {
@@ -124,9 +131,9 @@ impl Rig {
     }
 
     fn done(&mut self, host: &str, outcome: Outcome) -> Vec<Effect> {
-        let revision = self.state.current_revision().unwrap_or("r1").to_string();
+        let revision = self.state.current().cloned().unwrap_or_else(|| rev("r1"));
         self.send(Msg::Report(Report::Done {
-            host: host.to_string(),
+            host: HostName::parse(host).unwrap(),
             revision,
             outcome,
         }))
@@ -170,7 +177,7 @@ fn runs(effects: &[Effect]) -> Vec<String> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Run(item) => Some(item.host.name.clone()),
+            Effect::Run(item) => Some(item.host.name.to_string()),
             _ => None,
         })
         .collect()
@@ -251,7 +258,7 @@ fn a_host_whose_configuration_does_not_evaluate_fails_alone() {
 fn a_revision_naming_a_missing_configuration_is_refused_whole() {
     let mut rig = Rig::new();
     let effects = rig.send(Msg::Revision {
-        revision: "r1".into(),
+        revision: rev("r1"),
         specs: Ok(fleet("", &[("web-1", "  configuration: nope\n")])),
     });
     let [Effect::Evaluate {
@@ -285,13 +292,13 @@ fn invalid_specs_are_reported_once_and_the_current_revision_stays() {
     };
     for _ in 0..2 {
         rig.send(Msg::Revision {
-            revision: "r2".into(),
+            revision: rev("r2"),
             specs: bad(),
         });
     }
     let invalid = rig.reasons().iter().filter(|r| *r == "SpecInvalid").count();
     assert_eq!(invalid, 1);
-    assert_eq!(rig.state.current_revision(), Some("r1"));
+    assert_eq!(rig.state.current_revision(), Some(rev("r1").as_str()));
 }
 
 #[test]
@@ -415,8 +422,8 @@ fn drift_on_a_converged_host_is_an_event() {
     rig.converged("web-1");
     let elsewhere = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-hand-made".to_string();
     rig.send(Msg::Report(Report::Step {
-        host: "web-1".into(),
-        revision: "r1".into(),
+        host: HostName::parse("web-1").unwrap(),
+        revision: rev("r1"),
         step: Step::Observed {
             current: Some(elsewhere.clone()),
         },
@@ -630,7 +637,7 @@ fn a_restart_looks_at_hosts_before_building_anything() {
     // evaluated once, and each host is looked at first (which also adopts
     // an activation the old controller left in flight).
     let mut rig = Rig::restarted(first.state.status.clone());
-    let effects = rig.state.resume("r1".into(), fleet("", &[("web-1", "")]));
+    let effects = rig.state.resume(rev("r1"), fleet("", &[("web-1", "")]));
     let [Effect::Evaluate {
         revision,
         purpose,
@@ -677,7 +684,7 @@ fn a_newer_revision_reaches_a_host_that_was_busy() {
         [] => rig.state.work_item("web-1").unwrap(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(item.revision, "r2");
+    assert_eq!(item.revision, rev("r2"));
 }
 
 #[test]

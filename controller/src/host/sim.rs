@@ -270,7 +270,7 @@ impl Backend for Sim {
         self.counts.connections.fetch_add(1, Ordering::Relaxed);
         let cut_off = {
             let mut hosts = self.lock();
-            let h = hosts.entry(host.name.clone()).or_default();
+            let h = hosts.entry(host.name.to_string()).or_default();
             h.settle(Instant::now());
             h.cut_off()
         };
@@ -279,7 +279,7 @@ impl Backend for Sim {
         }
         Ok(SimSession {
             sim: self.clone(),
-            host: host.name.clone(),
+            host: host.name.to_string(),
             destination: destination(host),
         })
     }

@@ -12,6 +12,10 @@ use crate::host::sim::{Fault, Sim, SimConfig};
 
 const OLD: &str = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-web-1-old";
 
+fn r2() -> Revision {
+    Revision::parse(&"2".repeat(40)).unwrap()
+}
+
 fn spec(extra: &str) -> HostSpec {
     let text = format!(
         "apiVersion: cim/v1\nkind: Host\nmetadata: {{name: web-1}}\nspec:\n  address: 10.0.0.2\n{extra}"
@@ -28,7 +32,7 @@ fn item(host: HostSpec) -> WorkItem {
     let system = Sim::system("flake-r2", "web-1");
     WorkItem {
         host,
-        revision: "r2".into(),
+        revision: r2(),
         desired: system.out,
         build: Some(system.drv),
         likely_current: false,
@@ -169,7 +173,7 @@ async fn an_operator_rollback_goes_back_one_generation() {
     run_rollback(
         Arc::new(sim.clone()),
         spec(""),
-        "r2".into(),
+        r2(),
         tx,
         CancellationToken::new(),
     )
