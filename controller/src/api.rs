@@ -95,16 +95,34 @@ struct AppState {
     /// The status response, serialized and kept up to date by folding new
     /// events: a request costs the hosts that changed, not the fleet.
     status_cache: Arc<Mutex<Option<Snapshot>>>,
+    /// The sequence number of the newest committed event.
+    committed: tokio::sync::watch::Receiver<u64>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
 }
 
-pub fn router(
-    state_dir: PathBuf,
-    requests: mpsc::Sender<Request>,
-    events: broadcast::Sender<Event>,
-    health: tokio::sync::watch::Receiver<Option<String>>,
-) -> Router {
+/// What the API needs of the controller it serves.
+pub struct ApiContext {
+    /// Where the store is (read through read-only connections).
+    pub state_dir: PathBuf,
+    /// Operator requests go here.
+    pub requests: mpsc::Sender<Request>,
+    /// Committed events, as they are committed.
+    pub events: broadcast::Sender<Event>,
+    /// Why the controller cannot work, if it cannot.
+    pub health: tokio::sync::watch::Receiver<Option<String>>,
+    /// The newest committed event's sequence number.
+    pub committed: tokio::sync::watch::Receiver<u64>,
+}
+
+pub fn router(ctx: ApiContext) -> Router {
+    let ApiContext {
+        state_dir,
+        requests,
+        events,
+        health,
+        committed,
+    } = ctx;
     let status_cache = Arc::new(Mutex::new(None));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(follow(Arc::clone(&status_cache), events.subscribe()));
@@ -113,6 +131,7 @@ pub fn router(
         state_dir,
         readers: Arc::new(Mutex::new(Vec::new())),
         status_cache,
+        committed,
         requests,
         events,
     };
@@ -177,8 +196,22 @@ impl AppState {
 }
 
 async fn status(State(app): State<AppState>) -> Response {
+    // Up to date with every committed event: served without the store.
+    let committed = *app.committed.borrow();
+    {
+        let mut cached = app.status_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(snapshot) = cached.as_mut().filter(|s| s.seq() >= committed) {
+            return match snapshot.parts() {
+                Ok(parts) => json_parts(parts),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    crate::error::error_chain(&e),
+                ),
+            };
+        }
+    }
     let cache = Arc::clone(&app.status_cache);
-    let body = app
+    let parts = app
         .read(move |store| {
             // Requests take turns: the first one after a gap brings the
             // snapshot up to date, the others find it so.
@@ -193,15 +226,35 @@ async fn status(State(app): State<AppState>) -> Response {
                 }
                 None => Snapshot::load(store)?,
             };
-            let body = snapshot.body()?;
+            let parts = snapshot.parts()?;
             *cached = Some(snapshot);
-            Ok(body)
+            Ok(parts)
         })
         .await;
-    match body {
-        Ok(body) => json_body(body),
+    match parts {
+        Ok(parts) => json_parts(parts),
         Err(r) => r,
     }
+}
+
+/// A JSON response sent in parts (the status snapshot's blocks), with its
+/// length known up front.
+fn json_parts(parts: Vec<axum::body::Bytes>) -> Response {
+    let length: usize = parts.iter().map(|p| p.len()).sum();
+    let body = axum::body::Body::from_stream(futures::stream::iter(
+        parts.into_iter().map(Ok::<_, Infallible>),
+    ));
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/json".to_string(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Folds the controller's events into the status snapshot as they are
@@ -229,14 +282,6 @@ async fn follow(cache: Arc<Mutex<Option<Snapshot>>>, mut events: broadcast::Rece
             }
         }
     }
-}
-
-fn json_body(body: axum::body::Bytes) -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
 }
 
 async fn host(State(app): State<AppState>, Path(name): Path<String>) -> Response {
@@ -442,6 +487,7 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             readers: Arc::new(Mutex::new(Vec::new())),
             status_cache: Arc::new(Mutex::new(None)),
+            committed: tokio::sync::watch::Sender::new(0).subscribe(),
             requests,
             events: tx.clone(),
         };

@@ -104,15 +104,21 @@ pub struct Controller<B: Backend = DriverConfig> {
     report_rx: Option<mpsc::Receiver<Report>>,
     /// Why the store refuses writes, published for `/healthz`.
     health: tokio::sync::watch::Sender<Option<String>>,
+    /// The newest committed event's sequence number, for the API.
+    committed: tokio::sync::watch::Sender<u64>,
     /// Requests waiting for their answer.
     replies: HashMap<RequestId, oneshot::Sender<Result<String, String>>>,
     next_request: u64,
-    /// What waits for the group's commit: effects and committed events.
+    /// What waits for the group's commit: effects and appended events.
     outbox: Vec<Effect>,
-    committed: Vec<Event>,
+    appended: Vec<Event>,
 }
 
 const CHANNEL_CAPACITY: usize = 256;
+/// Events a subscriber (the SSE streams, the status snapshot) may fall
+/// behind before it must read the store instead: a wave of 1,000 hosts
+/// finishing together makes a few thousand events within milliseconds.
+const EVENT_BROADCAST_CAPACITY: usize = 16_384;
 /// The most messages handled in one group commit.
 const GROUP_LIMIT: usize = 1024;
 /// When `--event-retention` first runs after a start, and how often after.
@@ -140,7 +146,7 @@ impl<B: Backend> Controller<B> {
             },
             status,
         );
-        let (events, _) = broadcast::channel(1024);
+        let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         let (msg_tx, msg_rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
         Ok(Controller {
@@ -149,6 +155,7 @@ impl<B: Backend> Controller<B> {
             report_tx,
             report_rx: Some(report_rx),
             health: tokio::sync::watch::Sender::new(None),
+            committed: tokio::sync::watch::Sender::new(state.status().repo.last_seq),
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&backend)),
             backend,
@@ -163,7 +170,7 @@ impl<B: Backend> Controller<B> {
             replies: HashMap::new(),
             next_request: 0,
             outbox: Vec::new(),
-            committed: Vec::new(),
+            appended: Vec::new(),
         })
     }
 
@@ -178,6 +185,11 @@ impl<B: Backend> Controller<B> {
 
     pub fn events(&self) -> broadcast::Sender<Event> {
         self.events.clone()
+    }
+
+    /// The newest committed event's sequence number, as it changes.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Resumes reconciling the last valid revision recorded in the store,
@@ -285,7 +297,10 @@ impl<B: Backend> Controller<B> {
             *h = now;
             changed
         });
-        for ev in std::mem::take(&mut self.committed) {
+        let last = self.state.status().repo.last_seq;
+        self.committed
+            .send_if_modified(|seq| std::mem::replace(seq, last) != last);
+        for ev in std::mem::take(&mut self.appended) {
             let _ = self.events.send(ev);
         }
         for effect in std::mem::take(&mut self.outbox) {
@@ -311,7 +326,7 @@ impl<B: Backend> Controller<B> {
                     match appended {
                         Ok(evs) => {
                             evs.iter().for_each(log_event);
-                            self.committed.extend(evs);
+                            self.appended.extend(evs);
                             self.step(Msg::Committed { then });
                         }
                         Err(e) => {

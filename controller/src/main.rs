@@ -523,12 +523,13 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         fetch_now,
         cancel.clone(),
     );
-    let app = api::router(
-        state_dir.clone(),
-        req_tx,
-        controller.events(),
-        controller.health(),
-    );
+    let app = api::router(api::ApiContext {
+        state_dir: state_dir.clone(),
+        requests: req_tx,
+        events: controller.events(),
+        health: controller.health(),
+        committed: controller.committed(),
+    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

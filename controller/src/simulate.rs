@@ -119,7 +119,13 @@ pub async fn simulate(
     let controller = Controller::new(cfg, sim.clone(), store, fetch_now)?;
     let events = controller.events();
     let (req_tx, req_rx) = mpsc::channel(64);
-    let app = crate::api::router(opts.state_dir.clone(), req_tx, events, controller.health());
+    let app = crate::api::router(crate::api::ApiContext {
+        state_dir: opts.state_dir.clone(),
+        requests: req_tx,
+        events,
+        health: controller.health(),
+        committed: controller.committed(),
+    });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| SimulateError::Listen {

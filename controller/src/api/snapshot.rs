@@ -1,11 +1,11 @@
 //! The serialized `GET /api/v1/status` response, kept up to date by
 //! folding events (the same fold the controller uses) as the controller
 //! broadcasts them, and from the store for any it missed, re-serializing
-//! only the hosts they touched. A request on a busy 10,000-host controller
-//! then costs a check of the newest sequence number and a copy of the
-//! body, not a reload and serialization of every host.
+//! only the hosts they touched and the blocks of the body they are in. A
+//! request on a busy 10,000-host controller then costs the blocks that
+//! changed, not a reload and serialization of every host.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::body::Bytes;
 use serde::Serialize;
@@ -16,20 +16,34 @@ use crate::store::{EventQuery, Store, StoreError};
 
 /// Events folded per read while catching up.
 const PAGE: u32 = 10_000;
+/// Hosts per block of the body: a changed host re-renders its block, not
+/// the whole body.
+const BLOCK: usize = 256;
 
 pub(super) struct Snapshot {
     status: FleetStatus,
-    /// Each host's JSON, in the response's order.
-    fragments: BTreeMap<String, Vec<u8>>,
+    /// Each host's JSON.
+    fragments: BTreeMap<String, Bytes>,
+    /// The hosts' part of the body, in name order, in blocks of [`BLOCK`]
+    /// hosts (each block but the first starts with a comma).
+    blocks: Vec<Block>,
+    /// Which block each host is in; emptied when a host comes or goes, so
+    /// that the blocks are laid out again.
+    block_of: HashMap<String, usize>,
     /// Hosts folded since the body was rendered.
     dirty: BTreeSet<String>,
-    /// Whether the body shows every folded event.
-    rendered: bool,
-    body: Bytes,
+    /// The response up to its hosts' array, `None` when it must be
+    /// rendered again.
+    head: Option<Bytes>,
+}
+
+struct Block {
+    hosts: Vec<String>,
+    bytes: Option<Bytes>,
 }
 
 /// The response without its hosts: serialized first, then the hosts'
-/// fragments are spliced in (see [`Snapshot::render`]).
+/// fragments are spliced in (see [`Snapshot::parts`]).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Header<'a> {
@@ -47,8 +61,9 @@ impl Snapshot {
         let dirty = status.hosts.keys().cloned().collect();
         Ok(Snapshot {
             fragments: BTreeMap::new(),
-            body: Bytes::new(),
-            rendered: false,
+            blocks: Vec::new(),
+            block_of: HashMap::new(),
+            head: None,
             dirty,
             status,
         })
@@ -56,14 +71,6 @@ impl Snapshot {
 
     pub(super) fn seq(&self) -> u64 {
         self.status.repo.last_seq
-    }
-
-    /// The response as of every folded event.
-    pub(super) fn body(&mut self) -> Result<Bytes, StoreError> {
-        if !self.rendered {
-            self.render()?;
-        }
-        Ok(self.body.clone())
     }
 
     /// Folds the next event; one the snapshot already has is skipped, and
@@ -79,7 +86,7 @@ impl Snapshot {
         if let Some(host) = &event.host {
             self.dirty.insert(host.clone());
         }
-        self.rendered = false;
+        self.head = None;
         true
     }
 
@@ -103,40 +110,94 @@ impl Snapshot {
         }
     }
 
-    /// Re-serializes the hosts that changed and the response around them.
-    fn render(&mut self) -> Result<(), StoreError> {
+    /// The response as of every folded event, in parts to send one after
+    /// the other; only what changed since the last call is serialized.
+    pub(super) fn parts(&mut self) -> Result<Vec<Bytes>, StoreError> {
         for name in std::mem::take(&mut self.dirty) {
             match self.status.hosts.get(&name) {
                 Some(host) => {
-                    self.fragments.insert(name, serde_json::to_vec(host)?);
+                    let json = Bytes::from(serde_json::to_vec(host)?);
+                    if self.fragments.insert(name.clone(), json).is_none() {
+                        self.block_of.clear();
+                    }
+                    if let Some(block) = self
+                        .block_of
+                        .get(&name)
+                        .and_then(|&b| self.blocks.get_mut(b))
+                    {
+                        block.bytes = None;
+                    }
                 }
                 None => {
-                    self.fragments.remove(&name);
+                    if self.fragments.remove(&name).is_some() {
+                        self.block_of.clear();
+                    }
                 }
             }
         }
+        if self.block_of.is_empty() && !self.fragments.is_empty() {
+            self.lay_out();
+        }
+        let head = match &self.head {
+            Some(head) => head.clone(),
+            None => {
+                let head = self.render_head()?;
+                self.head = Some(head.clone());
+                head
+            }
+        };
+        let mut parts = Vec::with_capacity(self.blocks.len() + 2);
+        parts.push(head);
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let bytes = block.bytes.get_or_insert_with(|| {
+                let mut out = Vec::new();
+                for (j, name) in block.hosts.iter().enumerate() {
+                    if i > 0 || j > 0 {
+                        out.push(b',');
+                    }
+                    if let Some(fragment) = self.fragments.get(name) {
+                        out.extend_from_slice(fragment);
+                    }
+                }
+                Bytes::from(out)
+            });
+            parts.push(bytes.clone());
+        }
+        parts.push(Bytes::from_static(b"]}"));
+        Ok(parts)
+    }
+
+    /// Splits the hosts into blocks again (a host came or went).
+    fn lay_out(&mut self) {
+        let names: Vec<String> = self.fragments.keys().cloned().collect();
+        self.blocks = names
+            .chunks(BLOCK)
+            .map(|chunk| Block {
+                hosts: chunk.to_vec(),
+                bytes: None,
+            })
+            .collect();
+        self.block_of = self
+            .blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| b.hosts.iter().map(move |h| (h.clone(), i)))
+            .collect();
+    }
+
+    /// Everything before the hosts' fragments.
+    fn render_head(&self) -> Result<Bytes, StoreError> {
         let repo = &self.status.repo;
-        let mut body = serde_json::to_vec(&Header {
+        let mut head = serde_json::to_vec(&Header {
             revision: &repo.revision,
             latest_revision: &repo.latest_revision,
             message: &repo.message,
             rollout: crate::rollout::progress(&self.status),
             trimmed_through: repo.trimmed_through,
         })?;
-        body.pop(); // the closing brace
-        let size: usize = self.fragments.values().map(|f| f.len() + 1).sum();
-        body.reserve(size + 16);
-        body.extend_from_slice(br#","hosts":["#);
-        for (i, fragment) in self.fragments.values().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(fragment);
-        }
-        body.extend_from_slice(b"]}");
-        self.body = Bytes::from(body);
-        self.rendered = true;
-        Ok(())
+        head.pop(); // the closing brace
+        head.extend_from_slice(br#","hosts":["#);
+        Ok(Bytes::from(head))
     }
 }
 
@@ -180,11 +241,35 @@ mod tests {
                 host("d", Reason::BuildStarted).phase(Phase::Building),
             ],
         );
+        snapshot.parts().unwrap();
         assert!(snapshot.catch_up(&reader).unwrap());
-        let served: StatusResponse = serde_json::from_slice(&snapshot.body().unwrap()).unwrap();
+        let body: Vec<u8> = snapshot.parts().unwrap().concat();
+        let served: StatusResponse = serde_json::from_slice(&body).unwrap();
         let loaded = StatusResponse::from(reader.load_status().unwrap());
         assert_eq!(served, loaded);
         assert_eq!(served.hosts.len(), 3);
+    }
+
+    #[test]
+    fn a_change_in_one_block_of_a_large_fleet_is_the_status_as_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        let host = |i: usize, r: Reason| NewEvent::host(&format!("h-{i:04}"), r, Some("r1"), "m");
+        let news = (0..3 * BLOCK).map(|i| host(i, Reason::BuildStarted).phase(Phase::Building));
+        append(&mut store, &mut status, news.collect());
+        let reader = Store::open_read_only(dir.path()).unwrap();
+        let mut snapshot = Snapshot::load(&reader).unwrap();
+        snapshot.parts().unwrap();
+        append(
+            &mut store,
+            &mut status,
+            vec![host(BLOCK + 7, Reason::Converged).phase(Phase::Converged)],
+        );
+        assert!(snapshot.catch_up(&reader).unwrap());
+        let body: Vec<u8> = snapshot.parts().unwrap().concat();
+        let served: StatusResponse = serde_json::from_slice(&body).unwrap();
+        assert_eq!(served, StatusResponse::from(reader.load_status().unwrap()));
     }
 
     #[test]
