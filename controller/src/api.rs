@@ -26,6 +26,8 @@ use crate::event::Event;
 use crate::status::{FleetStatus, HostStatus};
 use crate::store::{EventQuery, Store};
 
+pub mod access;
+pub mod serve;
 mod snapshot;
 use snapshot::Snapshot;
 
@@ -113,6 +115,8 @@ pub struct ApiContext {
     pub health: tokio::sync::watch::Receiver<Option<String>>,
     /// The newest committed event's sequence number.
     pub committed: tokio::sync::watch::Receiver<u64>,
+    /// Who may ask what.
+    pub access: Arc<access::Access>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -122,6 +126,7 @@ pub fn router(ctx: ApiContext) -> Router {
         events,
         health,
         committed,
+        access,
     } = ctx;
     let status_cache = Arc::new(Mutex::new(None));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -144,6 +149,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/reconcile", post(reconcile))
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
+        .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)
 }
 

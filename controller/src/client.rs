@@ -40,32 +40,51 @@ pub enum ClientError {
 
 /// The source of truth the CLI reads.
 pub enum Source {
-    Api(String),
+    Api(Api),
     Store(PathBuf),
 }
 
-impl Source {
-    fn url(base: &str, path: &str) -> String {
-        format!("{}{path}", base.trim_end_matches('/'))
+/// A controller's API, and the token to show it (`None`: none).
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+}
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base.trim_end_matches('/'))
     }
 
-    fn get<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> Result<T, ClientError> {
-        let url = Self::url(base, path);
-        let resp = ureq::get(&url).call().map_err(|e| http_error(&url, e))?;
+    fn request(&self, method: &str, url: &str) -> ureq::Request {
+        let request = ureq::request(method, url);
+        match &self.token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
+        }
+    }
+}
+
+impl Source {
+    fn get<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Result<T, ClientError> {
+        let url = api.url(path);
+        let resp = api
+            .request("GET", &url)
+            .call()
+            .map_err(|e| http_error(&url, e))?;
         resp.into_json()
             .map_err(|source| ClientError::Body { url, source })
     }
 
     pub fn status(&self) -> Result<StatusResponse, ClientError> {
         match self {
-            Source::Api(base) => Self::get(base, "/api/v1/status"),
+            Source::Api(api) => Self::get(api, "/api/v1/status"),
             Source::Store(dir) => Ok(Store::open_read_only(dir)?.load_status()?.into()),
         }
     }
 
     pub fn host(&self, name: &str) -> Result<HostStatus, ClientError> {
         match self {
-            Source::Api(base) => Self::get(base, &format!("/api/v1/hosts/{name}")),
+            Source::Api(api) => Self::get(api, &format!("/api/v1/hosts/{name}")),
             Source::Store(dir) => Store::open_read_only(dir)?
                 .load_status()?
                 .hosts
@@ -76,7 +95,7 @@ impl Source {
 
     pub fn events(&self, q: &EventQuery) -> Result<Vec<Event>, ClientError> {
         match self {
-            Source::Api(base) => {
+            Source::Api(api) => {
                 let mut params = Vec::new();
                 if let Some(h) = &q.host {
                     params.push(format!("host={h}"));
@@ -87,7 +106,7 @@ impl Source {
                 if let Some(l) = q.limit {
                     params.push(format!("limit={l}"));
                 }
-                Self::get(base, &format!("/api/v1/events?{}", params.join("&")))
+                Self::get(api, &format!("/api/v1/events?{}", params.join("&")))
             }
             Source::Store(dir) => Ok(Store::open_read_only(dir)?.events(q)?),
         }
@@ -101,13 +120,16 @@ impl Source {
         mut on_event: impl FnMut(&Event) -> bool,
     ) -> Result<(), ClientError> {
         match self {
-            Source::Api(base) => {
+            Source::Api(api) => {
                 let mut path = format!("/api/v1/events/stream?since={}", q.since.unwrap_or(0));
                 if let Some(h) = &q.host {
                     path.push_str(&format!("&host={h}"));
                 }
-                let url = Self::url(base, &path);
-                let resp = ureq::get(&url).call().map_err(|e| http_error(&url, e))?;
+                let url = api.url(&path);
+                let resp = api
+                    .request("GET", &url)
+                    .call()
+                    .map_err(|e| http_error(&url, e))?;
                 let reader = std::io::BufReader::new(resp.into_reader());
                 for line in reader.lines() {
                     let line = line.map_err(|source| ClientError::Body {
@@ -165,11 +187,12 @@ impl Source {
 
     /// Asks the controller to act; only a running controller can.
     fn post(&self, path: &str, body: ReconcileRequest) -> Result<String, ClientError> {
-        let Source::Api(base) = self else {
+        let Source::Api(api) = self else {
             return Err(ClientError::NeedsController);
         };
-        let url = Self::url(base, path);
-        let resp = ureq::post(&url)
+        let url = api.url(path);
+        let resp = api
+            .request("POST", &url)
             .send_json(body)
             .map_err(|e| http_error(&url, e))?;
         let body: ReconcileResponse = resp

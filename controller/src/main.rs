@@ -136,6 +136,9 @@ struct SourceArgs {
     /// Read the store in this state directory instead of asking a controller.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The controller's API token, in a file (or set CIM_API_TOKEN).
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -156,8 +159,18 @@ struct RunArgs {
     /// Where the event log, status and git mirror live.
     #[arg(long, default_value = ".cim")]
     state_dir: PathBuf,
+    /// Where the API listens. Beyond loopback it needs --api-token-file.
     #[arg(long, default_value = "127.0.0.1:7878")]
     listen: SocketAddr,
+    /// A file holding the API token: required for every request that
+    /// changes something, and for every request when --listen is not a
+    /// loopback address.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// A name (or name:port) the API is reached by, besides its listen
+    /// address and localhost; other Host headers are refused (repeatable).
+    #[arg(long = "api-allowed-host")]
+    api_allowed_hosts: Vec<String>,
     /// How often to fetch (local repositories are also watched for changes).
     #[arg(long, default_value = "30s", value_parser = spec::parse_duration)]
     poll_interval: Duration,
@@ -240,8 +253,8 @@ fn main() -> std::process::ExitCode {
             all: _,
             source,
         } => reconcile(host, &source),
-        Command::Rollback { host, source: s } => say(source(&s).rollback(&host)),
-        Command::Resume { host, source: s } => say(source(&s).resume(&host)),
+        Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
+        Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
     };
     match result {
         Ok(code) => code,
@@ -254,11 +267,29 @@ fn main() -> std::process::ExitCode {
 
 type Exit = Result<std::process::ExitCode>;
 
-fn source(args: &SourceArgs) -> Source {
-    match &args.state_dir {
+fn source(args: &SourceArgs) -> Result<Source> {
+    Ok(match &args.state_dir {
         Some(dir) => Source::Store(dir.clone()),
-        None => Source::Api(args.api.clone()),
+        None => Source::Api(cim::client::Api {
+            base: args.api.clone(),
+            token: match (&args.api_token_file, std::env::var("CIM_API_TOKEN")) {
+                (Some(file), _) => Some(read_token(file)?),
+                (None, Ok(token)) if !token.trim().is_empty() => Some(token.trim().to_string()),
+                _ => None,
+            },
+        }),
+    })
+}
+
+/// The API token in `file`: its content, without surrounding whitespace.
+fn read_token(file: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the API token file {}", file.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        bail!("the API token file {} is empty", file.display());
     }
+    Ok(token.to_string())
 }
 
 /// Prints a line of output. A reader that went away (`cim status | head`)
@@ -306,7 +337,7 @@ fn validate(path: &Path) -> Exit {
 }
 
 fn status(host: Option<String>, args: &SourceArgs) -> Exit {
-    let src = source(args);
+    let src = source(args)?;
     let now = time::OffsetDateTime::now_utc();
     match host {
         Some(name) => {
@@ -331,7 +362,7 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
 const DEFAULT_EVENTS: u32 = 50;
 
 fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
-    let src = source(args);
+    let src = source(args)?;
     if follow {
         let print = |ev: &cim::event::Event| {
             let line = match args.output {
@@ -368,7 +399,7 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
 }
 
 fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
-    say(source(args).reconcile(host))
+    say(source(args)?.reconcile(host))
 }
 
 /// Prints the controller's answer to a request.
@@ -460,6 +491,18 @@ fn run(args: RunArgs) -> Exit {
 }
 
 async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit {
+    // Refused before anything starts: an API open to the network without a
+    // token.
+    let access = api::access::Access::new(api::access::AccessOptions {
+        listen: args.listen,
+        token: args
+            .api_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?
+            .map(|t| api::access::Token::new(&t)),
+        allowed_hosts: args.api_allowed_hosts.clone(),
+    })?;
     let store = Store::open(&state_dir)?;
     let mirror = Mirror::open(&state_dir, &args.repo)?;
     let driver = DriverConfig {
@@ -529,17 +572,13 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         events: controller.events(),
         health: controller.health(),
         committed: controller.committed(),
+        access: Arc::new(access),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, repo = %args.repo, branch = %args.branch, "cim controller started");
-    let api_cancel = cancel.clone();
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-            .await
-    });
+    let api = tokio::spawn(api::serve::serve(listener, app, cancel.clone()));
     tokio::spawn({
         let cancel = cancel.clone();
         async move {

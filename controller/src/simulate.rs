@@ -125,6 +125,14 @@ pub async fn simulate(
         events,
         health: controller.health(),
         committed: controller.committed(),
+        access: Arc::new(
+            crate::api::access::Access::new(crate::api::access::AccessOptions {
+                listen: opts.listen,
+                token: None,
+                allowed_hosts: vec!["127.0.0.1".to_string()],
+            })
+            .map_err(|e| SimulateError::Specs(e.to_string()))?,
+        ),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -139,14 +147,7 @@ pub async fn simulate(
             source,
         })?;
     let cancel = CancellationToken::new();
-    let api = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { cancel.cancelled().await })
-                .await
-        }
-    });
+    let api = tokio::spawn(crate::api::serve::serve(listener, app, cancel.clone()));
     let (found_tx, found_rx) = mpsc::channel(4);
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
     listening(addr);

@@ -1,0 +1,141 @@
+//! End-to-end tests of cim's trust boundaries with the real binary: who may
+//! drive the API (a token, no cross-site requests, no rebound host names,
+//! no open listener without a token).
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cim_sandbox::harness::{cim_bin, fleet_and_state as fleet, Cim};
+
+/// A raw HTTP/1.1 request; the status code and body.
+fn http(api: &str, request_line: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let addr = api.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{request_line} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+#[test]
+fn the_api_refuses_other_sites_forms_and_missing_tokens() {
+    let (fleet, dir) = fleet(1);
+    let token_file = dir.path().join("api-token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let cim = Cim::start(
+        &fleet,
+        &dir.path().join("state"),
+        &["--api-token-file", token_file.to_str().unwrap()],
+    );
+    let json = ("Content-Type", "application/json");
+    let bearer = ("Authorization", "Bearer s3cret-token");
+
+    // An HTML form posted from any page.
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    let (code, _) = http(
+        &cim.api,
+        "POST /api/v1/hosts/web-1/rollback",
+        &[form, bearer],
+        "",
+    );
+    assert_eq!(code, 415);
+    // A cross-site fetch, even one that somehow had the token.
+    let origin = ("Origin", "https://evil.example");
+    let (code, body) = http(
+        &cim.api,
+        "POST /api/v1/reconcile",
+        &[json, origin, bearer],
+        "{}",
+    );
+    assert_eq!(code, 403, "{body}");
+    let fetch = ("Sec-Fetch-Site", "cross-site");
+    let (code, _) = http(
+        &cim.api,
+        "POST /api/v1/reconcile",
+        &[json, fetch, bearer],
+        "{}",
+    );
+    assert_eq!(code, 403);
+    // No token, a wrong one.
+    let (code, body) = http(&cim.api, "POST /api/v1/reconcile", &[json], "{}");
+    assert_eq!(code, 401, "{body}");
+    let wrong = ("Authorization", "Bearer s3cret-tokeN");
+    let (code, _) = http(&cim.api, "POST /api/v1/reconcile", &[json, wrong], "{}");
+    assert_eq!(code, 401);
+    // A page whose name was rebound to 127.0.0.1 reads nothing.
+    let port = cim.api.rsplit(':').next().unwrap().to_string();
+    let rebound = format!("evil.example:{port}");
+    let (code, _) = http(&cim.api, "GET /api/v1/status", &[("Host", &rebound)], "");
+    assert_eq!(code, 421);
+    // Reads on loopback need no token; the right token is accepted.
+    let (code, _) = http(&cim.api, "GET /api/v1/status", &[], "");
+    assert_eq!(code, 200);
+    let (code, body) = http(&cim.api, "POST /api/v1/reconcile", &[json, bearer], "{}");
+    assert!(code == 202 || code == 409, "{code} {body}");
+    // Nothing was rolled back or requested by the refused requests.
+    assert!(cim.events_of("web-1", "RollbackRequested").is_empty());
+
+    // The CLI shows the token from CIM_API_TOKEN, or refuses without it.
+    let cli = |token: Option<&str>| {
+        let mut c = Command::new(cim_bin());
+        c.args(["reconcile", "--all"])
+            .env("CIM_API", &cim.api)
+            .env_remove("CIM_API_TOKEN")
+            .stdin(Stdio::null());
+        if let Some(t) = token {
+            c.env("CIM_API_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let refused = cli(None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("API token"));
+    let out = cli(Some("s3cret-token"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The token appears in no log line.
+    assert!(!cim.log().contains("s3cret-token"));
+}
+
+#[test]
+fn an_api_open_to_the_network_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(cim_bin())
+        .args([
+            "run",
+            "--repo",
+            "/nonexistent",
+            "--listen",
+            "0.0.0.0:0",
+            "--state-dir",
+        ])
+        .arg(dir.path().join("state"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--api-token-file"), "{stderr}");
+}
