@@ -49,6 +49,8 @@ pub enum GitError {
     },
     #[error("`{0}` is not a full commit id")]
     BadRevision(String),
+    #[error("cannot set the mirror's ssh command: {0}")]
+    SshCommand(String),
     #[error("`{0}` is not a git repository with a `specs/` directory")]
     NotARepo(PathBuf),
 }
@@ -64,18 +66,36 @@ impl Mirror {
     /// Opens the mirror under `state_dir`, creating it on first use. A local
     /// `source` path is made absolute so that fetching does not depend on
     /// the working directory.
-    pub fn open(state_dir: &Path, source: &str) -> Result<Mirror, GitError> {
+    ///
+    /// `ssh` is the command line ssh remotes are fetched with (`ssh` and
+    /// the options every other ssh call of cim uses: the same config file
+    /// and strict host-key checking).
+    pub fn open(state_dir: &Path, source: &str, ssh: &[String]) -> Result<Mirror, GitError> {
         let path = std::path::absolute(state_dir.join("mirror.git"))
             .unwrap_or_else(|_| state_dir.join("mirror.git"));
         let mirror_err = |source| GitError::Mirror {
             path: path.clone(),
             source,
         };
-        let repo = if path.join("HEAD").exists() {
+        let mut repo = if path.join("HEAD").exists() {
             gix::open(&path).map_err(mirror_err)?
         } else {
             gix::init_bare(&path).map_err(mirror_err)?
         };
+        if !ssh.is_empty() {
+            // gix runs `core.sshCommand` through a shell: each argument is
+            // quoted for it.
+            let command = shlex::try_join(ssh.iter().map(String::as_str)).map_err(|e| {
+                GitError::SshCommand(format!("cannot quote the ssh command line: {e}"))
+            })?;
+            let mut config = repo.config_snapshot_mut();
+            config
+                .set_value(&gix::config::tree::Core::SSH_COMMAND, command.as_str())
+                .map_err(|e| GitError::SshCommand(e.to_string()))?;
+            config
+                .commit()
+                .map_err(|e| GitError::SshCommand(e.to_string()))?;
+        }
         let url = if Path::new(source).exists() {
             std::path::absolute(source)
                 .map(|p| p.display().to_string())
@@ -92,7 +112,7 @@ impl Mirror {
 
     /// Fetches `branch` (force-updating it: a rewritten history simply
     /// becomes the new desired state) and returns its head commit.
-    pub fn fetch(&self, branch: &str) -> Result<Revision, GitError> {
+    pub fn fetch(&self, branch: &str, interrupt: &AtomicBool) -> Result<Revision, GitError> {
         let fetch_err = |source| GitError::Fetch {
             url: self.url.clone(),
             branch: branch.to_string(),
@@ -106,13 +126,12 @@ impl Mirror {
             .with_fetch_tags(gix::remote::fetch::Tags::None)
             .with_refspecs([refspec.as_str()], gix::remote::Direction::Fetch)
             .map_err(fetch_err)?;
-        let interrupt = AtomicBool::new(false);
         remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(fetch_err)?
             .prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(fetch_err)?
-            .receive(gix::progress::Discard, &interrupt)
+            .receive(gix::progress::Discard, interrupt)
             .map_err(fetch_err)?;
         self.head(branch)?.ok_or_else(|| GitError::NoBranch {
             url: self.url.clone(),
@@ -293,6 +312,10 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    fn ssh() -> Vec<String> {
+        crate::driver::DriverConfig::default().git_ssh_command()
+    }
+
     #[allow(clippy::disallowed_methods)]
     fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
@@ -328,8 +351,9 @@ mod tests {
         git(src.path(), &["commit", "-qm", "one"]);
         let first = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
 
-        let mirror = Mirror::open(state.path(), src.path().to_str().unwrap()).unwrap();
-        assert_eq!(mirror.fetch("main").unwrap(), first);
+        let mirror = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();
+        let no = AtomicBool::new(false);
+        assert_eq!(mirror.fetch("main", &no).unwrap(), first);
         let files = mirror.read_specs(&first).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].path, "specs/a.yaml");
@@ -342,7 +366,7 @@ mod tests {
         std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
         git(src.path(), &["commit", "-qam", "rewritten", "--amend"]);
         let rewritten = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
-        assert_eq!(mirror.fetch("main").unwrap(), rewritten);
+        assert_eq!(mirror.fetch("main", &no).unwrap(), rewritten);
         assert_eq!(
             mirror.read_specs(&rewritten).unwrap()[0].contents,
             b"a: 2\n"
@@ -351,7 +375,7 @@ mod tests {
         assert_eq!(mirror.read_specs(&first).unwrap()[0].contents, b"a: 1\n");
 
         assert!(matches!(
-            mirror.fetch("nope"),
+            mirror.fetch("nope", &no),
             Err(GitError::Fetch { .. } | GitError::NoBranch { .. })
         ));
     }

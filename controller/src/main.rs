@@ -195,6 +195,16 @@ struct RunArgs {
     /// SSH connect timeout.
     #[arg(long, default_value = "10s", value_parser = spec::parse_duration)]
     connect_timeout: Duration,
+    /// Longest a revision's evaluation may take; past it the evaluation's
+    /// processes are killed and its hosts get `BuildFailed`.
+    #[arg(long, default_value = "30m", value_parser = spec::parse_duration)]
+    eval_timeout: Duration,
+    /// Longest one build may take.
+    #[arg(long, default_value = "4h", value_parser = spec::parse_duration)]
+    build_timeout: Duration,
+    /// Longest a git fetch may take before it is interrupted and retried.
+    #[arg(long, default_value = "5m", value_parser = spec::parse_duration)]
+    fetch_timeout: Duration,
     /// Hosts fetch what they can from their own binary caches while their
     /// closure is copied (`nix copy --substitute-on-destination`); a host's
     /// or the Fleet document's `substituteOnDestination` overrides it.
@@ -504,7 +514,6 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         allowed_hosts: args.api_allowed_hosts.clone(),
     })?;
     let store = Store::open(&state_dir)?;
-    let mirror = Mirror::open(&state_dir, &args.repo)?;
     let driver = DriverConfig {
         ssh_config: args
             .ssh_config
@@ -514,6 +523,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         control_dir,
         nix_options: args.nix_options.clone(),
         connect_timeout: args.connect_timeout,
+        eval_timeout: args.eval_timeout,
+        build_timeout: args.build_timeout,
         cache: match (&args.push_to_cache, &args.cache_signing_key) {
             (Some(url), Some(key)) => Some(cim::driver::BinaryCache {
                 url: url.clone(),
@@ -522,6 +533,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             _ => None,
         },
     };
+    let mirror = Mirror::open(&state_dir, &args.repo, &driver.git_ssh_command())?;
     let fetch_now = Arc::new(Notify::new());
     let mut controller = Controller::new(
         ControllerConfig {
@@ -561,6 +573,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         watch::WatchConfig {
             branch: args.branch.clone(),
             poll_interval: args.poll_interval,
+            fetch_timeout: args.fetch_timeout,
         },
         found_tx,
         fetch_now,

@@ -13,6 +13,7 @@
 //! reconciling what it already knows.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub enum Found {
 pub struct WatchConfig {
     pub branch: String,
     pub poll_interval: Duration,
+    /// `--fetch-timeout`: a fetch still running after this is interrupted
+    /// and reported as failed; the watcher carries on.
+    pub fetch_timeout: Duration,
 }
 
 /// Why the watcher looks at the branch.
@@ -110,9 +114,23 @@ pub fn spawn(
             let m = Arc::clone(&mirror);
             let branch = cfg.branch.clone();
             let known = last_sent.clone();
-            let result = tokio::task::spawn_blocking(move || check(&m, &branch, known.as_deref()))
-                .await
-                .unwrap_or_else(|e| Err(format!("the fetch task failed: {e}")));
+            let interrupt = Arc::new(AtomicBool::new(false));
+            let stop = Arc::clone(&interrupt);
+            let fetch =
+                tokio::task::spawn_blocking(move || check(&m, &branch, known.as_deref(), &stop));
+            let result = match tokio::time::timeout(cfg.fetch_timeout, fetch).await {
+                Ok(joined) => joined.unwrap_or_else(|e| Err(format!("the fetch task failed: {e}"))),
+                Err(_) => {
+                    // gix checks the flag between reads; the ssh options
+                    // end a dead connection's reads.
+                    interrupt.store(true, Ordering::Relaxed);
+                    Err(format!(
+                        "fetching branch `{}` did not finish within {}s (--fetch-timeout)",
+                        cfg.branch,
+                        cfg.fetch_timeout.as_secs()
+                    ))
+                }
+            };
             let found = match result {
                 Ok(None) => {
                     retry = None;
@@ -151,12 +169,19 @@ fn check(
     mirror: &Mutex<Mirror>,
     branch: &str,
     known: Option<&str>,
+    interrupt: &AtomicBool,
 ) -> Result<Option<NewHead>, String> {
-    let mirror = mirror
-        .lock()
-        .map_err(|_| "the mirror lock is poisoned".to_string())?;
+    let mirror = match mirror.try_lock() {
+        Ok(m) => m,
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Err("a fetch that timed out is still winding down".to_string())
+        }
+        Err(std::sync::TryLockError::Poisoned(_)) => {
+            return Err("the mirror lock is poisoned".to_string())
+        }
+    };
     let head = mirror
-        .fetch(branch)
+        .fetch(branch, interrupt)
         .map_err(|e| crate::error::error_chain(&e))?;
     if known == Some(head.as_str()) {
         return Ok(None);

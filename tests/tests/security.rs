@@ -139,3 +139,42 @@ fn an_api_open_to_the_network_needs_a_token() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--api-token-file"), "{stderr}");
 }
+
+#[test]
+fn a_hanging_evaluation_times_out_and_the_next_commit_deploys() {
+    let (fleet, dir) = fleet(1);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &["--eval-timeout", "4s"]);
+    cim.wait_converged(&["web-1"], None);
+    // An import-from-derivation whose build takes far longer than the
+    // evaluation may: the evaluation waits for it.
+    fleet
+        .set_host_config(
+            "web-1",
+            r#"let hang = derivation { name = "hang"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "/bin/sleep 120" ]; };
+               in { version = builtins.readFile "${hang}"; }"#,
+        )
+        .unwrap();
+    fleet.commit("web-1: an evaluation that hangs").unwrap();
+    cim.wait_until("the evaluation timed out", Duration::from_secs(60), |_| {
+        cim.events_of("web-1", "BuildFailed").iter().any(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("did not finish within 4s")
+        })
+    });
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let fixed = fleet.commit("web-1: version 2").unwrap();
+    cim.wait_converged(&["web-1"], Some(&fixed));
+    // The hanging build was stopped with the evaluation, not orphaned.
+    assert!(!processes().iter().any(|c| c.contains("/bin/sleep 120")));
+}
+
+/// Every process's command line.
+fn processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}

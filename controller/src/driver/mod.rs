@@ -27,7 +27,7 @@ pub use nix::{
 pub use scripts::{Look, CONFIRM, LOOK, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DriverConfig {
     /// Passed as `-F` to every ssh invocation.
     pub ssh_config: Option<PathBuf>,
@@ -37,8 +37,26 @@ pub struct DriverConfig {
     /// Extra `--option NAME VALUE` pairs for every nix invocation.
     pub nix_options: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// Longest the fleet's evaluation may take (`--eval-timeout`).
+    pub eval_timeout: Duration,
+    /// Longest one build may take (`--build-timeout`).
+    pub build_timeout: Duration,
     /// Where built closures are pushed for hosts to substitute from.
     pub cache: Option<BinaryCache>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> DriverConfig {
+        DriverConfig {
+            ssh_config: None,
+            control_dir: PathBuf::new(),
+            nix_options: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            eval_timeout: Duration::from_secs(30 * 60),
+            build_timeout: Duration::from_secs(4 * 3600),
+            cache: None,
+        }
+    }
 }
 
 /// A binary cache the controller pushes to (`--push-to-cache`).
@@ -66,6 +84,60 @@ impl DriverConfig {
             opts.push(config.display().to_string());
         }
         opts
+    }
+
+    /// The ssh command line the git mirror fetches ssh remotes with: the
+    /// same config and host-key checking as every other ssh call, and a
+    /// connection that stops answering ends (so a fetch cannot hang).
+    pub fn git_ssh_command(&self) -> Vec<String> {
+        let mut command = vec!["ssh".to_string()];
+        command.extend(self.base_sshopts());
+        command.extend(
+            [
+                format!("ConnectTimeout={}", self.connect_timeout.as_secs().max(1)),
+                "ServerAliveInterval=5".to_string(),
+                "ServerAliveCountMax=3".to_string(),
+            ]
+            .into_iter()
+            .flat_map(|o| ["-o".to_string(), o]),
+        );
+        command
+    }
+}
+
+/// A process group led by a child cim started, ended when dropped, so that
+/// nothing it started outlives a deadline or a moot operation: SIGTERM
+/// first (nix then stops the builds it runs in sessions of their own),
+/// SIGKILL for what is left [`GROUP_GRACE`] later.
+pub(crate) struct ProcessGroup(pub u32);
+
+/// How long a process group has between SIGTERM and SIGKILL.
+pub(crate) const GROUP_GRACE: Duration = Duration::from_secs(2);
+
+impl ProcessGroup {
+    /// The leader finished: leave the group alone.
+    pub(crate) fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let Ok(pgid) = libc::pid_t::try_from(self.0) else {
+            return;
+        };
+        // SAFETY: kill(2) with a negative pid signals that process group;
+        // it touches no memory of ours. A group already gone is ESRCH.
+        if unsafe { libc::kill(-pgid, libc::SIGTERM) } != 0 {
+            return;
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(GROUP_GRACE);
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        });
     }
 }
 

@@ -21,13 +21,13 @@ use tokio::process::Command;
 use super::{relevant_lines, BinaryCache, CommandOutput, DriverConfig};
 use crate::types::StorePath;
 
-/// Longest the fleet's evaluation may take.
-const EVAL_LIMIT: Duration = Duration::from_secs(3600);
-/// Longest one host's build may take.
-const BUILD_LIMIT: Duration = Duration::from_secs(6 * 3600);
 /// Evaluations run at once when the fleet's evaluation failed as a whole
 /// and hosts are evaluated one by one to tell which fail.
 const FALLBACK_PARALLELISM: usize = 2;
+
+/// A command that did not finish within its deadline (and was stopped).
+#[derive(Debug)]
+pub(super) struct TimedOut;
 
 /// A `nix` (or `nix-store`) command line with the flags every invocation
 /// needs.
@@ -63,7 +63,9 @@ impl NixCommand {
         }
         // Remote builders (`--nix-option builders=…`) go through ssh too.
         cmd.env("NIX_SSHOPTS", cfg.base_sshopts().join(" "));
-        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        // Its own process group: nix's builders and helpers go with it
+        // when it is killed (a deadline, an evaluation made moot).
+        cmd.stdin(Stdio::null()).kill_on_drop(true).process_group(0);
         cmd.args(subcommand.split(' '));
         NixCommand {
             cmd,
@@ -78,12 +80,37 @@ impl NixCommand {
         parts.join(" ")
     }
 
-    /// Runs to completion within `limit` (the child is killed past it).
+    /// Runs to completion within `limit`. Past it, or when the caller
+    /// stops waiting, the whole process group is ended (see
+    /// [`super::ProcessGroup`]) while its output pipes are still open: nix
+    /// that finds them closed dies of it before stopping its builders.
     pub(super) async fn output(
         mut self,
         limit: Duration,
-    ) -> Result<Result<std::process::Output, std::io::Error>, tokio::time::error::Elapsed> {
-        tokio::time::timeout(limit, self.cmd.output()).await
+    ) -> Result<Result<std::process::Output, std::io::Error>, TimedOut> {
+        self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = match self.cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => return Ok(Err(e)),
+        };
+        let pid = child.id();
+        let mut wait = Box::pin(child.wait_with_output());
+        // Declared after `wait`, so dropped (signalled) before it.
+        let group = pid.map(super::ProcessGroup);
+        tokio::select! {
+            out = &mut wait => {
+                // Finished: its group id may soon belong to someone else.
+                if let Some(group) = group {
+                    group.disarm();
+                }
+                Ok(out)
+            }
+            () = tokio::time::sleep(limit) => {
+                drop(group);
+                let _ = tokio::time::timeout(super::GROUP_GRACE, &mut wait).await;
+                Err(TimedOut)
+            }
+        }
     }
 
     /// Runs to completion; a non-zero exit is [`BuildError::Failed`] about
@@ -212,9 +239,14 @@ pub async fn evaluate(
         .arg(format!("{flake}#nixosConfigurations"))
         .arg("--apply")
         .arg(fleet_expression(configurations));
-    let raw = match nix.run("nixosConfigurations".to_string(), EVAL_LIMIT).await {
+    let raw = match nix
+        .run("nixosConfigurations".to_string(), cfg.eval_timeout)
+        .await
+    {
         Ok(output) => serde_json::from_str::<RawEvaluation>(output.stdout.trim())
             .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))?,
+        // A hanging evaluation would hang again host by host.
+        Err(e @ BuildError::Timeout { .. }) => return Err(e),
         Err(e) => {
             tracing::info!(error = %e, "the fleet's evaluation failed; evaluating hosts one by one");
             return evaluate_one_by_one(cfg, flake, configurations).await;
@@ -287,7 +319,7 @@ async fn evaluate_single(
         .arg("--json")
         .arg(format!("{flake}#{attribute}"))
         .args(["--apply", "t: { drv = t.drvPath; out = t.outPath; }"]);
-    let output = nix.run(attribute, EVAL_LIMIT).await?;
+    let output = nix.run(attribute, cfg.eval_timeout).await?;
     serde_json::from_str(output.stdout.trim())
         .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
 }
@@ -301,7 +333,7 @@ async fn configuration_names(cfg: &DriverConfig, flake: &str) -> Result<Vec<Stri
         .arg(format!("{flake}#nixosConfigurations"))
         .args(["--apply", "builtins.attrNames"]);
     let output = nix
-        .run("nixosConfigurations".to_string(), EVAL_LIMIT)
+        .run("nixosConfigurations".to_string(), cfg.eval_timeout)
         .await?;
     serde_json::from_str(output.stdout.trim())
         .map_err(|e| BuildError::Output(format!("{e}: {}", output.stdout.trim())))
@@ -317,7 +349,7 @@ pub async fn realise(cfg: &DriverConfig, systems: &[Toplevel]) -> Result<(), Bui
         .map(|s| s.drv.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let output = nix.run(what, BUILD_LIMIT).await?;
+    let output = nix.run(what, cfg.build_timeout).await?;
     let built: std::collections::BTreeSet<&str> = output.stdout.lines().map(str::trim).collect();
     match systems.iter().find(|s| !built.contains(s.out.as_str())) {
         None => Ok(()),
