@@ -470,27 +470,35 @@ fn init_tracing(json: bool) {
 
 /// Control sockets must fit in a Unix socket path (about 100 bytes); a deep
 /// state directory gets them under the temporary directory instead.
-fn control_dir(state_dir: &Path) -> PathBuf {
+/// The directory for ssh control sockets: `STATE/ssh`, or, when that path
+/// is too long for a socket, a new directory of a random name under the
+/// temporary directory (created 0700 in one step, so nothing another user
+/// planted there can be taken for it), removed on exit.
+fn control_dir(state_dir: &Path) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
     let preferred = state_dir.join("ssh");
     if preferred.as_os_str().len() < 60 {
-        preferred
-    } else {
-        std::env::temp_dir().join(format!("cim-ssh-{}", std::process::id()))
+        prepare_control_dir(&preferred)
+            .with_context(|| format!("cannot create {}", preferred.display()))?;
+        return Ok((preferred, None));
     }
+    let dir = tempfile::Builder::new()
+        .prefix("cim-ssh-")
+        .tempdir()
+        .context("cannot create a directory for ssh control sockets")?;
+    Ok((dir.path().to_path_buf(), Some(dir)))
 }
 
 fn run(args: RunArgs) -> Exit {
     init_tracing(args.log_json);
-    std::fs::create_dir_all(&args.state_dir).with_context(|| {
+    cim::driver::private_dir(&args.state_dir).with_context(|| {
         format!(
             "cannot create the state directory {}",
             args.state_dir.display()
         )
     })?;
     let state_dir = std::path::absolute(&args.state_dir)?;
-    let control_dir = control_dir(&state_dir);
-    prepare_control_dir(&control_dir)
-        .with_context(|| format!("cannot create {}", control_dir.display()))?;
+    // `_temporary` lives as long as the controller (and is then removed).
+    let (control_dir, _temporary) = control_dir(&state_dir)?;
     if let Some(cfg) = &args.ssh_config {
         if !cfg.is_file() {
             bail!("--ssh-config {} does not exist", cfg.display());

@@ -59,8 +59,23 @@ fn short_system(p: Option<&str>) -> String {
     }
 }
 
+/// `text` with control characters (a host's output may hold terminal
+/// escape sequences) shown as escapes instead of acted on by the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let shown: Vec<char> = if c.is_control() && c != '\t' {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect()
+}
+
 fn one_line(message: &str, max: usize) -> String {
-    let first = message.lines().next().unwrap_or("");
+    let first = printable(message.lines().next().unwrap_or(""));
     let mut line: String = first.chars().take(max).collect();
     if first.chars().count() > max || message.lines().nth(1).is_some() {
         line.push('…');
@@ -169,7 +184,7 @@ pub fn host(h: &HostStatus, now: OffsetDateTime) -> String {
         ));
     }
     lines.push("Message:".to_string());
-    lines.extend(h.message.lines().map(|l| format!("  {l}")));
+    lines.extend(h.message.lines().map(|l| format!("  {}", printable(l))));
     lines.join("\n")
 }
 
@@ -300,6 +315,17 @@ mod tests {
         ];
         insta::assert_snapshot!(events(&evs, NOW));
         insta::assert_snapshot!(event_line(&evs[1]));
+    }
+
+    #[test]
+    fn a_hosts_terminal_escapes_are_shown_not_obeyed() {
+        let shown = one_line("failed: \u{1b}]0;pwned\u{7}\u{1b}[2J done", 100);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\u{1b}"), "{shown}");
+        let h = host("web-1", Phase::Failed, 1, "line\u{1b}[31mred");
+        assert!(!super::host(&h, OffsetDateTime::UNIX_EPOCH)
+            .lines()
+            .any(|l| l.chars().any(char::is_control)));
     }
 
     #[test]

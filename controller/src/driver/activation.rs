@@ -95,8 +95,9 @@ impl HostSession {
     /// had already given up waiting and reverted.
     pub async fn confirm_and_read(&self, token: &str) -> Result<Option<Option<String>>, SshError> {
         let canary = format!("{WATCHDOG_DIR}/{token}.canary");
+        let claimed = format!("{WATCHDOG_DIR}/{token}.confirmed");
         let out = self
-            .run("sh", &["-c", CONFIRM, "cim-confirm", &canary])
+            .run("sh", &["-c", CONFIRM, "cim-confirm", &canary, &claimed])
             .await?;
         let mut lines = out.stdout.lines().map(str::trim);
         if lines.next() != Some("confirmed") {
@@ -129,12 +130,13 @@ impl HostSession {
         Ok((next(), next()))
     }
 
-    /// Confirms a confirmed activation; false if the host had already given
-    /// up waiting (and reverted).
+    /// Confirms a confirmed activation (the same atomic claim of the
+    /// canary as [`CONFIRM`]); false if the watchdog had already claimed
+    /// it (and reverts the host).
     pub async fn confirm(&self, token: &str) -> Result<bool, SshError> {
-        let out = self
-            .run("rm", &[&format!("{WATCHDOG_DIR}/{token}.canary")])
-            .await?;
+        let canary = format!("{WATCHDOG_DIR}/{token}.canary");
+        let claimed = format!("{WATCHDOG_DIR}/{token}.confirmed");
+        let out = self.run("mv", &[&canary, &claimed]).await?;
         Ok(out.status == Some(0))
     }
 

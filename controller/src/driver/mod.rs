@@ -502,9 +502,7 @@ pub use crate::types::is_store_path;
 /// and removes what a previous controller left there. Called once at start,
 /// before any session exists: sessions must never clean each other's.
 pub fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    private_dir(dir)?;
     for entry in std::fs::read_dir(dir)?.flatten() {
         if entry
             .file_name()
@@ -519,9 +517,69 @@ pub fn prepare_control_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes `dir` a directory only this user can enter (mode 0700), or
+/// checks that an existing one is: a real directory (not a symlink), owned
+/// by this user, closed to group and others. Anything else is refused,
+/// never fixed up: another local user may have planted it.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let refuse = |why: &str| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} {why}; refusing to use it", dir.display()),
+        ))
+    };
+    if !meta.file_type().is_dir() {
+        return refuse("exists and is not a directory (or is a symlink)");
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return refuse(&format!(
+            "belongs to uid {}, not to this user ({me})",
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        // Ours, merely too open (an older cim made it so): close it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_dirs_are_made_closed_and_planted_ones_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Again: fine.
+        private_dir(&dir).unwrap();
+        // A symlink planted where the directory should be.
+        let planted = root.path().join("planted");
+        std::os::unix::fs::symlink(root.path(), &planted).unwrap();
+        let err = private_dir(&planted).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        // A file.
+        let file = root.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(private_dir(&file).is_err());
+    }
 
     #[test]
     fn nix_errors_keep_the_error_lines() {

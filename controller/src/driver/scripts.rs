@@ -32,8 +32,9 @@ while [ -e "$canary" ] && [ "$i" -lt "$timeout" ]; do
   sleep 1
   i=$((i + 1))
 done
-if [ -e "$canary" ]; then
-  rm -f "$canary"
+# Claiming the canary is one rename: either this or the controller's
+# confirmation (also a rename) wins, never both.
+if mv "$canary" "$dir/$token.expired" 2>/dev/null; then
   echo "cim: not confirmed within ${timeout}s, reverting" >>"$dir/$token.result"
   if [ "$action" = switch ] && [ -n "$prevprofile" ]; then
     nix-env -p /nix/var/nix/profiles/system --set "$prevprofile"
@@ -112,9 +113,10 @@ pub(super) fn parse_look(stdout: &str) -> Look {
 }
 
 /// Confirms a confirmed activation and reads what the host runs, in one
-/// command: `sh -c CONFIRM cim-confirm CANARY`. Prints nothing if the
-/// canary was already gone (the host gave up waiting).
-pub const CONFIRM: &str = r#"rm "$1" 2>/dev/null || exit 0
+/// command: `sh -c CONFIRM cim-confirm CANARY CLAIMED`. The confirmation is
+/// the rename of the canary, as the watchdog's expiry is: exactly one of
+/// them wins. Prints nothing if the watchdog won (it reverts the host).
+pub const CONFIRM: &str = r#"mv "$1" "$2" 2>/dev/null || exit 0
 echo confirmed
 readlink /run/current-system
 exit 0

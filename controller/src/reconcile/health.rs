@@ -90,7 +90,12 @@ async fn command<H: Host>(session: &H, argv: &[String], timeout: Duration) -> Re
 pub(crate) async fn http(url: &str, expected: u16, timeout: Duration) -> Result<(), String> {
     let target = url.to_string();
     let status = tokio::task::spawn_blocking(move || {
-        let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+        // A redirect is an answer like any other: following it could make
+        // the controller fetch whatever the host points it at.
+        let agent = ureq::AgentBuilder::new()
+            .timeout(timeout)
+            .redirects(0)
+            .build();
         match agent.get(&target).call() {
             Ok(resp) => Ok(resp.status()),
             Err(ureq::Error::Status(code, _)) => Ok(code),
@@ -135,6 +140,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("answered 503, expected 200"), "{err}");
+        let err = http(&serve(302), 200, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.contains("answered 302"), "not followed: {err}");
         let err = http("http://127.0.0.1:9/", 200, Duration::from_secs(5))
             .await
             .unwrap_err();
