@@ -71,6 +71,12 @@ pub struct ReconcileRequest {
     pub host: Option<String>,
 }
 
+/// `POST /api/v1/accept` body: the rewritten revision to deploy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AcceptRequest {
+    pub revision: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReconcileResponse {
     pub message: String,
@@ -149,6 +155,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/reconcile", post(reconcile))
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
+        .route("/api/v1/accept", post(accept))
         .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)
 }
@@ -420,6 +427,11 @@ async fn rollback(State(app): State<AppState>, Path(host): Path<String>) -> Resp
 
 async fn resume(State(app): State<AppState>, Path(host): Path<String>) -> Response {
     ask(&app, |reply| Request::Resume { host, reply }).await
+}
+
+async fn accept(State(app): State<AppState>, Json(body): Json<AcceptRequest>) -> Response {
+    let revision = body.revision;
+    ask(&app, |reply| Request::Accept { revision, reply }).await
 }
 
 /// Sends a request to the controller task and turns its answer into a

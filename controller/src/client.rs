@@ -185,8 +185,17 @@ impl Source {
         )
     }
 
+    pub fn accept(&self, revision: &str) -> Result<String, ClientError> {
+        self.post(
+            "/api/v1/accept",
+            crate::api::AcceptRequest {
+                revision: revision.to_string(),
+            },
+        )
+    }
+
     /// Asks the controller to act; only a running controller can.
-    fn post(&self, path: &str, body: ReconcileRequest) -> Result<String, ClientError> {
+    fn post(&self, path: &str, body: impl serde::Serialize) -> Result<String, ClientError> {
         let Source::Api(api) = self else {
             return Err(ClientError::NeedsController);
         };

@@ -52,6 +52,8 @@ pub struct ControllerConfig {
     pub retention: crate::store::Retention,
     /// Where the store is (retention opens its own connection there).
     pub state_dir: PathBuf,
+    /// `--refuse-rewrites`.
+    pub refuse_rewrites: bool,
 }
 
 /// A request from the API, with where its answer goes.
@@ -70,6 +72,11 @@ pub enum Request {
     /// Hand a host suspended by `Rollback` back to the controller.
     Resume {
         host: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Deploy a rewritten revision held back by `--refuse-rewrites`.
+    Accept {
+        revision: String,
         reply: oneshot::Sender<Result<String, String>>,
     },
 }
@@ -143,6 +150,7 @@ impl<B: Backend> Controller<B> {
                 backoff_max: cfg.backoff_max,
                 substitute_on_destination: cfg.substitute_on_destination,
                 push_to_cache: backend.cache().is_some(),
+                refuse_rewrites: cfg.refuse_rewrites,
             },
             status,
         );
@@ -386,6 +394,7 @@ impl<B: Backend> Controller<B> {
             Request::Reconcile { host, reply } => (Ask::Reconcile { host }, reply),
             Request::Rollback { host, reply } => (Ask::Rollback { host }, reply),
             Request::Resume { host, reply } => (Ask::Resume { host }, reply),
+            Request::Accept { revision, reply } => (Ask::Accept { revision }, reply),
         };
         self.next_request += 1;
         let id = RequestId(self.next_request);
@@ -494,7 +503,17 @@ impl<B: Backend> Controller<B> {
 fn found_msg(found: Found) -> Msg {
     match found {
         Found::Head { revision } => Msg::Head { revision },
-        Found::Revision { revision, specs } => Msg::Revision { revision, specs },
+        Found::Revision {
+            revision,
+            specs,
+            trust,
+            rewritten_from,
+        } => Msg::Revision {
+            revision,
+            specs,
+            trust,
+            rewritten_from,
+        },
         Found::FetchFailed { message } => Msg::FetchFailed { message },
     }
 }

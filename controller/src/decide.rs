@@ -39,6 +39,9 @@ pub struct Config {
     pub substitute_on_destination: bool,
     /// Whether closures are pushed to a binary cache before copying.
     pub push_to_cache: bool,
+    /// `--refuse-rewrites`: a head that does not descend from the previous
+    /// one waits for `cim accept`.
+    pub refuse_rewrites: bool,
 }
 
 /// The two clocks a decision may read: the monotonic one for the queue,
@@ -62,6 +65,9 @@ pub enum Ask {
     Rollback { host: String },
     /// Hand a host suspended by `Rollback` back to the controller.
     Resume { host: String },
+    /// Deploy a rewritten revision (`--refuse-rewrites`); a full commit id
+    /// or a prefix of at least 7 digits.
+    Accept { revision: String },
 }
 
 /// Why a revision is evaluated.
@@ -86,6 +92,9 @@ pub enum Msg {
     Revision {
         revision: Revision,
         specs: Result<FleetSpec, crate::spec::SpecErrors>,
+        trust: crate::trust::Verdict,
+        /// The head it replaced without descending from it.
+        rewritten_from: Option<Revision>,
     },
     FetchFailed {
         message: String,
@@ -176,6 +185,12 @@ pub enum Then {
         host: String,
         revision: Option<Revision>,
     },
+    /// `cim accept` is durable: deploy the revision.
+    Accepted {
+        id: RequestId,
+        revision: Revision,
+        specs: Result<FleetSpec, crate::spec::SpecErrors>,
+    },
     /// `cim reconcile`'s requests are durable (they clear holds): queue.
     ReconcileRecorded {
         id: RequestId,
@@ -214,6 +229,8 @@ pub struct State {
     unapplied: Option<(Revision, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: BTreeSet<String>,
+    /// A rewritten revision waiting for `cim accept` (`--refuse-rewrites`).
+    awaiting_accept: Option<(Revision, Result<FleetSpec, crate::spec::SpecErrors>)>,
 }
 
 impl State {
@@ -242,6 +259,7 @@ impl State {
             store_failure: None,
             unapplied: None,
             pending_rollbacks: BTreeSet::new(),
+            awaiting_accept: None,
         }
     }
 
@@ -343,7 +361,12 @@ pub fn handle(state: &mut State, msg: Msg, now: Now) -> Vec<Effect> {
     let mut out = Vec::new();
     match msg {
         Msg::Head { revision } => state.on_head(&revision, &mut out),
-        Msg::Revision { revision, specs } => state.on_revision(revision, specs, &mut out),
+        Msg::Revision {
+            revision,
+            specs,
+            trust,
+            rewritten_from,
+        } => state.on_new_head(revision, specs, trust, rewritten_from, &mut out),
         Msg::FetchFailed { message } => {
             let revision = state.status.repo.latest_revision.clone();
             append(
@@ -427,6 +450,17 @@ impl State {
                 hosts,
                 revision,
             } => self.reconcile_recorded(id, one, &hosts, &revision, now, out),
+            Then::Accepted {
+                id,
+                revision,
+                specs,
+            } => {
+                out.push(Effect::Reply {
+                    id,
+                    result: Ok(format!("deploying {}", short(&revision))),
+                });
+                self.on_revision(revision, specs, out);
+            }
         }
     }
 
@@ -445,6 +479,14 @@ impl State {
             Then::RollbackRecorded { id, .. } => self.refuse(id, "rollback", out),
             Then::Resumed { id, .. } => self.refuse(id, "resume", out),
             Then::ReconcileRecorded { id, .. } => self.refuse(id, "reconcile", out),
+            Then::Accepted {
+                id,
+                revision,
+                specs,
+            } => {
+                self.awaiting_accept = Some((revision, specs));
+                self.refuse(id, "acceptance", out);
+            }
         }
     }
 

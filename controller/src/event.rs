@@ -91,6 +91,18 @@ pub enum Reason {
     /// `--event-retention` deleted old events (`trimmedThrough` says up to
     /// which); the status projection is unaffected.
     EventsTrimmed,
+    /// With `--require-signed-commits`, the new head carries no signature;
+    /// nothing changes.
+    UnsignedRevision,
+    /// With `--require-signed-commits`, the new head is signed by a key the
+    /// allowed signers do not hold, or its signature does not verify.
+    UntrustedSigner,
+    /// The branch moved to a commit that does not descend from the one
+    /// before (a force-push); with `--refuse-rewrites` it waits for
+    /// `cim accept`.
+    HistoryRewritten,
+    /// An operator accepted a rewritten revision with `cim accept`.
+    RevisionAccepted,
 }
 
 /// The first 12 characters of a revision, as people read commit ids.
@@ -118,7 +130,10 @@ impl Reason {
             | Reason::RollbackRequested
             | Reason::HealthCheckFailed
             | Reason::RolloutHalted
-            | Reason::WorkerCrashed => EventType::Warning,
+            | Reason::WorkerCrashed
+            | Reason::UnsignedRevision
+            | Reason::UntrustedSigner
+            | Reason::HistoryRewritten => EventType::Warning,
             _ => EventType::Normal,
         }
     }

@@ -171,6 +171,50 @@ impl Mirror {
         &self.path
     }
 
+    /// The head commit's signature (`None`: unsigned) and the bytes it
+    /// signs, for `trust` to judge.
+    pub fn signature(&self, revision: &Revision) -> Result<(Option<Vec<u8>>, Vec<u8>), GitError> {
+        let read_err = |source| GitError::Read {
+            revision: revision.to_string(),
+            what: "the commit's signature".to_string(),
+            source,
+        };
+        let commit = self
+            .repo
+            .find_commit(parse_id(revision)?)
+            .map_err(|e| read_err(e.into()))?;
+        Ok(match commit.signature().map_err(|e| read_err(e.into()))? {
+            Some((signature, signed)) => (Some(signature.to_vec()), signed.to_bstring().to_vec()),
+            None => (None, Vec::new()),
+        })
+    }
+
+    /// Whether `new` descends from `old` (the branch moved forward), looking
+    /// back at most [`HISTORY_LIMIT`] commits. An `old` the mirror does not
+    /// hold cannot be judged and counts as an ancestor.
+    pub fn descends_from(&self, new: &Revision, old: &Revision) -> Result<bool, GitError> {
+        let old_id = parse_id(old)?;
+        if new == old || self.repo.find_commit(old_id).is_err() {
+            return Ok(true);
+        }
+        let walk_err = |source| GitError::Read {
+            revision: new.to_string(),
+            what: "the history".to_string(),
+            source,
+        };
+        let walk = self
+            .repo
+            .rev_walk([parse_id(new)?])
+            .all()
+            .map_err(|e| walk_err(e.into()))?;
+        for info in walk.take(HISTORY_LIMIT) {
+            if info.map_err(|e| walk_err(e.into()))?.id == old_id {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The flake reference nix builds `revision` from.
     pub fn flake_ref(&self, revision: &Revision) -> String {
         flake_ref(&self.path, revision)
@@ -230,6 +274,9 @@ fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<Revision>,
         }),
     }
 }
+
+/// How far back [`Mirror::descends_from`] looks.
+const HISTORY_LIMIT: usize = 100_000;
 
 fn parse_id(revision: &str) -> Result<ObjectId, GitError> {
     ObjectId::from_hex(revision.as_bytes()).map_err(|_| GitError::BadRevision(revision.to_string()))

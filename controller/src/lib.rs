@@ -22,5 +22,6 @@ pub mod simulate;
 pub mod spec;
 pub mod status;
 pub mod store;
+pub mod trust;
 pub mod types;
 pub mod watch;

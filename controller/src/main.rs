@@ -88,6 +88,14 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Deploy a revision held back because it rewrote the branch's history
+    /// (`--refuse-rewrites`).
+    Accept {
+        /// The commit id (at least 7 digits).
+        revision: String,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
     /// Benchmark the controller: drive simulated hosts (no ssh, no nix)
     /// through one whole-fleet change and print what it cost, as JSON.
     Simulate(SimulateArgs),
@@ -225,6 +233,20 @@ struct RunArgs {
     /// --push-to-cache are signed with; hosts trust its public key.
     #[arg(long, requires = "push_to_cache")]
     cache_signing_key: Option<PathBuf>,
+    /// Deploy only commits signed by a key of --allowed-signers; others
+    /// are reported (`UnsignedRevision`, `UntrustedSigner`) and change
+    /// nothing.
+    #[arg(long, requires = "allowed_signers")]
+    require_signed_commits: bool,
+    /// git's allowed_signers file (SSH keys) that commits must be signed
+    /// by. Part of the controller's configuration: never read from the
+    /// repository it judges.
+    #[arg(long, requires = "require_signed_commits")]
+    allowed_signers: Option<PathBuf>,
+    /// A head that does not descend from the previous one (a force-push)
+    /// is not deployed until `cim accept REV`.
+    #[arg(long)]
+    refuse_rewrites: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -265,6 +287,10 @@ fn main() -> std::process::ExitCode {
         } => reconcile(host, &source),
         Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
         Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
+        Command::Accept {
+            revision,
+            source: s,
+        } => source(&s).and_then(|s| say(s.accept(&revision))),
     };
     match result {
         Ok(code) => code,
@@ -511,6 +537,14 @@ fn run(args: RunArgs) -> Exit {
 async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit {
     // Refused before anything starts: an API open to the network without a
     // token.
+    // Loaded before anything starts: a controller told to require signed
+    // commits never runs without the keys to check them.
+    let signers = match &args.allowed_signers {
+        Some(file) if args.require_signed_commits => {
+            Some(Arc::new(cim::trust::AllowedSigners::load(file)?))
+        }
+        _ => None,
+    };
     let access = api::access::Access::new(api::access::AccessOptions {
         listen: args.listen,
         token: args
@@ -554,6 +588,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
                 || args.push_to_cache.is_some(),
             retention: args.event_retention.unwrap_or_default(),
             state_dir: state_dir.clone(),
+            refuse_rewrites: args.refuse_rewrites,
         },
         driver,
         store,
@@ -582,6 +617,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             branch: args.branch.clone(),
             poll_interval: args.poll_interval,
             fetch_timeout: args.fetch_timeout,
+            signers,
+            deployed: stored.as_deref().and_then(cim::types::Revision::parse),
         },
         found_tx,
         fetch_now,

@@ -115,6 +115,7 @@ pub async fn simulate(
         substitute_on_destination: false,
         retention: crate::store::Retention::default(),
         state_dir: opts.state_dir.clone(),
+        refuse_rewrites: false,
     };
     let controller = Controller::new(cfg, sim.clone(), store, fetch_now)?;
     let events = controller.events();
@@ -159,6 +160,8 @@ pub async fn simulate(
             revision: Revision::parse(REVISION)
                 .ok_or_else(|| SimulateError::Specs(format!("`{REVISION}` is no revision")))?,
             specs: Ok(fleet),
+            trust: crate::trust::Verdict::NotChecked,
+            rewritten_from: None,
         })
         .await;
     // Followed from the store, as an API client would: only new events

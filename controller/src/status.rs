@@ -174,7 +174,11 @@ impl FleetStatus {
             Reason::EventsTrimmed => {
                 self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
             }
-            Reason::SpecInvalid | Reason::FetchFailed => {
+            Reason::SpecInvalid
+            | Reason::FetchFailed
+            | Reason::UnsignedRevision
+            | Reason::UntrustedSigner
+            | Reason::HistoryRewritten => {
                 self.repo.message = Some(ev.message.clone());
             }
             _ => {}

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::git::{LocalSource, Mirror};
 use crate::spec::{parse_fleet, FleetSpec, SpecErrors};
+use crate::trust::{AllowedSigners, Verdict};
 use crate::types::Revision;
 
 /// What the watcher tells the controller.
@@ -36,6 +37,10 @@ pub enum Found {
     Revision {
         revision: Revision,
         specs: Result<FleetSpec, SpecErrors>,
+        /// The verdict on the head commit's signature.
+        trust: Verdict,
+        /// The head this one replaced without descending from it.
+        rewritten_from: Option<Revision>,
     },
     FetchFailed {
         message: String,
@@ -49,6 +54,11 @@ pub struct WatchConfig {
     /// `--fetch-timeout`: a fetch still running after this is interrupted
     /// and reported as failed; the watcher carries on.
     pub fetch_timeout: Duration,
+    /// `--allowed-signers`: judge every new head's signature.
+    pub signers: Option<Arc<AllowedSigners>>,
+    /// The revision deployed when the controller started: a first head
+    /// that does not descend from it is a rewritten history.
+    pub deployed: Option<Revision>,
 }
 
 /// Why the watcher looks at the branch.
@@ -114,10 +124,20 @@ pub fn spawn(
             let m = Arc::clone(&mirror);
             let branch = cfg.branch.clone();
             let known = last_sent.clone();
+            let previous = last_sent.clone().or_else(|| cfg.deployed.clone());
+            let signers = cfg.signers.clone();
             let interrupt = Arc::new(AtomicBool::new(false));
             let stop = Arc::clone(&interrupt);
-            let fetch =
-                tokio::task::spawn_blocking(move || check(&m, &branch, known.as_deref(), &stop));
+            let fetch = tokio::task::spawn_blocking(move || {
+                check(
+                    &m,
+                    &branch,
+                    known.as_deref(),
+                    previous.as_ref(),
+                    signers.as_deref(),
+                    &stop,
+                )
+            });
             let result = match tokio::time::timeout(cfg.fetch_timeout, fetch).await {
                 Ok(joined) => joined.unwrap_or_else(|e| Err(format!("the fetch task failed: {e}"))),
                 Err(_) => {
@@ -136,11 +156,16 @@ pub fn spawn(
                     retry = None;
                     continue;
                 }
-                Ok(Some((revision, specs))) => {
+                Ok(Some(new)) => {
                     retry = None;
-                    last_sent = Some(revision.clone());
-                    tracing::debug!(%revision, "new head fetched");
-                    Found::Revision { revision, specs }
+                    last_sent = Some(new.revision.clone());
+                    tracing::debug!(revision = %new.revision, "new head fetched");
+                    Found::Revision {
+                        revision: new.revision,
+                        specs: new.specs,
+                        trust: new.trust,
+                        rewritten_from: new.rewritten_from,
+                    }
                 }
                 Err(message) => {
                     let backoff = retry.get_or_insert_with(|| {
@@ -161,14 +186,23 @@ pub fn spawn(
     })
 }
 
-/// A new head and the result of validating its specs.
-type NewHead = (Revision, Result<FleetSpec, SpecErrors>);
+/// A new head: its specs, the verdict on its signature, and the head it
+/// replaced without descending from it (a rewritten history).
+struct NewHead {
+    revision: Revision,
+    specs: Result<FleetSpec, SpecErrors>,
+    trust: Verdict,
+    rewritten_from: Option<Revision>,
+}
 
-/// Fetches and, if the head moved since `known`, reads its specs and pins it.
+/// Fetches and, if the head moved since `known`, reads its specs, judges
+/// its signature and whether it descends from `previous`, and pins it.
 fn check(
     mirror: &Mutex<Mirror>,
     branch: &str,
     known: Option<&str>,
+    previous: Option<&Revision>,
+    signers: Option<&AllowedSigners>,
     interrupt: &AtomicBool,
 ) -> Result<Option<NewHead>, String> {
     let mirror = match mirror.try_lock() {
@@ -190,12 +224,35 @@ fn check(
         .read_specs(&head)
         .map_err(|e| crate::error::error_chain(&e))?;
     let specs = parse_fleet(&files);
+    let trust = match signers {
+        None => Verdict::NotChecked,
+        Some(signers) => {
+            let (signature, signed) = mirror
+                .signature(&head)
+                .map_err(|e| crate::error::error_chain(&e))?;
+            signers.verdict(signature.as_deref(), &signed)
+        }
+    };
+    let rewritten_from = match previous {
+        Some(previous) => {
+            let forward = mirror
+                .descends_from(&head, previous)
+                .map_err(|e| crate::error::error_chain(&e))?;
+            (!forward).then(|| previous.clone())
+        }
+        None => None,
+    };
     if specs.is_ok() {
         mirror
             .pin(&head)
             .map_err(|e| crate::error::error_chain(&e))?;
     }
-    Ok(Some((head, specs)))
+    Ok(Some(NewHead {
+        revision: head,
+        specs,
+        trust,
+        rewritten_from,
+    }))
 }
 
 /// Whether a notification can mean that `branch` moved: a change (not a

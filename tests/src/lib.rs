@@ -529,6 +529,34 @@ impl Fleet {
         git(&self.repo, &["rev-parse", "HEAD"])
     }
 
+    /// Commits everything, signed with the SSH private key `key` (as `git
+    /// commit -S` with `gpg.format=ssh` does); returns the new revision.
+    pub fn commit_signed(&self, message: &str, key: &Path) -> Result<String> {
+        git(&self.repo, &["add", "-A"])?;
+        let key = format!("user.signingkey={}", key.display());
+        git(
+            &self.repo,
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &key,
+                "commit",
+                "-q",
+                "-S",
+                "--allow-empty",
+                "-m",
+                message,
+            ],
+        )?;
+        git(&self.repo, &["rev-parse", "HEAD"])
+    }
+
+    /// Runs git in the fleet repository (e.g. to rewrite its history).
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        git(&self.repo, args)
+    }
+
     /// The repository's current head.
     pub fn head(&self) -> Result<String> {
         git(&self.repo, &["rev-parse", "HEAD"])

@@ -178,3 +178,92 @@ fn processes() -> Vec<String> {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .collect()
 }
+
+/// A new ed25519 key pair `DIR/NAME`, `DIR/NAME.pub`; the public key line.
+fn ssh_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let key = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
+
+#[test]
+fn only_commits_signed_by_an_allowed_key_are_deployed_and_rewrites_wait() {
+    let (fleet, dir) = fleet(1);
+    let (alice, alice_pub) = ssh_key(dir.path(), "alice");
+    let (mallory, _) = ssh_key(dir.path(), "mallory");
+    let signers = dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("alice@example.org {alice_pub}\n")).unwrap();
+    let unsigned = fleet.head().unwrap();
+    let cim = Cim::start(
+        &fleet,
+        &dir.path().join("state"),
+        &[
+            "--require-signed-commits",
+            "--allowed-signers",
+            signers.to_str().unwrap(),
+            "--refuse-rewrites",
+        ],
+    );
+    // The fleet's first commit is not signed: nothing is deployed.
+    cim.wait_until("the unsigned head refused", Duration::from_secs(30), |s| {
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is not signed"))
+    });
+    assert!(cim.events_of("web-1", "Converged").is_empty());
+    assert!(fleet.activations("web-1").is_empty());
+
+    // Signed by alice: deployed.
+    let signed = fleet.commit_signed("signed by alice", &alice).unwrap();
+    cim.wait_converged(&["web-1"], Some(&signed));
+
+    // Signed by a key nobody allowed: refused, the host stays.
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let forged = fleet.commit_signed("signed by mallory", &mallory).unwrap();
+    cim.wait_until(
+        "the untrusted signer refused",
+        Duration::from_secs(30),
+        |s| {
+            s["latestRevision"] == forged.as_str()
+                && s["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("does not allow"))
+        },
+    );
+    assert_eq!(cim.status()["revision"], signed.as_str());
+
+    // A new commit on alice's, and the branch forced onto it in one move:
+    // it no longer descends from mallory's head, so it waits for `cim
+    // accept`.
+    fleet.git(&["checkout", "-q", "--detach", &signed]).unwrap();
+    fleet.set_host_config("web-1", "{ version = 3; }").unwrap();
+    let rewritten = fleet.commit_signed("version 3, signed", &alice).unwrap();
+    fleet
+        .git(&["checkout", "-q", "-B", "main", &rewritten])
+        .unwrap();
+    cim.wait_until("the rewrite reported", Duration::from_secs(30), |s| {
+        s["latestRevision"] == rewritten.as_str()
+            && s["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cim accept"))
+    });
+    assert_eq!(cim.status()["revision"], signed.as_str());
+    let out = cim.cli(&["accept", &rewritten[..12]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cim.wait_converged(&["web-1"], Some(&rewritten));
+    assert_ne!(unsigned, rewritten);
+}

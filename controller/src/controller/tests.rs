@@ -16,6 +16,7 @@ fn controller(dir: &std::path::Path) -> Controller {
         substitute_on_destination: false,
         retention: crate::store::Retention::default(),
         state_dir: dir.to_path_buf(),
+        refuse_rewrites: false,
     };
     let store = Store::open(dir).unwrap();
     Controller::new(cfg, DriverConfig::default(), store, Arc::new(Notify::new())).unwrap()

@@ -4,10 +4,11 @@
 //! hosts whose configuration does not evaluate, and queue the rest with
 //! the system they should run.
 
-use super::{append, short, Effect, Now, Purpose, State, Then};
+use super::{append, short, Effect, Now, Purpose, RequestId, State, Then};
 use crate::driver::Evaluation;
 use crate::event::{NewEvent, Phase, Reason};
 use crate::spec::FleetSpec;
+use crate::trust::Verdict;
 use crate::types::Revision;
 
 impl State {
@@ -30,16 +31,132 @@ impl State {
         );
     }
 
+    /// A new head: judged (its signature, whether it rewrites history)
+    /// before its specs are.
+    pub(super) fn on_new_head(
+        &mut self,
+        revision: Revision,
+        specs: Result<FleetSpec, crate::spec::SpecErrors>,
+        trust: Verdict,
+        rewritten_from: Option<Revision>,
+        out: &mut Vec<Effect>,
+    ) {
+        let current = self.current_revision() == Some(revision.as_str());
+        if current && rewritten_from.is_none() {
+            return;
+        }
+        self.on_head(&revision, out);
+        let refused = match trust {
+            Verdict::NotChecked | Verdict::Trusted { .. } => None,
+            Verdict::Unsigned => Some((
+                Reason::UnsignedRevision,
+                format!("{} is not signed", short(&revision)),
+            )),
+            Verdict::Untrusted { why } => Some((
+                Reason::UntrustedSigner,
+                format!("{} is not trusted: {why}", short(&revision)),
+            )),
+        };
+        if let Some((reason, why)) = refused {
+            if self.judged.as_ref() != Some(&revision) {
+                self.judged = Some(revision.clone());
+                let message = format!("{why}; {}", self.keeping());
+                append(
+                    out,
+                    vec![NewEvent::repo(reason, Some(&revision), message)],
+                    Then::Nothing,
+                );
+            }
+            return;
+        }
+        if let Some(from) = rewritten_from {
+            let mut message = format!(
+                "the branch moved from {} to {}, which does not descend from it (history was rewritten)",
+                short(&from),
+                short(&revision)
+            );
+            if current {
+                message.push_str("; it is the revision deployed, nothing changes");
+            } else if self.cfg.refuse_rewrites {
+                message.push_str(&format!(
+                    "; not deployed until `cim accept {}`; {}",
+                    short(&revision),
+                    self.keeping()
+                ));
+            }
+            append(
+                out,
+                vec![NewEvent::repo(
+                    Reason::HistoryRewritten,
+                    Some(&revision),
+                    message,
+                )],
+                Then::Nothing,
+            );
+            if current {
+                return;
+            }
+            if self.cfg.refuse_rewrites {
+                self.awaiting_accept = Some((revision, specs));
+                return;
+            }
+        }
+        self.awaiting_accept = None;
+        self.on_revision(revision, specs, out);
+    }
+
+    /// What stays deployed while a revision is refused, for its message.
+    fn keeping(&self) -> String {
+        self.current_revision()
+            .map_or("nothing is deployed".to_string(), |r| {
+                format!("still reconciling {}", short(r))
+            })
+    }
+
+    /// `cim accept REV`: deploys the rewritten revision that waits for it.
+    pub(super) fn on_accept(
+        &mut self,
+        id: RequestId,
+        wanted: &str,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), String> {
+        let Some((revision, _)) = self.awaiting_accept.as_ref() else {
+            return Err("no rewritten revision is waiting to be accepted".to_string());
+        };
+        if wanted.len() < 7 || !revision.as_str().starts_with(wanted) {
+            return Err(format!(
+                "the revision waiting to be accepted is {revision}, not {wanted}"
+            ));
+        }
+        let Some((revision, specs)) = self.awaiting_accept.take() else {
+            return Ok(());
+        };
+        append(
+            out,
+            vec![NewEvent::repo(
+                Reason::RevisionAccepted,
+                Some(&revision),
+                format!(
+                    "{} accepted by `cim accept` despite the rewritten history",
+                    short(&revision)
+                ),
+            )],
+            Then::Accepted {
+                id,
+                revision,
+                specs,
+            },
+        );
+        Ok(())
+    }
+
+    /// A revision cleared for deployment: its specs, then its evaluation.
     pub(super) fn on_revision(
         &mut self,
         revision: Revision,
         specs: Result<FleetSpec, crate::spec::SpecErrors>,
         out: &mut Vec<Effect>,
     ) {
-        if self.current_revision() == Some(revision.as_str()) {
-            return;
-        }
-        self.on_head(&revision, out);
         match specs {
             Err(errors) => self.spec_invalid(&revision, &errors, out),
             Ok(fleet) => self.start_evaluation(&revision, Purpose::New(fleet), out),
@@ -58,11 +175,7 @@ impl State {
             return;
         }
         self.judged = Some(revision.clone());
-        let keeping = self
-            .current_revision()
-            .map_or("nothing is deployed".to_string(), |r| {
-                format!("still reconciling {}", short(r))
-            });
+        let keeping = self.keeping();
         append(
             out,
             vec![NewEvent::repo(

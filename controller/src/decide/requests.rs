@@ -12,6 +12,7 @@ impl State {
             Ask::Reconcile { host } => self.on_reconcile(id, host, out),
             Ask::Rollback { host } => self.on_rollback(id, &host, out),
             Ask::Resume { host } => self.on_resume(id, &host, out),
+            Ask::Accept { revision } => self.on_accept(id, &revision, out),
         };
         if let Err(message) = refused {
             out.push(Effect::Reply {

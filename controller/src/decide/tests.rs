@@ -11,6 +11,7 @@ use super::*;
 use crate::driver::Evaluation;
 use crate::event::Event;
 use crate::reconcile::{Outcome, Rollback, Step};
+use crate::trust::Verdict;
 use crate::types::{HostName, Revision};
 
 /// A test revision: `r1` is `1111…`, `r2` is `2222…`.
@@ -42,6 +43,7 @@ impl Rig {
             backoff_max: Duration::from_secs(60),
             substitute_on_destination: false,
             push_to_cache: false,
+            refuse_rewrites: true,
         };
         Rig {
             state: State::new(cfg, status),
@@ -104,6 +106,20 @@ impl Rig {
     /// Deploys `fleet` as `revision`: its specs, then its evaluation, with
     /// `broken` configurations failing to evaluate.
     fn deploy(&mut self, revision: &str, fleet: FleetSpec, broken: &[&str]) -> Vec<Effect> {
+        self.deploy_judged(revision, fleet, broken, Verdict::NotChecked, None)
+    }
+
+    /// Like [`Rig::deploy`], for a head judged `trust` that replaced
+    /// `rewritten_from` without descending from it; the effects that follow
+    /// if it is evaluated.
+    fn deploy_judged(
+        &mut self,
+        revision: &str,
+        fleet: FleetSpec,
+        broken: &[&str],
+        trust: Verdict,
+        rewritten_from: Option<&str>,
+    ) -> Vec<Effect> {
         let names: Vec<String> = fleet
             .hosts
             .values()
@@ -112,7 +128,22 @@ impl Rig {
         let effects = self.send(Msg::Revision {
             revision: rev(revision),
             specs: Ok(fleet),
+            trust,
+            rewritten_from: rewritten_from.map(rev),
         });
+        self.evaluate(effects, names, broken)
+    }
+
+    /// Answers the evaluation among `effects` (if any).
+    fn evaluate(
+        &mut self,
+        effects: Vec<Effect>,
+        names: Vec<String>,
+        broken: &[&str],
+    ) -> Vec<Effect> {
+        if effects.is_empty() {
+            return effects;
+        }
         let [Effect::Evaluate {
             revision,
             purpose,
@@ -260,6 +291,8 @@ fn a_revision_naming_a_missing_configuration_is_refused_whole() {
     let effects = rig.send(Msg::Revision {
         revision: rev("r1"),
         specs: Ok(fleet("", &[("web-1", "  configuration: nope\n")])),
+        trust: Verdict::NotChecked,
+        rewritten_from: None,
     });
     let [Effect::Evaluate {
         revision, purpose, ..
@@ -294,6 +327,8 @@ fn invalid_specs_are_reported_once_and_the_current_revision_stays() {
         rig.send(Msg::Revision {
             revision: rev("r2"),
             specs: bad(),
+            trust: Verdict::NotChecked,
+            rewritten_from: None,
         });
     }
     let invalid = rig.reasons().iter().filter(|r| *r == "SpecInvalid").count();
@@ -713,4 +748,73 @@ fn with_every_slot_taken_no_timer_is_asked_for() {
     assert_eq!(rig.state.next_dispatch(), None);
     rig.converged("web-1");
     assert_eq!(rig.state.next_dispatch(), Some(rig.at));
+}
+
+#[test]
+fn unsigned_and_untrusted_heads_change_nothing_and_are_said_once() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    for _ in 0..2 {
+        let effects = rig.deploy_judged("r2", two_web_hosts(), &[], Verdict::Unsigned, None);
+        assert!(effects.is_empty(), "{effects:?}");
+    }
+    assert_eq!(
+        rig.reasons()
+            .iter()
+            .filter(|r| *r == "UnsignedRevision")
+            .count(),
+        1
+    );
+    let untrusted = Verdict::Untrusted {
+        why: "signed by SHA256:abc, which --allowed-signers does not allow".into(),
+    };
+    rig.deploy_judged("r3", two_web_hosts(), &[], untrusted, None);
+    let ev = rig.log.last().unwrap();
+    assert_eq!(ev.reason, Reason::UntrustedSigner);
+    assert!(
+        ev.message.contains("still reconciling 111111111111"),
+        "{}",
+        ev.message
+    );
+    assert_eq!(rig.state.current_revision(), Some(rev("r1").as_str()));
+    let trusted = Verdict::Trusted {
+        principal: "alice@example.org".into(),
+    };
+    rig.deploy_judged("r4", two_web_hosts(), &[], trusted, None);
+    assert_eq!(rig.state.current_revision(), Some(rev("r4").as_str()));
+}
+
+#[test]
+fn a_rewritten_history_waits_for_an_operator() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    let effects = rig.deploy_judged("r2", two_web_hosts(), &[], Verdict::NotChecked, Some("r1"));
+    assert!(effects.is_empty());
+    assert_eq!(rig.log.last().unwrap().reason, Reason::HistoryRewritten);
+    assert_eq!(rig.state.current_revision(), Some(rev("r1").as_str()));
+    let (answer, _) = rig.ask(Ask::Accept {
+        revision: "3333333".into(),
+    });
+    assert!(answer.unwrap_err().contains("not 3333333"));
+    let (answer, effects) = rig.ask(Ask::Accept {
+        revision: "2222222".into(),
+    });
+    assert_eq!(answer.unwrap(), "deploying 222222222222");
+    assert!(matches!(effects.as_slice(), [Effect::Evaluate { .. }]));
+    assert!(rig.reasons().contains(&"RevisionAccepted".to_string()));
+    let (answer, _) = rig.ask(Ask::Accept {
+        revision: "2222222".into(),
+    });
+    assert!(answer.is_err(), "nothing waits any more");
+}
+
+#[test]
+fn a_branch_forced_back_to_the_deployed_revision_is_reported() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    let effects = rig.deploy_judged("r1", two_web_hosts(), &[], Verdict::NotChecked, Some("r2"));
+    assert!(effects.is_empty());
+    let ev = rig.log.last().unwrap();
+    assert_eq!(ev.reason, Reason::HistoryRewritten);
+    assert!(ev.message.ends_with("nothing changes"), "{}", ev.message);
 }
