@@ -182,8 +182,8 @@ impl Mirror {
         let commit = self
             .repo
             .find_commit(parse_id(revision)?)
-            .map_err(|e| read_err(e.into()))?;
-        Ok(match commit.signature().map_err(|e| read_err(e.into()))? {
+            .map_err(read_err)?;
+        Ok(match commit.signature().map_err(read_err)? {
             Some((signature, signed)) => (Some(signature.to_vec()), signed.to_bstring().to_vec()),
             None => (None, Vec::new()),
         })
@@ -206,9 +206,9 @@ impl Mirror {
             .repo
             .rev_walk([parse_id(new)?])
             .all()
-            .map_err(|e| walk_err(e.into()))?;
+            .map_err(walk_err)?;
         for info in walk.take(HISTORY_LIMIT) {
-            if info.map_err(|e| walk_err(e.into()))?.id == old_id {
+            if info.map_err(walk_err)?.id == old_id {
                 return Ok(true);
             }
         }
