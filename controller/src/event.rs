@@ -103,6 +103,10 @@ pub enum Reason {
     HistoryRewritten,
     /// An operator accepted a rewritten revision with `cim accept`.
     RevisionAccepted,
+    /// The host presented an SSH key other than its pinned `hostKey` (or
+    /// the one the user's known_hosts holds); it is retried with backoff
+    /// and never deployed to.
+    HostKeyMismatch,
 }
 
 /// The first 12 characters of a revision, as people read commit ids.
@@ -133,7 +137,8 @@ impl Reason {
             | Reason::WorkerCrashed
             | Reason::UnsignedRevision
             | Reason::UntrustedSigner
-            | Reason::HistoryRewritten => EventType::Warning,
+            | Reason::HistoryRewritten
+            | Reason::HostKeyMismatch => EventType::Warning,
             _ => EventType::Normal,
         }
     }
@@ -147,6 +152,7 @@ impl Reason {
                 | Reason::ActivationFailed
                 | Reason::HostUnreachable
                 | Reason::WorkerCrashed
+                | Reason::HostKeyMismatch
         )
     }
 }

@@ -556,7 +556,11 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         allowed_hosts: args.api_allowed_hosts.clone(),
     })?;
     let store = Store::open(&state_dir)?;
+    let known_hosts_dir = state_dir.join("known_hosts");
+    cim::driver::private_dir(&known_hosts_dir)
+        .with_context(|| format!("cannot create {}", known_hosts_dir.display()))?;
     let driver = DriverConfig {
+        known_hosts_dir,
         ssh_config: args
             .ssh_config
             .as_deref()

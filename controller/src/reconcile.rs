@@ -250,6 +250,7 @@ async fn reconcile<B: Backend>(
     };
     let (session, looked) = match looked {
         Ok(found) => found,
+        Err(e) if e.is_host_key_mismatch() => return failed(Reason::HostKeyMismatch, &e),
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
     let outcome = async {

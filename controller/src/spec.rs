@@ -91,6 +91,9 @@ pub struct HostSpec {
     /// Where `configuration` (or, defaulted, the name) was written, for
     /// errors found later against the flake.
     pub configuration_at: SpecLocation,
+    /// `hostKey`: the host's SSH public key (`TYPE BASE64`), the only one
+    /// accepted for it; `None` leaves it to the user's known_hosts.
+    pub host_key: Option<String>,
 }
 
 /// A place in a spec file.
@@ -217,6 +220,8 @@ struct RawSpec {
     suspend: Option<bool>,
     #[serde(default)]
     substitute_on_destination: Option<bool>,
+    #[serde(default)]
+    host_key: Option<Spanned<String>>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
@@ -565,6 +570,25 @@ impl<'a> FileContext<'a> {
                 errs.push(self.error(user.into(), format!("invalid user `{}`: {why}", user.value)));
             }
         }
+        let host_key = match &spec.host_key {
+            None => None,
+            Some(k) => match ssh_key::PublicKey::from_openssh(k.value.trim()) {
+                // Kept as type and key only: a comment is no part of it.
+                Ok(key) => key.to_openssh().ok().map(|line| {
+                    line.split_whitespace()
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }),
+                Err(e) => {
+                    errs.push(self.error(
+                        k.into(),
+                        format!("invalid hostKey: not an SSH public key ({e})"),
+                    ));
+                    None
+                }
+            },
+        };
         if let Some(conf) = &spec.configuration {
             if let Err(why) = check_attribute(&conf.value) {
                 errs.push(self.error(
@@ -609,6 +633,7 @@ impl<'a> FileContext<'a> {
         let host = HostSpec {
             configuration_at,
             substitute_on_destination: spec.substitute_on_destination,
+            host_key,
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),

@@ -323,6 +323,30 @@ impl Fleet {
         Ok(())
     }
 
+    /// The host's SSH public key, as `TYPE BASE64`.
+    pub fn host_key(&self, name: &str) -> Result<String> {
+        let public = fs::read_to_string(self.host(name).root.join("etc/ssh_host_ed25519_key.pub"))?;
+        Ok(public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// Gives the host a new SSH host key and restarts its sshd, as a
+    /// reinstalled machine (or one answering in its place) would.
+    pub fn swap_host_key(&self, name: &str) -> Result<()> {
+        let key = self.host(name).root.join("etc/ssh_host_ed25519_key");
+        fs::remove_file(&key)?;
+        fs::remove_file(key.with_extension("pub"))?;
+        sh(
+            "ssh-keygen",
+            &["-q", "-t", "ed25519", "-N", "", "-f", path(&key)?],
+        )?;
+        self.stop_sshd(name)?;
+        self.start_sshd(name)
+    }
+
     /// Kills every process of the host (its sshd and all sessions), as if it
     /// went down.
     pub fn stop_sshd(&self, name: &str) -> Result<()> {

@@ -267,3 +267,50 @@ fn only_commits_signed_by_an_allowed_key_are_deployed_and_rewrites_wait() {
     cim.wait_converged(&["web-1"], Some(&rewritten));
     assert_ne!(unsigned, rewritten);
 }
+
+#[test]
+fn a_host_presenting_another_key_is_never_deployed_to() {
+    let (fleet, dir) = fleet(3);
+    // web-1 pins its key in its spec; web-2 relies on the known_hosts of
+    // the ssh config; web-3 pins a key it does not have (web-1's), which
+    // the pin refuses although the ssh config's known_hosts has its own.
+    let pinned = fleet.host_key("web-1").unwrap();
+    let pin = format!("  hostKey: \"{pinned}\"\n");
+    let specs = [
+        cim_sandbox::host_spec("web-1", &fleet.host("web-1").address, &pin),
+        cim_sandbox::host_spec("web-2", &fleet.host("web-2").address, ""),
+        cim_sandbox::host_spec("web-3", &fleet.host("web-3").address, &pin),
+    ]
+    .join("---\n");
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    let first = fleet.commit("web-1 pins its host key").unwrap();
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], Some(&first));
+    cim.wait_until("web-3's wrong pin refused", Duration::from_secs(30), |_| {
+        !cim.events_of("web-3", "HostKeyMismatch").is_empty()
+    });
+    assert!(fleet.activations("web-3").is_empty());
+
+    fleet.swap_host_key("web-1").unwrap();
+    fleet.swap_host_key("web-2").unwrap();
+    let before = (fleet.activations("web-1"), fleet.activations("web-2"));
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
+    fleet.commit("both hosts change").unwrap();
+    cim.wait_until("both keys refused", Duration::from_secs(60), |_| {
+        ["web-1", "web-2"]
+            .iter()
+            .all(|h| !cim.events_of(h, "HostKeyMismatch").is_empty())
+    });
+    let refused = &cim.events_of("web-1", "HostKeyMismatch")[0];
+    assert_eq!(refused["type"], "Warning");
+    assert!(
+        refused["nextRetry"].is_string(),
+        "retried with backoff: {refused}"
+    );
+    assert_eq!(
+        (fleet.activations("web-1"), fleet.activations("web-2")),
+        before,
+        "nothing was deployed to a host with another key"
+    );
+}

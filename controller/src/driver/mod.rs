@@ -37,6 +37,9 @@ pub struct DriverConfig {
     /// Extra `--option NAME VALUE` pairs for every nix invocation.
     pub nix_options: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// Where the known_hosts files of hosts with a pinned `hostKey` are
+    /// written (one per host, managed by cim).
+    pub known_hosts_dir: PathBuf,
     /// Longest the fleet's evaluation may take (`--eval-timeout`).
     pub eval_timeout: Duration,
     /// Longest one build may take (`--build-timeout`).
@@ -50,6 +53,7 @@ impl Default for DriverConfig {
         DriverConfig {
             ssh_config: None,
             control_dir: PathBuf::new(),
+            known_hosts_dir: PathBuf::new(),
             nix_options: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             eval_timeout: Duration::from_secs(30 * 60),
@@ -171,6 +175,12 @@ pub enum SshError {
         destination: String,
         source: openssh::Error,
     },
+    #[error("cannot write the pinned host key of {destination}")]
+    Pin {
+        destination: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{command}` on {destination} did not finish within {}s", .limit.as_secs())]
     Timeout {
         destination: String,
@@ -216,6 +226,40 @@ pub enum ActivateError {
         command: String,
         output: CommandOutput,
     },
+}
+
+impl SshError {
+    /// Whether the host presented a key other than the one pinned or
+    /// known for it: never to be deployed to.
+    pub fn is_host_key_mismatch(&self) -> bool {
+        let text = crate::error::error_chain(self);
+        [
+            "Host key verification failed",
+            "REMOTE HOST IDENTIFICATION HAS CHANGED",
+            "host key for",
+            "No ED25519 host key is known",
+            "No RSA host key is known",
+            "No ECDSA host key is known",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+    }
+}
+
+/// Writes the known_hosts file that makes `key` the only key accepted for
+/// `host`; returns its path.
+fn pinned_known_hosts(cfg: &DriverConfig, host: &HostSpec, key: &str) -> std::io::Result<PathBuf> {
+    let pattern = if host.port == 22 {
+        host.address.clone()
+    } else {
+        format!("[{}]:{}", host.address, host.port)
+    };
+    let file = cfg.known_hosts_dir.join(host.name.as_str());
+    let line = format!("{pattern} {key}\n");
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(line.as_str()) {
+        std::fs::write(&file, line)?;
+    }
+    Ok(file)
 }
 
 impl ActivateError {
@@ -264,6 +308,8 @@ pub struct HostSession {
     port: u16,
     /// For the `nix copy` to this host.
     cfg: DriverConfig,
+    /// The pinned key's known_hosts file, if the host has one.
+    known_hosts: Option<PathBuf>,
 }
 
 impl HostSession {
@@ -282,6 +328,17 @@ impl HostSession {
             builder.config_file(config);
         }
         let destination = destination(host);
+        let known_hosts = match &host.host_key {
+            Some(key) => {
+                let file = pinned_known_hosts(cfg, host, key).map_err(|source| SshError::Pin {
+                    destination: destination.clone(),
+                    source,
+                })?;
+                builder.user_known_hosts_file(&file);
+                Some(file)
+            }
+            None => None,
+        };
         let session =
             builder
                 .connect_mux(&host.address)
@@ -295,6 +352,7 @@ impl HostSession {
             destination,
             port: host.port,
             cfg: cfg.clone(),
+            known_hosts,
         })
     }
 
@@ -404,6 +462,10 @@ impl HostSession {
             self.session.control_socket().display().to_string(),
         ];
         opts.extend(cfg.base_sshopts());
+        if let Some(file) = &self.known_hosts {
+            opts.push("-o".to_string());
+            opts.push(format!("UserKnownHostsFile={}", file.display()));
+        }
         opts.join(" ")
     }
 
