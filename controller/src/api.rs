@@ -29,6 +29,7 @@ use crate::store::{EventQuery, Store};
 pub mod access;
 pub mod serve;
 mod snapshot;
+pub mod webhook;
 use snapshot::Snapshot;
 
 /// `GET /api/v1/status`.
@@ -123,6 +124,10 @@ pub struct ApiContext {
     pub committed: tokio::sync::watch::Receiver<u64>,
     /// Who may ask what.
     pub access: Arc<access::Access>,
+    /// `--webhook-secret-file`: push hooks proven to know it fetch at once.
+    pub webhook: Option<webhook::WebhookSecret>,
+    /// Makes the watcher fetch now.
+    pub fetch_now: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -133,6 +138,8 @@ pub fn router(ctx: ApiContext) -> Router {
         health,
         committed,
         access,
+        webhook,
+        fetch_now,
     } = ctx;
     let status_cache = Arc::new(Mutex::new(None));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -156,6 +163,12 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
         .route("/api/v1/accept", post(accept))
+        .route(
+            access::HOOK_PATH,
+            post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                hook(webhook.clone(), Arc::clone(&fetch_now), headers, body)
+            }),
+        )
         .layer(axum::middleware::from_fn_with_state(access, access::guard))
         .with_state(state)
 }
@@ -427,6 +440,39 @@ async fn rollback(State(app): State<AppState>, Path(host): Path<String>) -> Resp
 
 async fn resume(State(app): State<AppState>, Path(host): Path<String>) -> Response {
     ask(&app, |reply| Request::Resume { host, reply }).await
+}
+
+/// `POST /hooks/git` (see `webhook`).
+async fn hook(
+    secret: Option<webhook::WebhookSecret>,
+    fetch_now: Arc<tokio::sync::Notify>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(secret) = secret else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "push hooks are off (start with --webhook-secret-file)",
+        );
+    };
+    let verified = secret.verifies(&headers, &body);
+    if verified {
+        fetch_now.notify_one();
+    } else {
+        tracing::warn!("a push hook with a wrong signature was ignored");
+    }
+    let (code, message) = webhook::answer(verified);
+    if verified {
+        (
+            code,
+            Json(ReconcileResponse {
+                message: message.to_string(),
+            }),
+        )
+            .into_response()
+    } else {
+        error(code, message)
+    }
 }
 
 async fn accept(State(app): State<AppState>, Json(body): Json<AcceptRequest>) -> Response {

@@ -23,7 +23,9 @@ use cim::{api, render, spec, watch};
 #[command(
     name = "cim",
     version,
-    about = "GitOps reconciliation controller for NixOS fleets"
+    about = "GitOps reconciliation controller for NixOS fleets",
+    // The last of a repeated option wins, as in most Unix tools.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -233,6 +235,11 @@ struct RunArgs {
     /// --push-to-cache are signed with; hosts trust its public key.
     #[arg(long, requires = "push_to_cache")]
     cache_signing_key: Option<PathBuf>,
+    /// A file holding the secret of push hooks (`POST /hooks/git` from
+    /// GitHub, Gitea, GitLab or a post-receive script): a hook signed with
+    /// it makes cim fetch at once.
+    #[arg(long)]
+    webhook_secret_file: Option<PathBuf>,
     /// Deploy only commits signed by a key of --allowed-signers; others
     /// are reported (`UnsignedRevision`, `UntrustedSigner`) and change
     /// nothing.
@@ -625,7 +632,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             deployed: stored.as_deref().and_then(cim::types::Revision::parse),
         },
         found_tx,
-        fetch_now,
+        Arc::clone(&fetch_now),
         cancel.clone(),
     );
     let app = api::router(api::ApiContext {
@@ -635,6 +642,13 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         health: controller.health(),
         committed: controller.committed(),
         access: Arc::new(access),
+        webhook: args
+            .webhook_secret_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?
+            .map(|s| api::webhook::WebhookSecret::new(&s)),
+        fetch_now: Arc::clone(&fetch_now),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -106,6 +106,7 @@ pub async fn simulate(
     let fleet =
         parse_fleet(&spec_files(&names)).map_err(|e| SimulateError::Specs(e.to_string()))?;
     let fetch_now = Arc::new(Notify::new());
+    let hooks = Arc::clone(&fetch_now);
     let cfg = ControllerConfig {
         resync_interval: Duration::from_secs(3600),
         max_parallel: opts.max_parallel.max(1),
@@ -134,6 +135,8 @@ pub async fn simulate(
             })
             .map_err(|e| SimulateError::Specs(e.to_string()))?,
         ),
+        webhook: None,
+        fetch_now: hooks,
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await

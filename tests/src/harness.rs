@@ -52,13 +52,25 @@ pub struct Cim {
     pub state_dir: PathBuf,
     listen: String,
     args: Vec<String>,
-    repo: PathBuf,
+    /// What `--repo` is: the fleet's repository path, or a URL of it.
+    repo: std::ffi::OsString,
     ssh_config: PathBuf,
 }
 
 impl Cim {
     /// Starts `cim run` on `fleet` with fast timings for tests, plus `extra`.
     pub fn start(fleet: &Fleet, state_dir: &Path, extra: &[&str]) -> Cim {
+        Cim::start_from(fleet, fleet.repo.as_os_str(), state_dir, extra)
+    }
+
+    /// Like [`Cim::start`], with `--repo repo` (e.g. a `file://` URL of the
+    /// fleet's repository, which is polled instead of watched).
+    pub fn start_from(
+        fleet: &Fleet,
+        repo: &std::ffi::OsStr,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Cim {
         let listen = format!("127.0.0.1:{}", free_port());
         let mut cim = Cim {
             child: None,
@@ -66,7 +78,7 @@ impl Cim {
             state_dir: state_dir.to_path_buf(),
             listen,
             args: extra.iter().map(|s| s.to_string()).collect(),
-            repo: fleet.repo.clone(),
+            repo: repo.to_os_string(),
             ssh_config: fleet.ssh_config.clone(),
         };
         cim.spawn();

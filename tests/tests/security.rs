@@ -314,3 +314,69 @@ fn a_host_presenting_another_key_is_never_deployed_to() {
         "nothing was deployed to a host with another key"
     );
 }
+
+#[test]
+fn a_signed_push_hook_fetches_at_once_and_a_forged_one_is_ignored() {
+    let (fleet, dir) = fleet(1);
+    let secret = dir.path().join("hook-secret");
+    std::fs::write(&secret, "hook-secret\n").unwrap();
+    // A URL, so the repository is polled (hourly), not watched.
+    let url = format!("file://{}", fleet.repo.display());
+    let cim = Cim::start_from(
+        &fleet,
+        url.as_ref(),
+        &dir.path().join("state"),
+        &[
+            "--poll-interval",
+            "1h",
+            "--webhook-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    cim.wait_converged(&["web-1"], None);
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let pushed = fleet.commit("version 2").unwrap();
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let hmac = |key: &str| {
+        let out = Command::new("openssl")
+            .args(["dgst", "-sha256", "-hmac", key, "-hex"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(body.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        format!("sha256={}", text.split_whitespace().last().unwrap())
+    };
+    let json = ("Content-Type", "application/json");
+    let forged = hmac("guess");
+    let (code, _) = http(
+        &cim.api,
+        "POST /hooks/git",
+        &[json, ("X-Hub-Signature-256", &forged)],
+        body,
+    );
+    assert_eq!(code, 401);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(
+        cim.status()["latestRevision"],
+        pushed.as_str(),
+        "a forged hook fetched"
+    );
+    let signed = hmac("hook-secret");
+    let (code, body) = http(
+        &cim.api,
+        "POST /hooks/git",
+        &[
+            json,
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &signed),
+        ],
+        body,
+    );
+    assert_eq!(code, 202, "{body}");
+    cim.wait_converged(&["web-1"], Some(&pushed));
+}

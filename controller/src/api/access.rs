@@ -25,6 +25,9 @@ use axum::response::Response;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// Where git hosts send push hooks.
+pub const HOOK_PATH: &str = "/hooks/git";
+
 /// A secret compared in constant time; its `Debug` shows nothing.
 #[derive(Clone)]
 pub struct Token([u8; 32]);
@@ -32,6 +35,11 @@ pub struct Token([u8; 32]);
 impl Token {
     pub fn new(secret: &str) -> Token {
         Token(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether `offered` is this secret (compared in constant time).
+    pub fn matches_secret(&self, offered: &str) -> bool {
+        self.matches(offered)
     }
 
     fn matches(&self, offered: &str) -> bool {
@@ -102,15 +110,8 @@ impl Access {
 
     /// Why `method` with `headers` is refused, if it is.
     fn refuse(&self, method: &Method, headers: &HeaderMap) -> Option<(StatusCode, String)> {
-        let host = header_str(headers, header::HOST).map(str::to_ascii_lowercase);
-        if !self.hosts.is_empty() && !host.as_deref().is_some_and(|h| self.host_allowed(h)) {
-            return Some((
-                StatusCode::MISDIRECTED_REQUEST,
-                format!(
-                    "the Host header {} does not name this controller (see --api-allowed-host)",
-                    host.as_deref().unwrap_or("(none)")
-                ),
-            ));
+        if let Some(refused) = self.wrong_host(headers) {
+            return Some(refused);
         }
         let changes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         if changes {
@@ -148,6 +149,21 @@ impl Access {
             }
         }
         None
+    }
+
+    /// Why the Host header does not name this controller, if it does not.
+    fn wrong_host(&self, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+        let host = header_str(headers, header::HOST).map(str::to_ascii_lowercase);
+        if self.hosts.is_empty() || host.as_deref().is_some_and(|h| self.host_allowed(h)) {
+            return None;
+        }
+        Some((
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "the Host header {} does not name this controller (see --api-allowed-host)",
+                host.as_deref().unwrap_or("(none)")
+            ),
+        ))
     }
 
     /// Whether `host` (`name` or `name:port`) is accepted: exactly, or by
@@ -200,7 +216,16 @@ fn strip_port(host: &str) -> &str {
 
 /// The middleware: refuses what [`Access`] refuses, with a JSON error.
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
-    if request.uri().path() != "/healthz" {
+    let path = request.uri().path();
+    if path == HOOK_PATH {
+        // A git host proves itself with the hook's signature instead (see
+        // `webhook`); only the Host header is checked here.
+        if let Some((code, why)) = access.wrong_host(request.headers()) {
+            return super::error(code, why);
+        }
+        return next.run(request).await;
+    }
+    if path != "/healthz" {
         if let Some((code, why)) = access.refuse(request.method(), request.headers()) {
             tracing::info!(%why, path = %request.uri().path(), "API request refused");
             return super::error(code, why);
