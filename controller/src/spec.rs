@@ -94,6 +94,8 @@ pub struct HostSpec {
     /// `hostKey`: the host's SSH public key (`TYPE BASE64`), the only one
     /// accepted for it; `None` leaves it to the user's known_hosts.
     pub host_key: Option<String>,
+    /// `sudo`: `user` is not root; what needs root runs under `sudo -n`.
+    pub sudo: bool,
 }
 
 /// A place in a spec file.
@@ -222,6 +224,8 @@ struct RawSpec {
     substitute_on_destination: Option<bool>,
     #[serde(default)]
     host_key: Option<Spanned<String>>,
+    #[serde(default)]
+    sudo: Option<bool>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
@@ -634,6 +638,7 @@ impl<'a> FileContext<'a> {
             configuration_at,
             substitute_on_destination: spec.substitute_on_destination,
             host_key,
+            sudo: spec.sudo.unwrap_or(false),
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),

@@ -323,6 +323,19 @@ impl Fleet {
         Ok(())
     }
 
+    /// Makes the host's sshd refuse root and accept only the `cim-sandbox`
+    /// user (made by `scripts/setup`, allowed to sudo), and restarts it.
+    pub fn refuse_root(&self, name: &str) -> Result<()> {
+        let config = self.host(name).root.join("etc/sshd_config");
+        let text = fs::read_to_string(&config)?.replace(
+            "PermitRootLogin prohibit-password",
+            "PermitRootLogin no\nAllowUsers cim-sandbox",
+        );
+        fs::write(&config, text)?;
+        self.stop_sshd(name)?;
+        self.start_sshd(name)
+    }
+
     /// The host's SSH public key, as `TYPE BASE64`.
     pub fn host_key(&self, name: &str) -> Result<String> {
         let public = fs::read_to_string(self.host(name).root.join("etc/ssh_host_ed25519_key.pub"))?;

@@ -380,3 +380,34 @@ fn a_signed_push_hook_fetches_at_once_and_a_forged_one_is_ignored() {
     assert_eq!(code, 202, "{body}");
     cim.wait_converged(&["web-1"], Some(&pushed));
 }
+
+#[test]
+fn a_host_that_refuses_root_is_deployed_to_through_sudo() {
+    let (fleet, dir) = fleet(1);
+    fleet.refuse_root("web-1").unwrap();
+    let spec = cim_sandbox::host_spec(
+        "web-1",
+        &fleet.host("web-1").address,
+        "  user: cim-sandbox\n  sudo: true\n",
+    );
+    fleet.write("specs/fleet.yaml", &spec).unwrap();
+    let revision = fleet.commit("web-1 logs in as cim-sandbox").unwrap();
+    // Root really is refused there.
+    let root = Command::new("ssh")
+        .arg("-F")
+        .arg(&fleet.ssh_config)
+        .arg(format!("root@{}", fleet.host("web-1").address))
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!root.status.success(), "root may still log in");
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], Some(&revision));
+    assert_eq!(fleet.activations("web-1").len(), 1);
+    // A confirmed activation and its confirmation went through sudo too.
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let second = fleet.commit("version 2").unwrap();
+    cim.wait_converged(&["web-1"], Some(&second));
+    assert!(!fleet.watchdog_pending("web-1"));
+}

@@ -96,9 +96,8 @@ impl HostSession {
     pub async fn confirm_and_read(&self, token: &str) -> Result<Option<Option<String>>, SshError> {
         let canary = format!("{WATCHDOG_DIR}/{token}.canary");
         let claimed = format!("{WATCHDOG_DIR}/{token}.confirmed");
-        let out = self
-            .run("sh", &["-c", CONFIRM, "cim-confirm", &canary, &claimed])
-            .await?;
+        let args = ["-c", CONFIRM, "cim-confirm", &canary, &claimed];
+        let out = self.run_as_root("sh", &args, REMOTE_COMMAND_GRACE).await?;
         let mut lines = out.stdout.lines().map(str::trim);
         if lines.next() != Some("confirmed") {
             return Ok(None);
@@ -136,7 +135,9 @@ impl HostSession {
     pub async fn confirm(&self, token: &str) -> Result<bool, SshError> {
         let canary = format!("{WATCHDOG_DIR}/{token}.canary");
         let claimed = format!("{WATCHDOG_DIR}/{token}.confirmed");
-        let out = self.run("mv", &[&canary, &claimed]).await?;
+        let out = self
+            .run_as_root("mv", &[&canary, &claimed], REMOTE_COMMAND_GRACE)
+            .await?;
         Ok(out.status == Some(0))
     }
 

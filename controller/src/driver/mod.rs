@@ -310,6 +310,8 @@ pub struct HostSession {
     cfg: DriverConfig,
     /// The pinned key's known_hosts file, if the host has one.
     known_hosts: Option<PathBuf>,
+    /// `spec.sudo`: commands that need root run under `sudo -n`.
+    sudo: bool,
 }
 
 impl HostSession {
@@ -353,7 +355,24 @@ impl HostSession {
             port: host.port,
             cfg: cfg.clone(),
             known_hosts,
+            sudo: host.sudo,
         })
+    }
+
+    /// Runs a command that needs root: under `sudo -n` (never prompting)
+    /// for a host that logs in as another user (`spec.sudo`).
+    pub(super) async fn run_as_root(
+        &self,
+        program: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<CommandOutput, SshError> {
+        if !self.sudo {
+            return self.run_within(program, args, limit).await;
+        }
+        let mut sudo = vec!["-n", "--", program];
+        sudo.extend_from_slice(args);
+        self.run_within("sudo", &sudo, limit).await
     }
 
     pub(super) async fn run(
@@ -427,9 +446,18 @@ impl HostSession {
         if substitute {
             nix.cmd.arg("--substitute-on-destination");
         }
+        // As another user, the host's store is written through sudo.
+        let store = if self.sudo {
+            format!(
+                "ssh://{}?remote-program=sudo%20-n%20nix-store",
+                self.destination
+            )
+        } else {
+            format!("ssh://{}", self.destination)
+        };
         nix.cmd
             .arg("--to")
-            .arg(format!("ssh://{}", self.destination))
+            .arg(store)
             .arg(closure)
             .env("NIX_SSHOPTS", self.nix_sshopts(cfg));
         let command = nix.describe();
@@ -474,7 +502,7 @@ impl HostSession {
         program: &str,
         args: &[&str],
     ) -> Result<CommandOutput, ActivateError> {
-        let output = self.run_within(program, args, ACTIVATION_LIMIT).await?;
+        let output = self.run_as_root(program, args, ACTIVATION_LIMIT).await?;
         match output.status {
             Some(0) => Ok(output),
             // ssh reports a lost connection as exit status 255.
