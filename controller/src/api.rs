@@ -29,6 +29,7 @@ use crate::store::{EventQuery, Store};
 pub mod access;
 pub mod serve;
 mod snapshot;
+pub mod tls;
 pub mod webhook;
 use snapshot::Snapshot;
 

@@ -48,6 +48,18 @@ pub enum Source {
 pub struct Api {
     pub base: String,
     pub token: Option<String>,
+    pub agent: ureq::Agent,
+}
+
+/// The HTTP client: for https, trusting `ca` if given (else the public
+/// roots).
+pub fn agent(ca: Option<&std::path::Path>) -> Result<ureq::Agent, crate::api::tls::TlsError> {
+    let builder = ureq::AgentBuilder::new();
+    Ok(match ca {
+        Some(ca) => builder.tls_config(crate::api::tls::client_config(ca)?),
+        None => builder,
+    }
+    .build())
 }
 
 impl Api {
@@ -56,7 +68,7 @@ impl Api {
     }
 
     fn request(&self, method: &str, url: &str) -> ureq::Request {
-        let request = ureq::request(method, url);
+        let request = self.agent.request(method, url);
         match &self.token {
             Some(token) => request.set("Authorization", &format!("Bearer {token}")),
             None => request,

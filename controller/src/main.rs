@@ -149,6 +149,10 @@ struct SourceArgs {
     /// The controller's API token, in a file (or set CIM_API_TOKEN).
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// For an https API: the certificate (or CA) to trust, PEM; without
+    /// it the usual public roots.
+    #[arg(long, env = "CIM_API_CA_FILE")]
+    api_ca_file: Option<PathBuf>,
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -177,6 +181,12 @@ struct RunArgs {
     /// loopback address.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// Serve the API over TLS with this certificate (chain, PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// A name (or name:port) the API is reached by, besides its listen
     /// address and localhost; other Host headers are refused (repeatable).
     #[arg(long = "api-allowed-host")]
@@ -315,6 +325,7 @@ fn source(args: &SourceArgs) -> Result<Source> {
         Some(dir) => Source::Store(dir.clone()),
         None => Source::Api(cim::client::Api {
             base: args.api.clone(),
+            agent: cim::client::agent(args.api_ca_file.as_deref())?,
             token: match (&args.api_token_file, std::env::var("CIM_API_TOKEN")) {
                 (Some(file), _) => Some(read_token(file)?),
                 (None, Ok(token)) if !token.trim().is_empty() => Some(token.trim().to_string()),
@@ -562,6 +573,10 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             .map(|t| api::access::Token::new(&t)),
         allowed_hosts: args.api_allowed_hosts.clone(),
     })?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(api::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let store = Store::open(&state_dir)?;
     let known_hosts_dir = state_dir.join("known_hosts");
     cim::driver::private_dir(&known_hosts_dir)
@@ -654,7 +669,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, repo = %args.repo, branch = %args.branch, "cim controller started");
-    let api = tokio::spawn(api::serve::serve(listener, app, cancel.clone()));
+    let api = tokio::spawn(api::serve::serve(listener, app, tls, cancel.clone()));
     tokio::spawn({
         let cancel = cancel.clone();
         async move {

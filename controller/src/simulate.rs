@@ -151,7 +151,12 @@ pub async fn simulate(
             source,
         })?;
     let cancel = CancellationToken::new();
-    let api = tokio::spawn(crate::api::serve::serve(listener, app, cancel.clone()));
+    let api = tokio::spawn(crate::api::serve::serve(
+        listener,
+        app,
+        None,
+        cancel.clone(),
+    ));
     let (found_tx, found_rx) = mpsc::channel(4);
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
     listening(addr);

@@ -55,12 +55,37 @@ pub struct Cim {
     /// What `--repo` is: the fleet's repository path, or a URL of it.
     repo: std::ffi::OsString,
     ssh_config: PathBuf,
+    /// The certificate the CLI trusts when the API is served over TLS.
+    ca: Option<PathBuf>,
 }
 
 impl Cim {
     /// Starts `cim run` on `fleet` with fast timings for tests, plus `extra`.
     pub fn start(fleet: &Fleet, state_dir: &Path, extra: &[&str]) -> Cim {
         Cim::start_from(fleet, fleet.repo.as_os_str(), state_dir, extra)
+    }
+
+    /// Like [`Cim::start`], with the API served over TLS with `cert` (for
+    /// 127.0.0.1) and `key`; the CLI trusts the CA `ca`.
+    pub fn start_tls(fleet: &Fleet, state_dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Cim {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut cim = Cim {
+            child: None,
+            api: format!("https://{listen}"),
+            state_dir: state_dir.to_path_buf(),
+            listen,
+            args: vec![
+                "--tls-cert".to_string(),
+                cert.display().to_string(),
+                "--tls-key".to_string(),
+                key.display().to_string(),
+            ],
+            repo: fleet.repo.as_os_str().to_os_string(),
+            ssh_config: fleet.ssh_config.clone(),
+            ca: Some(ca.to_path_buf()),
+        };
+        cim.spawn();
+        cim
     }
 
     /// Like [`Cim::start`], with `--repo repo` (e.g. a `file://` URL of the
@@ -80,6 +105,7 @@ impl Cim {
             args: extra.iter().map(|s| s.to_string()).collect(),
             repo: repo.to_os_string(),
             ssh_config: fleet.ssh_config.clone(),
+            ca: None,
         };
         cim.spawn();
         cim
@@ -154,12 +180,15 @@ impl Cim {
 
     /// Runs a `cim` client command against this controller.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(cim_bin())
-            .args(args)
+        let mut cli = Command::new(cim_bin());
+        cli.args(args)
             .env("CIM_API", &self.api)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cim")
+            .env_remove("CIM_API_CA_FILE")
+            .stdin(Stdio::null());
+        if let Some(ca) = &self.ca {
+            cli.env("CIM_API_CA_FILE", ca);
+        }
+        cli.output().expect("run cim")
     }
 
     fn try_cli(&self, args: &[&str]) -> Option<Value> {

@@ -1,7 +1,8 @@
-//! Serving the API: the accept loop with the limits `axum::serve` does not
-//! set — at most [`MAX_CONNECTIONS`] connections at once (further ones wait
-//! in the listen backlog), and a deadline for a request's headers, so that
-//! clients that connect and say nothing cannot use the slots up.
+//! Serving the API: the accept loop with what `axum::serve` does not do —
+//! at most [`MAX_CONNECTIONS`] connections at once (further ones wait in
+//! the listen backlog), a deadline for a request's headers (and a TLS
+//! handshake), so that clients that connect and say nothing cannot use the
+//! slots up, and TLS (`--tls-cert`, `--tls-key`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,15 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `app` on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+/// Serves `app` on `listener` until `shutdown` fires; over TLS when `tls`
+/// is given (the handshake has the headers' deadline too).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -41,23 +49,41 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
                 }
             },
         };
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let shutdown = shutdown.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    // Event streams never end by themselves.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+            match acceptor {
+                None => serve_connection(stream, app, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, app, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
                 }
             }
             drop(permit);
         });
+    }
+}
+
+/// Serves one connection until it ends (or, at shutdown, a moment after).
+async fn serve_connection<I>(io: I, app: Router, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            // Event streams never end by themselves.
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+        }
     }
 }
