@@ -223,15 +223,42 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
         if let Some((code, why)) = access.wrong_host(request.headers()) {
             return super::error(code, why);
         }
-        return next.run(request).await;
-    }
-    if path != "/healthz" {
+    } else if path != "/healthz" {
         if let Some((code, why)) = access.refuse(request.method(), request.headers()) {
             tracing::info!(%why, path = %request.uri().path(), "API request refused");
             return super::error(code, why);
         }
     }
+    let request = match read_body(request).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     next.run(request).await
+}
+
+/// Longest a client may take to send a request's body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest body accepted (requests and push hooks are small).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// Reads a request's body within [`BODY_TIMEOUT`] and [`BODY_LIMIT`], so
+/// that a client trickling a body cannot hold a connection slot.
+async fn read_body(request: Request) -> Result<Request, Response> {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return Ok(request);
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(_)) => Err(super::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request's body is over {BODY_LIMIT} bytes or broken"),
+        )),
+        Err(_) => Err(super::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request's body took over {}s", BODY_TIMEOUT.as_secs()),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +284,20 @@ mod tests {
 
     const LOCAL: (&str, &str) = ("host", "127.0.0.1:7878");
     const JSON: (&str, &str) = ("content-type", "application/json");
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_comes_is_cut_off() {
+        let trickle = futures::stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+        let request = Request::post("/api/v1/reconcile")
+            .body(axum::body::Body::from_stream(trickle))
+            .unwrap();
+        let refused = read_body(request).await.unwrap_err();
+        assert_eq!(refused.status(), StatusCode::REQUEST_TIMEOUT);
+        let small = Request::post("/api/v1/reconcile")
+            .body(axum::body::Body::from("{}"))
+            .unwrap();
+        assert!(read_body(small).await.is_ok());
+    }
 
     #[test]
     fn a_rebound_host_name_gets_nothing() {
