@@ -107,6 +107,7 @@ struct AppState {
     status_cache: Arc<Mutex<Option<Snapshot>>>,
     /// The sequence number of the newest committed event.
     committed: tokio::sync::watch::Receiver<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
 }
@@ -129,6 +130,8 @@ pub struct ApiContext {
     pub webhook: Option<webhook::WebhookSecret>,
     /// Makes the watcher fetch now.
     pub fetch_now: Arc<tokio::sync::Notify>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -141,6 +144,7 @@ pub fn router(ctx: ApiContext) -> Router {
         access,
         webhook,
         fetch_now,
+        metrics,
     } = ctx;
     let status_cache = Arc::new(Mutex::new(None));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -151,12 +155,14 @@ pub fn router(ctx: ApiContext) -> Router {
         readers: Arc::new(Mutex::new(Vec::new())),
         status_cache,
         committed,
+        metrics,
         requests,
         events,
     };
     Router::new()
         .route("/healthz", get(move || healthz(health.clone())))
         .route("/api/v1/status", get(status))
+        .route("/metrics", get(metrics_text))
         .route("/api/v1/hosts/{name}", get(host))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream))
@@ -223,45 +229,72 @@ impl AppState {
 }
 
 async fn status(State(app): State<AppState>) -> Response {
-    // Up to date with every committed event: served without the store.
-    let committed = *app.committed.borrow();
-    {
-        let mut cached = app.status_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(snapshot) = cached.as_mut().filter(|s| s.seq() >= committed) {
-            return match snapshot.parts() {
-                Ok(parts) => json_parts(parts),
-                Err(e) => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    crate::error::error_chain(&e),
-                ),
-            };
-        }
-    }
-    let cache = Arc::clone(&app.status_cache);
-    let parts = app
-        .read(move |store| {
-            // Requests take turns: the first one after a gap brings the
-            // snapshot up to date, the others find it so.
-            let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-            let mut snapshot = match cached.take() {
-                Some(mut s) => {
-                    if store.last_seq()? == s.seq() || s.catch_up(store)? {
-                        s
-                    } else {
-                        Snapshot::load(store)?
-                    }
-                }
-                None => Snapshot::load(store)?,
-            };
-            let parts = snapshot.parts()?;
-            *cached = Some(snapshot);
-            Ok(parts)
-        })
-        .await;
-    match parts {
+    match with_snapshot(&app, |s| s.parts()).await {
         Ok(parts) => json_parts(parts),
         Err(r) => r,
     }
+}
+
+/// `GET /metrics`: the Prometheus text format, with the gauges of the
+/// fleet as the status snapshot has it.
+async fn metrics_text(State(app): State<AppState>) -> Response {
+    let registry = Arc::clone(&app.metrics);
+    let text = with_snapshot(&app, move |s| Ok(registry.render(s.status()))).await;
+    match text {
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::error::error_chain(&e),
+        ),
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Runs `f` on the status snapshot once it holds every committed event:
+/// at once if it does, else after bringing it up to date from the store.
+async fn with_snapshot<T: Send + 'static>(
+    app: &AppState,
+    f: impl FnOnce(&mut Snapshot) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let committed = *app.committed.borrow();
+    let cache = Arc::clone(&app.status_cache);
+    {
+        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(snapshot) = cached.as_mut().filter(|s| s.seq() >= committed) {
+            return f(snapshot).map_err(|e| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    crate::error::error_chain(&e),
+                )
+            });
+        }
+    }
+    app.read(move |store| {
+        // Requests take turns: the first one after a gap brings the
+        // snapshot up to date, the others find it so.
+        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snapshot = match cached.take() {
+            Some(mut s) => {
+                if store.last_seq()? == s.seq() || s.catch_up(store)? {
+                    s
+                } else {
+                    Snapshot::load(store)?
+                }
+            }
+            None => Snapshot::load(store)?,
+        };
+        let out = f(&mut snapshot);
+        *cached = Some(snapshot);
+        out
+    })
+    .await
 }
 
 /// A JSON response sent in parts (the status snapshot's blocks), with its
@@ -553,6 +586,7 @@ mod tests {
             readers: Arc::new(Mutex::new(Vec::new())),
             status_cache: Arc::new(Mutex::new(None)),
             committed: tokio::sync::watch::Sender::new(0).subscribe(),
+            metrics: Arc::default(),
             requests,
             events: tx.clone(),
         };

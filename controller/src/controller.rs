@@ -113,6 +113,8 @@ pub struct Controller<B: Backend = DriverConfig> {
     health: tokio::sync::watch::Sender<Option<String>>,
     /// The newest committed event's sequence number, for the API.
     committed: tokio::sync::watch::Sender<u64>,
+    /// Fed every committed event and every group commit's time.
+    metrics: Arc<crate::metrics::Metrics>,
     /// Requests waiting for their answer.
     replies: HashMap<RequestId, oneshot::Sender<Result<String, String>>>,
     next_request: u64,
@@ -164,6 +166,7 @@ impl<B: Backend> Controller<B> {
             report_rx: Some(report_rx),
             health: tokio::sync::watch::Sender::new(None),
             committed: tokio::sync::watch::Sender::new(state.status().repo.last_seq),
+            metrics: Arc::default(),
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&backend)),
             backend,
@@ -193,6 +196,11 @@ impl<B: Backend> Controller<B> {
 
     pub fn events(&self) -> broadcast::Sender<Event> {
         self.events.clone()
+    }
+
+    /// The metrics this controller feeds, for `/metrics`.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The newest committed event's sequence number, as it changes.
@@ -293,7 +301,12 @@ impl<B: Backend> Controller<B> {
                 self.step(msg);
             }
             self.step(Msg::Tick);
-            self.store.commit_group()
+            let started = std::time::Instant::now();
+            let committed = self.store.commit_group();
+            if !self.appended.is_empty() {
+                self.metrics.observe_commit(started.elapsed().as_secs_f64());
+            }
+            committed
         })
         .map_err(Stopped)?;
         self.health.send_if_modified(|h| {
@@ -309,6 +322,7 @@ impl<B: Backend> Controller<B> {
         self.committed
             .send_if_modified(|seq| std::mem::replace(seq, last) != last);
         for ev in std::mem::take(&mut self.appended) {
+            self.metrics.observe(&ev);
             let _ = self.events.send(ev);
         }
         for effect in std::mem::take(&mut self.outbox) {

@@ -32,6 +32,20 @@ pub enum Phase {
     Suspended,
 }
 
+impl Phase {
+    /// Every phase, in the order a host goes through them.
+    pub const ALL: [Phase; 8] = [
+        Phase::Pending,
+        Phase::Building,
+        Phase::Copying,
+        Phase::Activating,
+        Phase::Verifying,
+        Phase::Converged,
+        Phase::Failed,
+        Phase::Suspended,
+    ];
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)

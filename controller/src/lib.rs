@@ -14,6 +14,7 @@ pub mod error;
 pub mod event;
 pub mod git;
 pub mod host;
+pub mod metrics;
 pub mod queue;
 pub mod reconcile;
 pub mod render;

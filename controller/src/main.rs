@@ -656,6 +656,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         events: controller.events(),
         health: controller.health(),
         committed: controller.committed(),
+        metrics: controller.metrics(),
         access: Arc::new(access),
         webhook: args
             .webhook_secret_file

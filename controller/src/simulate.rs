@@ -127,6 +127,7 @@ pub async fn simulate(
         events,
         health: controller.health(),
         committed: controller.committed(),
+        metrics: controller.metrics(),
         access: Arc::new(
             crate::api::access::Access::new(crate::api::access::AccessOptions {
                 listen: opts.listen,

@@ -69,6 +69,11 @@ impl Snapshot {
         })
     }
 
+    /// The status as of every folded event.
+    pub(super) fn status(&self) -> &FleetStatus {
+        &self.status
+    }
+
     pub(super) fn seq(&self) -> u64 {
         self.status.repo.last_seq
     }

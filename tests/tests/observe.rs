@@ -1,0 +1,143 @@
+//! End-to-end tests of what an operator watches: `/metrics` checked by
+//! `promtool` and scraped by a real Prometheus server, and the alerting
+//! rules shipped in `contrib/`.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
+
+fn get(api: &str, path: &str) -> String {
+    let addr = api.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn metrics_pass_promtool_and_a_real_prometheus_scrapes_them() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let text = get(&cim.api, "/metrics");
+    for wanted in [
+        "cim_hosts{phase=\"Converged\"} 2",
+        "cim_host_info{",
+        "cim_events_total{reason=\"Converged\",type=\"Normal\"} 2",
+        "cim_step_duration_seconds_bucket{step=\"copy\"",
+        "cim_reconcile_duration_seconds_count{outcome=\"converged\"} 2",
+        "cim_store_commit_duration_seconds_count",
+        "cim_revision_info{",
+        "cim_rollout_hosts{state=\"done\"} 2",
+    ] {
+        assert!(text.contains(wanted), "no {wanted} in\n{text}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup installs prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A real Prometheus, scraping every second.
+    let prom_dir = dir.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let target = cim.api.trim_start_matches("http://");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contrib/prometheus/cim-alerts.yml");
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n  - job_name: cim\n    static_configs: [{{targets: ['{target}']}}]\n",
+            rules.display()
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            prom_dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(prom_dir.join("log")).unwrap())
+        .spawn()
+        .expect("prometheus (scripts/setup installs it)");
+    let api = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let q = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| {
+                let body = std::panic::catch_unwind(|| get(&api, "/api/v1/query?query=cim_hosts"));
+                body.unwrap_or_default()
+            });
+        if let Some(body) = q.filter(|b| b.contains("\"phase\":\"Converged\"")) {
+            break body;
+        }
+        if Instant::now() > deadline {
+            let _ = prometheus.kill();
+            panic!(
+                "Prometheus did not scrape cim: {}",
+                std::fs::read_to_string(prom_dir.join("log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(answer.contains("\"value\":["), "{answer}");
+}
+
+#[test]
+fn the_shipped_alerting_rules_check() {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contrib/prometheus/cim-alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (scripts/setup installs prometheus)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../contrib/grafana/cim-dashboard.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
+    assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+}
