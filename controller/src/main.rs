@@ -98,6 +98,11 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Print a shell completion script (e.g. `cim completions bash >
+    /// /etc/bash_completion.d/cim`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff; `cim man | man -l -`).
+    Man,
     /// Benchmark the controller: drive simulated hosts (no ssh, no nix)
     /// through one whole-fleet change and print what it cost, as JSON.
     Simulate(SimulateArgs),
@@ -282,6 +287,12 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run(*args),
         Command::Validate { path } => validate(&path),
         Command::Simulate(args) => simulate(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "cim", &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Man => man(),
         Command::Status { host, source } => status(host, &source),
         Command::Events {
             host,
@@ -459,6 +470,15 @@ fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
 /// Prints the controller's answer to a request.
 fn say(answer: Result<String, cim::client::ClientError>) -> Exit {
     emit(&answer?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The manual page, from the same definitions as `--help`.
+fn man() -> Exit {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    emit(String::from_utf8_lossy(&page).trim_end());
     Ok(std::process::ExitCode::SUCCESS)
 }
 

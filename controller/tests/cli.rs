@@ -69,3 +69,33 @@ fn status_without_a_controller_or_store_explains_itself() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach the controller"), "{stderr}");
 }
+
+#[test]
+fn completions_and_the_manual_come_from_the_same_definitions() {
+    for (shell, marker) in [
+        ("bash", "_cim()"),
+        ("zsh", "#compdef cim"),
+        ("fish", "complete -c cim"),
+    ] {
+        let out = Command::cargo_bin("cim")
+            .unwrap()
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(text.contains("reconcile"), "{shell} completes subcommands");
+    }
+    let out = Command::cargo_bin("cim")
+        .unwrap()
+        .arg("man")
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH cim 1"),
+        "{page}"
+    );
+    assert!(page.contains("reconcile"));
+}
