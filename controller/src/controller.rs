@@ -198,6 +198,11 @@ impl<B: Backend> Controller<B> {
         self.events.clone()
     }
 
+    /// Where other tasks (the notifier) report to the controller.
+    pub fn reporter(&self) -> mpsc::Sender<Msg> {
+        self.msg_tx.clone()
+    }
+
     /// The metrics this controller feeds, for `/metrics`.
     pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
         Arc::clone(&self.metrics)

@@ -120,6 +120,10 @@ pub enum Msg {
     StoreWritable,
     /// Time passed: hand due hosts to workers.
     Tick,
+    /// A `--notify` URL refuses notifications.
+    NotifyFailed {
+        error: String,
+    },
     /// An [`Effect::Append`] committed; its events are folded into the
     /// status already.
     Committed {
@@ -229,6 +233,9 @@ pub struct State {
     unapplied: Option<(Revision, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: BTreeSet<String>,
+    /// When the current revision's rollout began (its specs recorded), for
+    /// the duration `RolloutCompleted` names.
+    rollout_started: Option<OffsetDateTime>,
     /// A rewritten revision waiting for `cim accept` (`--refuse-rewrites`).
     awaiting_accept: Option<(Revision, Result<FleetSpec, crate::spec::SpecErrors>)>,
 }
@@ -259,6 +266,7 @@ impl State {
             store_failure: None,
             unapplied: None,
             pending_rollbacks: BTreeSet::new(),
+            rollout_started: None,
             awaiting_accept: None,
         }
     }
@@ -415,6 +423,15 @@ pub fn handle(state: &mut State, msg: Msg, now: Now) -> Vec<Effect> {
             state.resync(now);
         }
         Msg::Tick => state.dispatch(now, &mut out),
+        Msg::NotifyFailed { error } => append(
+            &mut out,
+            vec![NewEvent::repo(
+                Reason::NotificationFailed,
+                None,
+                format!("{error}; retried with backoff, nothing is dropped"),
+            )],
+            Then::Nothing,
+        ),
         Msg::Committed { then } => state.committed(then, now, &mut out),
         Msg::AppendFailed { error, then } => state.append_failed(error, then, &mut out),
     }
@@ -538,6 +555,22 @@ impl State {
             );
             ev.wave = Some(w.name);
             news.push(ev);
+        }
+        // Complete: every host converged (checked only when no work is
+        // left, so that a busy rollout does not scan the fleet per host).
+        let announced = self.status.repo.completed_revision.as_deref() == Some(revision.as_str());
+        if !announced && self.queue.running() == 0 && self.queue.next_due().is_none() {
+            if let Some(n) = rollout::completed(fleet, &self.status, revision) {
+                let took = self
+                    .rollout_started
+                    .map(|t| format!(" in {:.1}s", (now.wall - t).as_seconds_f64()))
+                    .unwrap_or_default();
+                news.push(NewEvent::repo(
+                    Reason::RolloutCompleted,
+                    Some(revision),
+                    format!("all {n} hosts converged at {}{took}", short(revision)),
+                ));
+            }
         }
         append(out, news, Then::Nothing);
         for host in std::mem::take(&mut self.gated) {

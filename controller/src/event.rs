@@ -117,6 +117,12 @@ pub enum Reason {
     HistoryRewritten,
     /// An operator accepted a rewritten revision with `cim accept`.
     RevisionAccepted,
+    /// Every host of the revision converged: the rollout is complete (its
+    /// message says how long it took).
+    RolloutCompleted,
+    /// A `--notify` URL refused notifications; they are retried (none is
+    /// dropped).
+    NotificationFailed,
     /// The host presented an SSH key other than its pinned `hostKey` (or
     /// the one the user's known_hosts holds); it is retried with backoff
     /// and never deployed to.
@@ -152,7 +158,8 @@ impl Reason {
             | Reason::UnsignedRevision
             | Reason::UntrustedSigner
             | Reason::HistoryRewritten
-            | Reason::HostKeyMismatch => EventType::Warning,
+            | Reason::HostKeyMismatch
+            | Reason::NotificationFailed => EventType::Warning,
             _ => EventType::Normal,
         }
     }

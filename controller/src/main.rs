@@ -269,6 +269,19 @@ struct RunArgs {
     /// is not deployed until `cim accept REV`.
     #[arg(long)]
     refuse_rewrites: bool,
+    /// POST Warning events and rollout outcomes (converged, halted, rolled
+    /// back) to this URL (repeatable).
+    #[arg(long = "notify")]
+    notify_urls: Vec<String>,
+    /// How notifications look: the event as JSON, or a Slack message.
+    #[arg(long, value_enum, default_value = "json")]
+    notify_format: cim::notify::Format,
+    /// Notify only these reasons (repeatable; e.g. RolloutHalted).
+    #[arg(long = "notify-reason")]
+    notify_reasons: Vec<String>,
+    /// Notify only events of these hosts (repeatable).
+    #[arg(long = "notify-host")]
+    notify_hosts: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -651,6 +664,22 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         }
     }
     let cancel = CancellationToken::new();
+    let notifier = if args.notify_urls.is_empty() {
+        None
+    } else {
+        cim::notify::start_at_end(&state_dir)?;
+        Some(cim::notify::spawn(
+            cim::notify::NotifyConfig {
+                urls: args.notify_urls.clone(),
+                format: args.notify_format,
+                reasons: args.notify_reasons.clone(),
+                hosts: args.notify_hosts.clone(),
+                state_dir: state_dir.clone(),
+            },
+            controller.reporter(),
+            cancel.clone(),
+        ))
+    };
     let (found_tx, found_rx) = mpsc::channel(16);
     let (req_tx, req_rx) = mpsc::channel(64);
     let local = Path::new(&args.repo)
@@ -712,6 +741,9 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
     }
     cancel.cancel();
     let _ = watcher.await;
+    if let Some(notifier) = notifier {
+        let _ = notifier.await;
+    }
     // Open event streams keep the server busy; do not wait for them forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), api).await;
     Ok(if crashed.is_some() {

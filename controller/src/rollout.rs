@@ -110,6 +110,20 @@ pub fn over_budget(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> O
     (failed.len() as u64 >= u64::from(limit)).then_some(failed)
 }
 
+/// How many hosts converged at `revision`, if every active host of the
+/// fleet did (the rollout is complete).
+pub fn completed(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> Option<usize> {
+    let mut converged = 0;
+    for host in fleet.hosts.values().filter(|h| !h.suspend) {
+        let h = status.hosts.get(host.name.as_str())?;
+        if h.phase != Phase::Converged || h.observed_revision.as_deref() != Some(revision) {
+            return None;
+        }
+        converged += 1;
+    }
+    (converged > 0).then_some(converged)
+}
+
 /// The wave a rollout is at: the earliest wave with a host not yet done
 /// with `revision`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,6 +32,9 @@ pub struct RepoStatus {
     /// `--event-retention` (0: the whole history is there).
     #[serde(default)]
     pub trimmed_through: u64,
+    /// The revision whose rollout completed (every host converged).
+    #[serde(default)]
+    pub completed_revision: Option<String>,
 }
 
 /// One host's status.
@@ -171,6 +174,7 @@ impl FleetStatus {
                 self.repo.message = None;
             }
             Reason::WaveStarted => self.repo.wave = ev.wave.clone(),
+            Reason::RolloutCompleted => self.repo.completed_revision = ev.revision.clone(),
             Reason::EventsTrimmed => {
                 self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
             }

@@ -102,8 +102,12 @@ impl Store {
             .map_err(open_err)?;
         if version == 0 {
             conn.execute_batch(SCHEMA).map_err(open_err)?;
+            conn.execute_batch(CURSORS).map_err(open_err)?;
             conn.pragma_update(None, "user_version", EVENT_SCHEMA_VERSION)
                 .map_err(open_err)?;
+        } else if version == EVENT_SCHEMA_VERSION {
+            // Added after version 1 was released; harmless to repeat.
+            conn.execute_batch(CURSORS).map_err(open_err)?;
         } else if version != EVENT_SCHEMA_VERSION {
             return Err(StoreError::Schema {
                 path,
@@ -323,6 +327,27 @@ impl Store {
         Ok(())
     }
 
+    /// How far the reader `name` got in the log (0: nowhere yet).
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        let seq: Option<i64> = self
+            .conn
+            .query_row("SELECT seq FROM cursors WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// Records that the reader `name` is done with every event up to `seq`.
+    pub fn set_cursor(&mut self, name: &str, seq: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET seq = excluded.seq",
+            params![name, seq],
+        )?;
+        Ok(())
+    }
+
     /// The sequence number of the newest event folded into the stored
     /// projection (0 for an empty store); cheap, for caches.
     pub fn last_seq(&self) -> Result<u64, StoreError> {
@@ -401,6 +426,11 @@ impl Store {
         Ok(events)
     }
 }
+
+/// Where readers of the log that must survive a restart (the notifier)
+/// keep how far they got.
+const CURSORS: &str =
+    "CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (

@@ -141,3 +141,129 @@ fn the_shipped_alerting_rules_check() {
         serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
     assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
 }
+
+/// A local HTTP receiver of notifications: every body it was sent; it
+/// answers 503 while `down` holds.
+struct Receiver {
+    url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, d) = (bodies.clone(), down.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let status = if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    "503 Service Unavailable"
+                } else {
+                    b.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&body).to_string());
+                    "200 OK"
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver { url, bodies, down }
+    }
+
+    fn reasons(&self) -> Vec<String> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+            .map(|v| v["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+#[test]
+fn notifications_arrive_once_survive_restarts_and_report_failures() {
+    let (fleet, dir) = fleet(2);
+    let receiver = Receiver::start();
+    let mut cim = Cim::start(
+        &fleet,
+        &dir.path().join("state"),
+        &["--notify", &receiver.url],
+    );
+    cim.wait_converged(&["web-1", "web-2"], None);
+    cim.wait_until(
+        "the completed rollout notified",
+        Duration::from_secs(30),
+        |_| receiver.reasons().contains(&"RolloutCompleted".to_string()),
+    );
+    // A failed activation: the failure and the rollback are notified.
+    fleet
+        .set_host_config("web-1", "{ version = 2; activationExitCode = 3; }")
+        .unwrap();
+    fleet.commit("web-1 breaks").unwrap();
+    cim.wait_until("the rollback notified", Duration::from_secs(60), |_| {
+        receiver.reasons().contains(&"RolledBack".to_string())
+    });
+    assert!(receiver.reasons().contains(&"ActivationFailed".to_string()));
+    assert!(
+        !receiver.reasons().iter().any(|r| r == "CopyStarted"),
+        "Normal events are not sent"
+    );
+
+    // A restart repeats nothing.
+    let before = receiver.reasons().len();
+    cim.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(receiver.reasons().len(), before, "{:?}", receiver.reasons());
+
+    // The receiver refuses: reported once, and nothing is lost.
+    receiver
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    fleet.set_host_config("web-1", "{ version = 3; }").unwrap();
+    let fixed = fleet.commit("web-1 fixed").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&fixed));
+    cim.wait_until("the refusal reported", Duration::from_secs(30), |_| {
+        cim.events()
+            .iter()
+            .any(|e| e["reason"] == "NotificationFailed")
+    });
+    receiver
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    cim.wait_until(
+        "the held notification delivered",
+        Duration::from_secs(30),
+        |_| {
+            receiver
+                .reasons()
+                .iter()
+                .filter(|r| *r == "RolloutCompleted")
+                .count()
+                == 2
+        },
+    );
+}

@@ -348,6 +348,7 @@ impl State {
         }
         self.specs = Some((revision.clone(), fleet));
         self.desired.clear();
+        self.rollout_started = Some(now.wall);
         let failures = self.set_desired(&revision, &result, false, now);
         append(out, failures, Then::AdvanceRollout);
     }

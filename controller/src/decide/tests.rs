@@ -818,3 +818,33 @@ fn a_branch_forced_back_to_the_deployed_revision_is_reported() {
     assert_eq!(ev.reason, Reason::HistoryRewritten);
     assert!(ev.message.ends_with("nothing changes"), "{}", ev.message);
 }
+
+#[test]
+fn a_rollout_that_converged_everywhere_says_so_once_with_its_duration() {
+    let mut rig = Rig::new();
+    rig.deploy("r1", two_web_hosts(), &[]);
+    rig.tick();
+    rig.converged("web-1");
+    assert!(!rig.reasons().contains(&"RolloutCompleted".to_string()));
+    rig.advance(Duration::from_millis(2100));
+    rig.converged("web-2");
+    let ev = rig.log.last().unwrap();
+    assert_eq!(ev.reason, Reason::RolloutCompleted);
+    assert_eq!(ev.message, "all 2 hosts converged at 111111111111 in 2.1s");
+    rig.send(Msg::Resync);
+    rig.tick();
+    let system = rig.state.desired["web-1"].out.to_string();
+    rig.done(
+        "web-1",
+        Outcome::Converged {
+            system,
+            changed: false,
+        },
+    );
+    let completed = rig
+        .reasons()
+        .iter()
+        .filter(|r| *r == "RolloutCompleted")
+        .count();
+    assert_eq!(completed, 1);
+}
