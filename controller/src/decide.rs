@@ -233,6 +233,9 @@ pub struct State {
     unapplied: Option<(Revision, FleetSpec)>,
     /// Hosts whose `cim rollback` waits for their current reconcile to end.
     pending_rollbacks: BTreeSet<String>,
+    /// Hosts an operator asked to reconcile whose outcome is not recorded
+    /// yet: it is, even when nothing changed (`cim reconcile --wait`).
+    requested: BTreeSet<String>,
     /// When the current revision's rollout began (its specs recorded), for
     /// the duration `RolloutCompleted` names.
     rollout_started: Option<OffsetDateTime>,
@@ -267,6 +270,7 @@ impl State {
             unapplied: None,
             pending_rollbacks: BTreeSet::new(),
             rollout_started: None,
+            requested: BTreeSet::new(),
             awaiting_accept: None,
         }
     }

@@ -117,6 +117,9 @@ pub enum Reason {
     HistoryRewritten,
     /// An operator accepted a rewritten revision with `cim accept`.
     RevisionAccepted,
+    /// A reconcile an operator asked for ended without any other event to
+    /// say so.
+    ReconcileHandled,
     /// Every host of the revision converged: the rollout is complete (its
     /// message says how long it took).
     RolloutCompleted,

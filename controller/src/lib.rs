@@ -26,4 +26,5 @@ pub mod status;
 pub mod store;
 pub mod trust;
 pub mod types;
+pub mod wait;
 pub mod watch;

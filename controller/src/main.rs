@@ -75,6 +75,14 @@ enum Command {
         /// Every host.
         #[arg(long)]
         all: bool,
+        /// Wait until the reconcile asked for is handled, showing its
+        /// progress; exits 0 if every host converged, 1 if one failed, 2
+        /// on --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30m", value_parser = spec::parse_duration, requires = "wait")]
+        timeout: Duration,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -324,8 +332,16 @@ fn main() -> std::process::ExitCode {
         Command::Reconcile {
             host,
             all: _,
+            wait,
+            timeout,
             source,
-        } => reconcile(host, &source),
+        } => {
+            if wait {
+                reconcile_and_wait(host, timeout, &source)
+            } else {
+                reconcile(host, &source)
+            }
+        }
         Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
         Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
         Command::Accept {
@@ -478,6 +494,105 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
 
 fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
     say(source(args)?.reconcile(host))
+}
+
+/// `cim reconcile --wait`: asks, then follows the event log until every
+/// host asked for has an outcome (see `cim::wait`), with progress bars on a
+/// terminal and plain lines elsewhere.
+fn reconcile_and_wait(host: Option<String>, timeout: Duration, args: &SourceArgs) -> Exit {
+    use std::io::IsTerminal;
+    let src = source(args)?;
+    let since = src
+        .events(&EventQuery {
+            host: None,
+            since: None,
+            limit: Some(1),
+        })?
+        .last()
+        .map_or(0, |e| e.seq);
+    let hosts: Vec<String> = match &host {
+        Some(h) => vec![h.clone()],
+        None => src
+            .status()?
+            .hosts
+            .into_iter()
+            .filter(|h| h.phase != cim::event::Phase::Suspended)
+            .map(|h| h.name)
+            .collect(),
+    };
+    emit(&src.reconcile(host)?);
+    let mut tracker = cim::wait::Tracker::new(hosts);
+    if tracker.total() == 0 {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let started = std::time::Instant::now();
+    // The log is followed on a thread of its own; this one keeps the time.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = src.follow(
+            &EventQuery {
+                host: None,
+                since: Some(since),
+                limit: None,
+            },
+            |ev| tx.send(ev.clone()).is_ok(),
+        );
+    });
+    let bars = std::io::stdout().is_terminal().then(|| {
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} hosts {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let overall =
+            multi.add(indicatif::ProgressBar::new(tracker.total() as u64).with_style(style));
+        let lines: std::collections::BTreeMap<String, indicatif::ProgressBar> = tracker
+            .hosts()
+            .map(|h| {
+                let line = multi.add(indicatif::ProgressBar::new_spinner());
+                line.set_message(format!("{h}: waiting"));
+                line.enable_steady_tick(Duration::from_millis(120));
+                (h.to_string(), line)
+            })
+            .collect();
+        (overall, lines)
+    });
+    while !tracker.done() {
+        let Some(left) = timeout.checked_sub(started.elapsed()) else {
+            break;
+        };
+        let Ok(ev) = rx.recv_timeout(left) else {
+            break;
+        };
+        let Some(line) = tracker.observe(&ev) else {
+            continue;
+        };
+        match &bars {
+            Some((overall, lines)) => {
+                if let Some(bar) = ev.host.as_ref().and_then(|h| lines.get(h)) {
+                    bar.set_message(cim::render::printable(&line));
+                    if matches!(
+                        tracker.state(ev.host.as_deref().unwrap_or("")),
+                        Some(cim::wait::HostState::Converged | cim::wait::HostState::Failed(_))
+                    ) {
+                        bar.finish();
+                    }
+                }
+                overall.set_position(tracker.ended() as u64);
+            }
+            None => emit(&cim::render::printable(&line)),
+        }
+    }
+    if let Some((overall, lines)) = bars {
+        lines.values().for_each(indicatif::ProgressBar::finish);
+        overall.finish();
+    }
+    emit(&tracker.summary(started.elapsed()));
+    Ok(if !tracker.done() {
+        std::process::ExitCode::from(2)
+    } else if tracker.not_converged().is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    })
 }
 
 /// Prints the controller's answer to a request.

@@ -61,7 +61,7 @@ fn short_system(p: Option<&str>) -> String {
 
 /// `text` with control characters (a host's output may hold terminal
 /// escape sequences) shown as escapes instead of acted on by the terminal.
-fn printable(text: &str) -> String {
+pub fn printable(text: &str) -> String {
     text.chars()
         .flat_map(|c| {
             let shown: Vec<char> = if c.is_control() && c != '\t' {
@@ -188,14 +188,45 @@ pub fn host(h: &HostStatus, now: OffsetDateTime) -> String {
     lines.join("\n")
 }
 
+/// The events table. Repeats of one event (same host, reason and message,
+/// as a host unreachable for an hour makes) are folded into their latest
+/// row, the way `flux events` does: "(x17 over 8m)".
 pub fn events(evs: &[Event], now: OffsetDateTime) -> String {
     let mut t = table(&[
         "SEQ", "AGE", "TYPE", "REASON", "HOST", "REVISION", "MESSAGE",
     ]);
-    for e in evs {
-        t.add_row(event_row(e, now));
+    for (e, count, first) in fold_repeats(evs) {
+        let mut row = event_row(e, now);
+        if count > 1 {
+            let span = age(first, e.time);
+            if let Some(message) = row.last_mut() {
+                message.push_str(&format!(" (x{count} over {span})"));
+            }
+        }
+        t.add_row(row);
     }
     finish(&t)
+}
+
+/// One repeated event: where it last occurred, how often, since when.
+type Repeats = (usize, usize, OffsetDateTime);
+
+/// Each distinct (host, reason, message) once, at its latest occurrence,
+/// with how often it happened and when first; in log order.
+fn fold_repeats(evs: &[Event]) -> Vec<(&Event, usize, OffsetDateTime)> {
+    let mut seen: std::collections::HashMap<(Option<&str>, String, &str), Repeats> =
+        std::collections::HashMap::new();
+    for (i, e) in evs.iter().enumerate() {
+        let key = (e.host.as_deref(), e.reason.to_string(), e.message.as_str());
+        let entry = seen.entry(key).or_insert((i, 0, e.time));
+        entry.0 = i;
+        entry.1 += 1;
+    }
+    let mut rows: Vec<Repeats> = seen.into_values().collect();
+    rows.sort_by_key(|(i, _, _)| *i);
+    rows.into_iter()
+        .map(|(i, count, first)| (&evs[i], count, first))
+        .collect()
 }
 
 fn event_row(e: &Event, now: OffsetDateTime) -> Vec<String> {
@@ -326,6 +357,45 @@ mod tests {
         assert!(!super::host(&h, OffsetDateTime::UNIX_EPOCH)
             .lines()
             .any(|l| l.chars().any(char::is_control)));
+    }
+
+    #[test]
+    fn repeated_events_are_folded_into_their_latest() {
+        let at = |s: i64| OffsetDateTime::from_unix_timestamp(1_000_000 + s).unwrap();
+        let unreachable = |seq: u64, s: i64| {
+            NewEvent::host(
+                "web-1",
+                Reason::HostUnreachable,
+                Some("r1"),
+                "no route to host",
+            )
+            .into_event(seq, at(s), None)
+        };
+        let evs = vec![
+            unreachable(1, 0),
+            NewEvent::host("web-2", Reason::Converged, Some("r1"), "switched").into_event(
+                2,
+                at(10),
+                None,
+            ),
+            unreachable(3, 240),
+            unreachable(4, 480),
+        ];
+        let table = events(&evs, at(500));
+        assert_eq!(
+            table
+                .lines()
+                .filter(|l| l.contains("HostUnreachable"))
+                .count(),
+            1
+        );
+        assert!(table.contains("no route to host (x3 over 8m)"), "{table}");
+        let seqs: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(seqs, ["2", "4"], "in log order, at the latest occurrence");
     }
 
     #[test]

@@ -267,3 +267,54 @@ fn notifications_arrive_once_survive_restarts_and_report_failures() {
         },
     );
 }
+
+#[test]
+fn reconcile_wait_says_how_it_ended_in_its_exit_code() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+    let out = cim.cli(&["reconcile", "--all", "--wait", "--timeout", "60s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("web-1: Converged — already running"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 of 2 hosts converged in"), "{stdout}");
+
+    // A host whose activation fails: exit 1, and the summary names it.
+    fleet
+        .set_host_config("web-1", "{ version = 2; activationExitCode = 3; }")
+        .unwrap();
+    fleet.commit("web-1 breaks").unwrap();
+    cim.wait_until("web-1 failed", Duration::from_secs(60), |_| {
+        !cim.events_of("web-1", "ActivationFailed").is_empty()
+    });
+    let out = cim.cli(&["reconcile", "web-1", "--wait", "--timeout", "60s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("failed: web-1 (ActivationFailed)"),
+        "{stdout}"
+    );
+
+    // One that takes longer than --timeout: exit 2.
+    fleet
+        .set_host_config("web-2", "{ version = 2; activationDelay = 5; }")
+        .unwrap();
+    fleet.commit("web-2 is slow").unwrap();
+    cim.wait_until(
+        "web-2 activating version 2",
+        Duration::from_secs(60),
+        |_| cim.events_of("web-2", "ActivationStarted").len() == 2,
+    );
+    let out = cim.cli(&["reconcile", "web-2", "--wait", "--timeout", "1s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("still waiting: web-2"), "{stdout}");
+}

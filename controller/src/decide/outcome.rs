@@ -125,7 +125,18 @@ impl State {
         out: &mut Vec<Effect>,
     ) {
         self.queue.done(host);
-        let news = self.handle_outcome(host, revision, outcome, now, out);
+        let asked = self.requested.remove(host);
+        let mut news = self.handle_outcome(host, revision, outcome, now, out, asked);
+        if asked && news.is_empty() {
+            // Asked for and handled, with nothing else to say (a build
+            // failure was already recorded, a cancelled run): say so.
+            news.push(NewEvent::host(
+                host,
+                Reason::ReconcileHandled,
+                Some(revision),
+                "the requested reconcile ended",
+            ));
+        }
         append(out, news, Then::AdvanceRollout);
     }
 
@@ -136,6 +147,7 @@ impl State {
         outcome: Outcome,
         now: Now,
         out: &mut Vec<Effect>,
+        asked: bool,
     ) -> Vec<NewEvent> {
         let mut news = Vec::new();
         if self.host_spec(host).is_none_or(|h| h.suspend) {
@@ -172,6 +184,7 @@ impl State {
             }
             Outcome::Converged { system, changed } => {
                 let worth_saying = changed
+                    || asked
                     || self.status.hosts.get(host).is_none_or(|status| {
                         status.phase != Phase::Converged
                             || status.observed_revision.as_deref() != Some(revision)

@@ -232,6 +232,8 @@ impl State {
     ) {
         let mut refresh = false;
         for name in hosts {
+            // Its outcome is said even when nothing changed: someone waits.
+            self.requested.insert(name.clone());
             if self.desired.contains_key(name) {
                 self.queue.schedule(name, now.at);
             } else {
