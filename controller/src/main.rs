@@ -45,6 +45,10 @@ enum Command {
     /// Show where every host (or one host) stands.
     Status {
         host: Option<String>,
+        /// Keep showing it, redrawn whenever an event changes it (Ctrl-C
+        /// ends it).
+        #[arg(long, short)]
+        watch: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -314,7 +318,16 @@ fn main() -> std::process::ExitCode {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Man => man(),
-        Command::Status { host, source } => status(host, &source),
+        Command::Status {
+            host,
+            watch: false,
+            source,
+        } => status(host, &source),
+        Command::Status {
+            host,
+            watch: true,
+            source,
+        } => watch_status(host, &source),
         Command::Events {
             host,
             follow,
@@ -450,6 +463,50 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `cim status --watch`: the status again after every burst of events
+/// (on a terminal the screen is cleared first, like `watch`).
+fn watch_status(host: Option<String>, args: &SourceArgs) -> Exit {
+    use std::io::IsTerminal;
+    let follow = source(args)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let since = follow
+            .events(&EventQuery {
+                host: None,
+                since: None,
+                limit: Some(1),
+            })
+            .ok()
+            .and_then(|evs| evs.last().map(|e| e.seq))
+            .unwrap_or(0);
+        let _ = follow.follow(
+            &EventQuery {
+                host: None,
+                since: Some(since),
+                limit: None,
+            },
+            |_| tx.send(()).is_ok(),
+        );
+    });
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        if terminal {
+            print!("\x1b[2J\x1b[H");
+        }
+        status(host.clone(), args)?;
+        // One redraw per burst: wait for an event, then let the rest of
+        // the burst arrive.
+        if rx.recv().is_err() {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        while rx.try_recv().is_ok() {}
+        if !terminal {
+            emit("---");
+        }
+    }
 }
 
 /// How many events `cim events` shows without --limit, --since or --all.

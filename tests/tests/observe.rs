@@ -318,3 +318,42 @@ fn reconcile_wait_says_how_it_ended_in_its_exit_code() {
     assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert!(stdout.contains("still waiting: web-2"), "{stdout}");
 }
+
+#[test]
+fn status_watch_redraws_when_the_fleet_changes() {
+    let (fleet, dir) = fleet(1);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], None);
+    let mut watch = Command::new(cim_sandbox::harness::cim_bin())
+        .args(["status", "--watch"])
+        .env("CIM_API", &cim.api)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let revision = fleet.commit("version 2").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut redraws = 0;
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        redraws += usize::from(line == "---");
+        seen = redraws > 0 && line.contains(&revision[..12]) && line.contains("Converged");
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seen, "no redraw showed web-1 converged at {revision}");
+}
