@@ -27,6 +27,7 @@ use crate::status::{FleetStatus, HostStatus};
 use crate::store::{EventQuery, Store};
 
 pub mod access;
+mod dashboard;
 pub mod serve;
 mod snapshot;
 pub mod tls;
@@ -161,6 +162,7 @@ pub fn router(ctx: ApiContext) -> Router {
     };
     Router::new()
         .route("/healthz", get(move || healthz(health.clone())))
+        .route("/", get(dashboard::page))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/hosts/{name}", get(host))
