@@ -67,11 +67,28 @@ impl From<FleetStatus> for StatusResponse {
     }
 }
 
-/// `POST /api/v1/reconcile` body.
+/// `POST /api/v1/reconcile` body: one host, the hosts whose labels match
+/// `selector`, or (neither) every host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ReconcileRequest {
     #[serde(default)]
     pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<crate::spec::Selector>,
+}
+
+/// A label selector as the CLI and the query strings write it:
+/// `role=web,tier=front`.
+pub fn parse_selector(text: &str) -> Result<crate::spec::Selector, String> {
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("`{pair}` is not KEY=VALUE"))
+        })
+        .collect()
 }
 
 /// `POST /api/v1/accept` body: the rewritten revision to deploy.
@@ -95,6 +112,13 @@ struct EventsParams {
     host: Option<String>,
     since: Option<u64>,
     limit: Option<u32>,
+    /// `role=web,…`: only events of the hosts whose labels match.
+    selector: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SelectParams {
+    selector: String,
 }
 
 #[derive(Clone)]
@@ -165,6 +189,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/", get(dashboard::page))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics_text))
+        .route("/api/v1/hosts", get(select_hosts))
         .route("/api/v1/hosts/{name}", get(host))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream))
@@ -356,7 +381,16 @@ async fn host(State(app): State<AppState>, Path(name): Path<String>) -> Response
 }
 
 async fn list_events(State(app): State<AppState>, Query(p): Query<EventsParams>) -> Response {
+    let hosts = match &p.selector {
+        Some(selector) => match selected(&app, selector).await {
+            Ok(names) => Some(names),
+            Err(r) => return r,
+        },
+        None => None,
+    };
     let q = EventQuery {
+        hosts,
+        selector: None,
         host: p.host,
         since: p.since,
         limit: p.limit,
@@ -425,6 +459,8 @@ impl Feed {
             }
             if !self.caught_up {
                 let q = EventQuery {
+                    hosts: None,
+                    selector: None,
                     host: self.host.clone(),
                     since: Some(self.last),
                     limit: Some(PAGE),
@@ -466,8 +502,45 @@ fn to_sse(ev: Event) -> Result<SseEvent, Infallible> {
 }
 
 async fn reconcile(State(app): State<AppState>, body: Option<Json<ReconcileRequest>>) -> Response {
-    let host = body.and_then(|Json(b)| b.host);
-    ask(&app, |reply| Request::Reconcile { host, reply }).await
+    let (host, selector) = body.map_or((None, None), |Json(b)| (b.host, b.selector));
+    ask(&app, |reply| Request::Reconcile {
+        host,
+        selector,
+        reply,
+    })
+    .await
+}
+
+/// `GET /api/v1/hosts?selector=role=web`: the names of the matching hosts.
+async fn select_hosts(State(app): State<AppState>, Query(p): Query<SelectParams>) -> Response {
+    match selected(&app, &p.selector).await {
+        Ok(names) => Json(names).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// The names of the hosts `selector` (a query parameter) matches, asked of
+/// the controller, which holds the specs and their labels.
+async fn selected(app: &AppState, selector: &str) -> Result<Vec<String>, Response> {
+    let selector = parse_selector(selector).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    let (reply, answer) = oneshot::channel();
+    app.requests
+        .send(Request::Select { selector, reply })
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the controller is shutting down",
+            )
+        })?;
+    match answer.await {
+        Ok(Ok(names)) => Ok(names.lines().map(str::to_string).collect()),
+        Ok(Err(e)) => Err(error(StatusCode::CONFLICT, e)),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is shutting down",
+        )),
+    }
 }
 
 async fn rollback(State(app): State<AppState>, Path(host): Path<String>) -> Response {

@@ -78,11 +78,20 @@ impl Api {
 
 impl Source {
     fn get<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Result<T, ClientError> {
+        Self::get_with(api, path, &[])
+    }
+
+    /// GET with query parameters (ureq encodes them).
+    fn get_with<T: serde::de::DeserializeOwned>(
+        api: &Api,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, ClientError> {
         let url = api.url(path);
-        let resp = api
-            .request("GET", &url)
-            .call()
-            .map_err(|e| http_error(&url, e))?;
+        let request = query
+            .iter()
+            .fold(api.request("GET", &url), |r, (k, v)| r.query(k, v));
+        let resp = request.call().map_err(|e| http_error(&url, e))?;
         resp.into_json()
             .map_err(|source| ClientError::Body { url, source })
     }
@@ -110,15 +119,18 @@ impl Source {
             Source::Api(api) => {
                 let mut params = Vec::new();
                 if let Some(h) = &q.host {
-                    params.push(format!("host={h}"));
+                    params.push(("host", h.clone()));
                 }
                 if let Some(s) = q.since {
-                    params.push(format!("since={s}"));
+                    params.push(("since", s.to_string()));
                 }
                 if let Some(l) = q.limit {
-                    params.push(format!("limit={l}"));
+                    params.push(("limit", l.to_string()));
                 }
-                Self::get(api, &format!("/api/v1/events?{}", params.join("&")))
+                if let Some(selector) = &q.selector {
+                    params.push(("selector", selector.clone()));
+                }
+                Self::get_with(api, "/api/v1/events", &params)
             }
             Source::Store(dir) => Ok(Store::open_read_only(dir)?.events(q)?),
         }
@@ -163,6 +175,8 @@ impl Source {
                 let mut since = q.since.unwrap_or(0);
                 loop {
                     let batch = store.events(&EventQuery {
+                        hosts: None,
+                        selector: None,
                         host: q.host.clone(),
                         since: Some(since),
                         limit: None,
@@ -179,8 +193,12 @@ impl Source {
         }
     }
 
-    pub fn reconcile(&self, host: Option<String>) -> Result<String, ClientError> {
-        self.post("/api/v1/reconcile", ReconcileRequest { host })
+    pub fn reconcile(
+        &self,
+        host: Option<String>,
+        selector: Option<crate::spec::Selector>,
+    ) -> Result<String, ClientError> {
+        self.post("/api/v1/reconcile", ReconcileRequest { host, selector })
     }
 
     pub fn rollback(&self, host: &str) -> Result<String, ClientError> {
@@ -195,6 +213,17 @@ impl Source {
             &format!("/api/v1/hosts/{host}/resume"),
             ReconcileRequest::default(),
         )
+    }
+
+    /// The hosts whose labels match `selector` (`role=web,…`); only a
+    /// running controller knows the labels.
+    pub fn select(&self, selector: &str) -> Result<Vec<String>, ClientError> {
+        match self {
+            Source::Api(api) => {
+                Self::get_with(api, "/api/v1/hosts", &[("selector", selector.to_string())])
+            }
+            Source::Store(_) => Err(ClientError::NeedsController),
+        }
     }
 
     pub fn accept(&self, revision: &str) -> Result<String, ClientError> {

@@ -59,9 +59,16 @@ pub struct ControllerConfig {
 /// A request from the API, with where its answer goes.
 #[derive(Debug)]
 pub enum Request {
-    /// Reconcile one host, or every host, now.
+    /// Reconcile one host, the hosts a selector matches, or every host,
+    /// now.
     Reconcile {
         host: Option<String>,
+        selector: Option<crate::spec::Selector>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The hosts whose labels match `selector` (one name per line).
+    Select {
+        selector: crate::spec::Selector,
         reply: oneshot::Sender<Result<String, String>>,
     },
     /// Suspend a host and switch it to its previous generation.
@@ -410,7 +417,12 @@ impl<B: Backend> Controller<B> {
     /// Keeps a request's answer channel and turns it into a message.
     fn request(&mut self, request: Request) -> Msg {
         let (ask, reply) = match request {
-            Request::Reconcile { host, reply } => (Ask::Reconcile { host }, reply),
+            Request::Reconcile {
+                host,
+                selector,
+                reply,
+            } => (Ask::Reconcile { host, selector }, reply),
+            Request::Select { selector, reply } => (Ask::Select { selector }, reply),
             Request::Rollback { host, reply } => (Ask::Rollback { host }, reply),
             Request::Resume { host, reply } => (Ask::Resume { host }, reply),
             Request::Accept { revision, reply } => (Ask::Accept { revision }, reply),

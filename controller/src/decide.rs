@@ -59,8 +59,14 @@ pub struct RequestId(pub u64);
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ask {
-    /// Reconcile one host, or every host, now.
-    Reconcile { host: Option<String> },
+    /// Reconcile one host, the hosts a label selector matches, or every
+    /// host, now.
+    Reconcile {
+        host: Option<String>,
+        selector: Option<crate::spec::Selector>,
+    },
+    /// The hosts of the current specs whose labels match `selector`.
+    Select { selector: crate::spec::Selector },
     /// Suspend a host and switch it to its previous generation.
     Rollback { host: String },
     /// Hand a host suspended by `Rollback` back to the controller.

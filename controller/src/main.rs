@@ -49,6 +49,9 @@ enum Command {
         /// ends it).
         #[arg(long, short)]
         watch: bool,
+        /// Only hosts whose labels match, e.g. `role=web,tier=front`.
+        #[arg(long, short = 'l', conflicts_with = "host")]
+        selector: Option<String>,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -56,6 +59,9 @@ enum Command {
     Events {
         #[arg(long)]
         host: Option<String>,
+        /// Only events of hosts whose labels match, e.g. `role=web`.
+        #[arg(long, short = 'l', conflicts_with = "host")]
+        selector: Option<String>,
         /// Keep printing new events as they happen.
         #[arg(long, short)]
         follow: bool,
@@ -74,8 +80,14 @@ enum Command {
     },
     /// Reconcile one host, or all, now (all also resumes a halted rollout).
     Reconcile {
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(
+            required_unless_present_any = ["all", "selector"],
+            conflicts_with_all = ["all", "selector"]
+        )]
         host: Option<String>,
+        /// The hosts whose labels match, e.g. `role=web`.
+        #[arg(long, short = 'l', conflicts_with = "all")]
+        selector: Option<String>,
         /// Every host.
         #[arg(long)]
         all: bool,
@@ -321,40 +333,56 @@ fn main() -> std::process::ExitCode {
         Command::Status {
             host,
             watch: false,
+            selector,
             source,
-        } => status(host, &source),
+        } => status(host, selector.as_deref(), &source),
         Command::Status {
             host,
             watch: true,
+            selector,
             source,
-        } => watch_status(host, &source),
+        } => watch_status(host, selector.as_deref(), &source),
         Command::Events {
             host,
             follow,
             since,
             limit,
             all,
+            selector,
             source,
         } => {
             let limit = match (limit, all || since.is_some() || follow) {
                 (None, false) => Some(DEFAULT_EVENTS),
                 (limit, _) => limit,
             };
-            events(EventQuery { host, since, limit }, follow, &source)
+            events(
+                EventQuery {
+                    host,
+                    hosts: None,
+                    since,
+                    limit,
+                    selector,
+                },
+                follow,
+                &source,
+            )
         }
         Command::Reconcile {
             host,
             all: _,
+            selector,
             wait,
             timeout,
             source,
-        } => {
-            if wait {
-                reconcile_and_wait(host, timeout, &source)
-            } else {
-                reconcile(host, &source)
-            }
-        }
+        } => match selector
+            .as_deref()
+            .map(cim::api::parse_selector)
+            .transpose()
+        {
+            Err(e) => Err(anyhow::anyhow!("--selector: {e}")),
+            Ok(selector) if wait => reconcile_and_wait(host, selector, timeout, &source),
+            Ok(selector) => reconcile(host, selector, &source),
+        },
         Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
         Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
         Command::Accept {
@@ -443,7 +471,7 @@ fn validate(path: &Path) -> Exit {
     }
 }
 
-fn status(host: Option<String>, args: &SourceArgs) -> Exit {
+fn status(host: Option<String>, selector: Option<&str>, args: &SourceArgs) -> Exit {
     let src = source(args)?;
     let now = time::OffsetDateTime::now_utc();
     match host {
@@ -455,7 +483,12 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
             }
         }
         None => {
-            let s = src.status()?;
+            let mut s = src.status()?;
+            if let Some(selector) = selector {
+                let names: std::collections::BTreeSet<String> =
+                    src.select(selector)?.into_iter().collect();
+                s.hosts.retain(|h| names.contains(&h.name));
+            }
             match args.output {
                 Output::Json => print_json(&s)?,
                 Output::Table => emit(&render::status(&s, now)),
@@ -467,13 +500,15 @@ fn status(host: Option<String>, args: &SourceArgs) -> Exit {
 
 /// `cim status --watch`: the status again after every burst of events
 /// (on a terminal the screen is cleared first, like `watch`).
-fn watch_status(host: Option<String>, args: &SourceArgs) -> Exit {
+fn watch_status(host: Option<String>, selector: Option<&str>, args: &SourceArgs) -> Exit {
     use std::io::IsTerminal;
     let follow = source(args)?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let since = follow
             .events(&EventQuery {
+                hosts: None,
+                selector: None,
                 host: None,
                 since: None,
                 limit: Some(1),
@@ -483,6 +518,8 @@ fn watch_status(host: Option<String>, args: &SourceArgs) -> Exit {
             .unwrap_or(0);
         let _ = follow.follow(
             &EventQuery {
+                hosts: None,
+                selector: None,
                 host: None,
                 since: Some(since),
                 limit: None,
@@ -495,7 +532,7 @@ fn watch_status(host: Option<String>, args: &SourceArgs) -> Exit {
         if terminal {
             print!("\x1b[2J\x1b[H");
         }
-        status(host.clone(), args)?;
+        status(host.clone(), selector, args)?;
         // One redraw per burst: wait for an event, then let the rest of
         // the burst arrive.
         if rx.recv().is_err() {
@@ -549,27 +586,42 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn reconcile(host: Option<String>, args: &SourceArgs) -> Exit {
-    say(source(args)?.reconcile(host))
+fn reconcile(
+    host: Option<String>,
+    selector: Option<cim::spec::Selector>,
+    args: &SourceArgs,
+) -> Exit {
+    say(source(args)?.reconcile(host, selector))
 }
 
 /// `cim reconcile --wait`: asks, then follows the event log until every
 /// host asked for has an outcome (see `cim::wait`), with progress bars on a
 /// terminal and plain lines elsewhere.
-fn reconcile_and_wait(host: Option<String>, timeout: Duration, args: &SourceArgs) -> Exit {
+fn reconcile_and_wait(
+    host: Option<String>,
+    selector: Option<cim::spec::Selector>,
+    timeout: Duration,
+    args: &SourceArgs,
+) -> Exit {
     use std::io::IsTerminal;
     let src = source(args)?;
     let since = src
         .events(&EventQuery {
+            hosts: None,
+            selector: None,
             host: None,
             since: None,
             limit: Some(1),
         })?
         .last()
         .map_or(0, |e| e.seq);
-    let hosts: Vec<String> = match &host {
-        Some(h) => vec![h.clone()],
-        None => src
+    let hosts: Vec<String> = match (&host, &selector) {
+        (Some(h), _) => vec![h.clone()],
+        (None, Some(selector)) => {
+            let text: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            src.select(&text.join(","))?
+        }
+        (None, None) => src
             .status()?
             .hosts
             .into_iter()
@@ -577,7 +629,7 @@ fn reconcile_and_wait(host: Option<String>, timeout: Duration, args: &SourceArgs
             .map(|h| h.name)
             .collect(),
     };
-    emit(&src.reconcile(host)?);
+    emit(&src.reconcile(host, selector)?);
     let mut tracker = cim::wait::Tracker::new(hosts);
     if tracker.total() == 0 {
         return Ok(std::process::ExitCode::SUCCESS);
@@ -588,6 +640,8 @@ fn reconcile_and_wait(host: Option<String>, timeout: Duration, args: &SourceArgs
     std::thread::spawn(move || {
         let _ = src.follow(
             &EventQuery {
+                hosts: None,
+                selector: None,
                 host: None,
                 since: Some(since),
                 limit: None,

@@ -152,6 +152,8 @@ fn deliver(cfg: &NotifyConfig) -> Result<(), String> {
             .map_err(|e| crate::error::error_chain(&e))?;
         let events = store
             .events(&EventQuery {
+                hosts: None,
+                selector: None,
                 host: None,
                 since: Some(since),
                 limit: Some(500),

@@ -191,6 +191,8 @@ pub async fn simulate(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let query = EventQuery {
+            hosts: None,
+            selector: None,
             since: Some(last_seq),
             limit: Some(100_000),
             host: None,

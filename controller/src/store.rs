@@ -39,6 +39,11 @@ pub enum StoreError {
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
     pub host: Option<String>,
+    /// Only events of these hosts (a label selector's matches).
+    pub hosts: Option<Vec<String>>,
+    /// Asked of the API: only events of the hosts whose labels match this
+    /// selector (`role=web`); the store itself does not know labels.
+    pub selector: Option<String>,
     /// Only events with a larger sequence number.
     pub since: Option<u64>,
     /// At most this many, the newest ones when `since` is not given.
@@ -409,12 +414,16 @@ impl Store {
         let newest_first = q.since.is_none() && q.limit.is_some();
         let sql = format!(
             "SELECT body FROM events WHERE seq > ?1 AND (?2 IS NULL OR host = ?2)
+             AND (?4 IS NULL OR host IN (SELECT value FROM json_each(?4)))
              ORDER BY seq {} LIMIT ?3",
             if newest_first { "DESC" } else { "ASC" }
         );
+        let hosts = q.hosts.as_ref().map(serde_json::to_string).transpose()?;
         let mut stmt = self.conn.prepare(&sql)?;
         let bodies = stmt
-            .query_map(params![since, q.host, limit], |r| r.get::<_, String>(0))?
+            .query_map(params![since, q.host, limit, hosts], |r| {
+                r.get::<_, String>(0)
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         let mut events = bodies
             .iter()
@@ -537,6 +546,8 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         sample(&mut store, &mut FleetStatus::default());
         let q = |host: Option<&str>, since, limit| EventQuery {
+            hosts: None,
+            selector: None,
             host: host.map(str::to_string),
             since,
             limit,

@@ -357,3 +357,50 @@ fn status_watch_redraws_when_the_fleet_changes() {
     let _ = watch.wait();
     assert!(seen, "no redraw showed web-1 converged at {revision}");
 }
+
+#[test]
+fn label_selectors_narrow_status_events_and_reconcile() {
+    let (fleet, dir) = fleet(2);
+    let db = cim_sandbox::host_spec("web-2", &fleet.host("web-2").address, "")
+        .replace("{role: web}", "{role: db}");
+    let specs = format!(
+        "{}---\n{db}",
+        cim_sandbox::host_spec("web-1", &fleet.host("web-1").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    let revision = fleet.commit("web-2 is the database").unwrap();
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], Some(&revision));
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = cim.cli(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = json(&["status", "-l", "role=db", "-o", "json"]);
+    let names: Vec<&str> = status["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web-2"]);
+    let events = json(&["events", "-l", "role=db", "--all", "-o", "json"]);
+    let events = events.as_array().unwrap();
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|e| e["host"] == "web-2"), "{events:?}");
+    let out = cim.cli(&["reconcile", "-l", "role=db"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reconciling 1 hosts"));
+    cim.wait_until("web-2's reconcile handled", Duration::from_secs(30), |_| {
+        !cim.events_of("web-2", "ReconcileRequested").is_empty()
+    });
+    assert!(cim.events_of("web-1", "ReconcileRequested").is_empty());
+}

@@ -100,6 +100,8 @@ impl Snapshot {
     pub(super) fn catch_up(&mut self, store: &Store) -> Result<bool, StoreError> {
         loop {
             let events = store.events(&EventQuery {
+                hosts: None,
+                selector: None,
                 host: None,
                 since: Some(self.seq()),
                 limit: Some(PAGE),

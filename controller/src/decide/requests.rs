@@ -9,7 +9,14 @@ use crate::types::Revision;
 impl State {
     pub(super) fn on_request(&mut self, id: RequestId, ask: Ask, out: &mut Vec<Effect>) {
         let refused = match ask {
-            Ask::Reconcile { host } => self.on_reconcile(id, host, out),
+            Ask::Reconcile { host, selector } => self.on_reconcile(id, host, selector, out),
+            Ask::Select { selector } => {
+                out.push(Effect::Reply {
+                    id,
+                    result: Ok(self.selected(&selector).join("\n")),
+                });
+                Ok(())
+            }
             Ask::Rollback { host } => self.on_rollback(id, &host, out),
             Ask::Resume { host } => self.on_resume(id, &host, out),
             Ask::Accept { revision } => self.on_accept(id, &revision, out),
@@ -154,10 +161,26 @@ impl State {
         });
     }
 
+    /// Hosts of the current specs whose labels match `selector`.
+    fn selected(&self, selector: &crate::spec::Selector) -> Vec<String> {
+        self.specs
+            .as_ref()
+            .map(|(_, fleet)| {
+                fleet
+                    .hosts
+                    .values()
+                    .filter(|h| crate::rollout::matches(selector, &h.labels))
+                    .map(|h| h.name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn on_reconcile(
         &mut self,
         id: RequestId,
         host: Option<String>,
+        selector: Option<crate::spec::Selector>,
         out: &mut Vec<Effect>,
     ) -> Result<(), String> {
         let Some(revision) = self.current().cloned() else {
@@ -183,6 +206,17 @@ impl State {
                     ));
                 }
                 vec![name.clone()]
+            }
+            None if selector.is_some() => {
+                let selector = selector.unwrap_or_default();
+                let mut hosts = self.selected(&selector);
+                hosts.retain(|h| {
+                    !self.operator_suspended(h) && self.host_spec(h).is_some_and(|s| !s.suspend)
+                });
+                if hosts.is_empty() {
+                    return Err(format!("no host to reconcile matches {selector:?}"));
+                }
+                hosts
             }
             None => {
                 out.push(Effect::Fetch);

@@ -417,6 +417,7 @@ fn a_failed_activation_holds_the_host_until_asked_again() {
     assert!(rig.tick().is_empty(), "held: not retried on a timer");
     let (answer, _) = rig.ask(Ask::Reconcile {
         host: Some("web-1".into()),
+        selector: None,
     });
     assert!(answer.unwrap().starts_with("reconciling web-1"));
     assert_eq!(rig.tick(), ["web-1"]);
@@ -438,6 +439,7 @@ fn a_build_failure_waits_for_a_new_revision_or_a_request() {
     // Its system is gone: a reconcile evaluates again.
     let (answer, effects) = rig.ask(Ask::Reconcile {
         host: Some("web-1".into()),
+        selector: None,
     });
     assert!(answer.is_ok());
     assert!(matches!(
@@ -526,7 +528,10 @@ fn a_spent_failure_budget_halts_the_rollout_until_reconcile_all() {
     );
     assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
     assert!(rig.tick().is_empty(), "web-3 is not touched");
-    let (answer, effects) = rig.ask(Ask::Reconcile { host: None });
+    let (answer, effects) = rig.ask(Ask::Reconcile {
+        host: None,
+        selector: None,
+    });
     assert!(answer.is_ok());
     assert!(matches!(effects[0], Effect::Fetch));
     assert!(rig.reasons().contains(&"RolloutResumed".to_string()));
@@ -549,6 +554,7 @@ fn hosts_suspended_by_their_spec_are_left_alone() {
     assert_eq!(rig.tick(), ["web-1"]);
     let (answer, _) = rig.ask(Ask::Reconcile {
         host: Some("web-2".into()),
+        selector: None,
     });
     assert_eq!(answer.unwrap_err(), "host `web-2` is suspended by its spec");
 }
@@ -591,7 +597,10 @@ fn a_rollback_suspends_the_host_and_rolls_it_back_once_its_run_ends() {
 #[test]
 fn requests_for_unknown_hosts_are_refused() {
     let mut rig = Rig::new();
-    let (answer, effects) = rig.ask(Ask::Reconcile { host: None });
+    let (answer, effects) = rig.ask(Ask::Reconcile {
+        host: None,
+        selector: None,
+    });
     assert_eq!(answer.unwrap(), "no valid revision yet; fetching now");
     assert!(matches!(effects.as_slice(), [Effect::Fetch]));
     rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
