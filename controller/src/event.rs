@@ -117,6 +117,11 @@ pub enum Reason {
     HistoryRewritten,
     /// An operator accepted a rewritten revision with `cim accept`.
     RevisionAccepted,
+    /// Old system generations were deleted on the host (`keepGenerations`).
+    GenerationsPruned,
+    /// Deleting old system generations failed (the host is converged all
+    /// the same).
+    PruneFailed,
     /// A reconcile an operator asked for ended without any other event to
     /// say so.
     ReconcileHandled,
@@ -162,7 +167,8 @@ impl Reason {
             | Reason::UntrustedSigner
             | Reason::HistoryRewritten
             | Reason::HostKeyMismatch
-            | Reason::NotificationFailed => EventType::Warning,
+            | Reason::NotificationFailed
+            | Reason::PruneFailed => EventType::Warning,
             _ => EventType::Normal,
         }
     }

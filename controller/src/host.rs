@@ -109,6 +109,12 @@ pub trait Host: Send + Sync + 'static {
         &self,
         action: Action,
     ) -> impl Future<Output = Result<String, ActivateError>> + Send;
+    /// Deletes system profile generations beyond the newest `keep`;
+    /// returns how many were deleted.
+    fn prune_generations(
+        &self,
+        keep: u32,
+    ) -> impl Future<Output = Result<u32, ActivateError>> + Send;
     /// Runs a health-check command within `limit`.
     fn run_check(
         &self,

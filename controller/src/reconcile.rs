@@ -62,6 +62,12 @@ pub enum Step {
     ConfirmationTimedOut {
         message: String,
     },
+    /// Old system generations were deleted after a successful activation
+    /// (how many), or deleting them failed.
+    Pruned {
+        keep: u32,
+        result: Result<u32, String>,
+    },
 }
 
 /// What happened when a failed activation was undone.
@@ -324,7 +330,23 @@ async fn reconcile<B: Backend>(
                 },
             }
         };
-        health::after_activation(&session, item, previous, activated, tx).await
+        let outcome = health::after_activation(&session, item, previous, activated, tx).await;
+        if matches!(outcome, Outcome::Converged { changed: true, .. })
+            && item.host.action.sets_profile()
+        {
+            // Housekeeping: a failure here changes nothing about the
+            // outcome, it is only said.
+            let pruned = session
+                .prune_generations(item.host.keep_generations)
+                .await
+                .map_err(|e| error_chain(&e));
+            let _ = report(Step::Pruned {
+                keep: item.host.keep_generations,
+                result: pruned,
+            })
+            .await;
+        }
+        outcome
     }
     .await;
     // A host that cut its network leaves this connection hanging.

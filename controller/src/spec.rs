@@ -96,7 +96,13 @@ pub struct HostSpec {
     pub host_key: Option<String>,
     /// `sudo`: `user` is not root; what needs root runs under `sudo -n`.
     pub sudo: bool,
+    /// `keepGenerations`: after a successful activation, system profile
+    /// generations beyond the newest this many are deleted on the host.
+    pub keep_generations: u32,
 }
+
+/// Default of `spec.keepGenerations`.
+pub const DEFAULT_KEEP_GENERATIONS: u32 = 10;
 
 /// A place in a spec file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -226,6 +232,8 @@ struct RawSpec {
     host_key: Option<Spanned<String>>,
     #[serde(default)]
     sudo: Option<bool>,
+    #[serde(default)]
+    keep_generations: Option<Spanned<u32>>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
@@ -574,6 +582,14 @@ impl<'a> FileContext<'a> {
                 errs.push(self.error(user.into(), format!("invalid user `{}`: {why}", user.value)));
             }
         }
+        if let Some(k) = &spec.keep_generations {
+            if k.value < 2 {
+                errs.push(self.error(
+                    k.into(),
+                    "keepGenerations must be at least 2 (the running generation and the one to roll back to)".to_string(),
+                ));
+            }
+        }
         let host_key = match &spec.host_key {
             None => None,
             Some(k) => match ssh_key::PublicKey::from_openssh(k.value.trim()) {
@@ -639,6 +655,10 @@ impl<'a> FileContext<'a> {
             substitute_on_destination: spec.substitute_on_destination,
             host_key,
             sudo: spec.sudo.unwrap_or(false),
+            keep_generations: spec
+                .keep_generations
+                .as_ref()
+                .map_or(DEFAULT_KEEP_GENERATIONS, |k| k.value),
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),

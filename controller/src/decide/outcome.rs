@@ -94,6 +94,21 @@ impl State {
                 )
                 .phase(Phase::Verifying)
             }
+            Step::Pruned { keep, result } => match result {
+                Ok(0) => return,
+                Ok(n) => NewEvent::host(
+                    host,
+                    Reason::GenerationsPruned,
+                    Some(revision),
+                    format!("deleted {n} old system generations, keeping the newest {keep}"),
+                ),
+                Err(e) => NewEvent::host(
+                    host,
+                    Reason::PruneFailed,
+                    Some(revision),
+                    format!("deleting old system generations failed: {e}"),
+                ),
+            },
             Step::ConfirmationTimedOut { message } => {
                 NewEvent::host(host, Reason::ConfirmationTimedOut, Some(revision), message)
             }

@@ -162,6 +162,26 @@ impl HostSession {
         Ok(())
     }
 
+    /// Deletes system profile generations beyond the newest `keep` (never
+    /// the running one nor, with `keep` ≥ 2, the one before it); returns
+    /// how many were deleted.
+    pub async fn prune_generations(&self, keep: u32) -> Result<u32, ActivateError> {
+        let keep = format!("+{}", keep.max(2));
+        let out = self
+            .checked(
+                "nix-env",
+                &[
+                    "-p",
+                    "/nix/var/nix/profiles/system",
+                    "--delete-generations",
+                    &keep,
+                ],
+            )
+            .await?;
+        let text = format!("{}{}", out.stdout, out.stderr);
+        Ok(text.lines().filter(|l| l.contains("removing")).count() as u32)
+    }
+
     /// An operator's rollback: the system profile back one generation, and
     /// that generation activated (`boot` for boot hosts, else `switch`).
     /// Returns the closure the host is back on.

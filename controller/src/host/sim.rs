@@ -562,6 +562,21 @@ impl Host for SimSession {
         })
     }
 
+    async fn prune_generations(&self, keep: u32) -> Result<u32, ActivateError> {
+        let pruned = self
+            .after(
+                self.sim.cfg.command,
+                "nix-env --delete-generations",
+                |h, _| {
+                    let extra = h.generations.len().saturating_sub(keep as usize);
+                    h.generations.drain(..extra);
+                    u32::try_from(extra).unwrap_or(u32::MAX)
+                },
+            )
+            .await?;
+        Ok(pruned)
+    }
+
     async fn run_check(
         &self,
         argv: &[String],

@@ -115,6 +115,10 @@ impl Host for HostSession {
         HostSession::roll_back_generation(self, action).await
     }
 
+    async fn prune_generations(&self, keep: u32) -> Result<u32, ActivateError> {
+        HostSession::prune_generations(self, keep).await
+    }
+
     async fn run_check(&self, argv: &[String], limit: Duration) -> Result<CommandOutput, SshError> {
         HostSession::run_check(self, argv, limit).await
     }

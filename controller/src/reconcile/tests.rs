@@ -83,6 +83,11 @@ async fn a_host_is_copied_activated_confirmed_and_converged() {
             Step::CopyStarted,
             Step::CopySucceeded,
             Step::ActivationStarted,
+            // Two generations, within the default ten: nothing deleted.
+            Step::Pruned {
+                keep: 10,
+                result: Ok(0)
+            },
         ]
     );
     assert_eq!(sim.current("web-1").as_deref(), Some(desired.as_str()));
@@ -188,4 +193,24 @@ async fn an_operator_rollback_goes_back_one_generation() {
         }
     );
     assert_eq!(sim.current("web-1").as_deref(), Some(OLD));
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_generations_beyond_keep_generations_are_deleted() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let mut pruned = Vec::new();
+    for version in ["r2", "r3", "r4"] {
+        let mut item = item(spec("  keepGenerations: 2\n"));
+        let system = Sim::system(&format!("flake-{version}"), "web-1");
+        item.desired = system.out;
+        item.build = Some(system.drv);
+        let (steps, outcome) = reconcile_on(&sim, item).await;
+        assert!(matches!(outcome, Outcome::Converged { changed: true, .. }));
+        pruned.extend(steps.into_iter().filter_map(|s| match s {
+            Step::Pruned { result, .. } => Some(result),
+            _ => None,
+        }));
+    }
+    assert_eq!(pruned, [Ok(0), Ok(1), Ok(1)]);
 }
