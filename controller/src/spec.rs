@@ -250,7 +250,7 @@ struct RawSpec {
 
 /// A validated document.
 enum Doc {
-    Host(HostSpec, Loc, Vec<(Dependency, Loc)>),
+    Host(Box<HostSpec>, Loc, Vec<(Dependency, Loc)>),
     Fleet(RolloutPolicy, Loc),
 }
 
@@ -361,7 +361,7 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
                         ctx_source: source,
                         deps,
                     });
-                    hosts.insert(spec.name.to_string(), spec);
+                    hosts.insert(spec.name.to_string(), *spec);
                 }
             }
         }
@@ -677,7 +677,7 @@ impl<'a> FileContext<'a> {
             action: spec.action.unwrap_or(Action::Switch),
             suspend: spec.suspend.unwrap_or(false),
         };
-        Ok(Doc::Host(host, name.into(), depends_on))
+        Ok(Doc::Host(Box::new(host), name.into(), depends_on))
     }
 }
 
