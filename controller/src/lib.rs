@@ -15,6 +15,7 @@ pub mod event;
 pub mod git;
 pub mod host;
 pub mod metrics;
+pub mod notes;
 pub mod notify;
 pub mod queue;
 pub mod reconcile;

@@ -306,6 +306,14 @@ struct RunArgs {
     /// Notify only events of these hosts (repeatable).
     #[arg(long = "notify-host")]
     notify_hosts: Vec<String>,
+    /// Write each rollout's outcome (per host: phase, system, time) as a
+    /// git note on its commit, under refs/notes/cim in the mirror.
+    #[arg(long)]
+    write_notes: bool,
+    /// Push refs/notes/cim to the watched repository after each note
+    /// (`git log --notes=cim` there shows where each commit went).
+    #[arg(long, requires = "write_notes")]
+    push_notes: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -861,6 +869,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         },
     };
     let mirror = Mirror::open(&state_dir, &args.repo, &driver.git_ssh_command())?;
+    let driver_for_notes = driver.clone();
     let fetch_now = Arc::new(Notify::new());
     let mut controller = Controller::new(
         ControllerConfig {
@@ -905,6 +914,20 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             controller.reporter(),
             cancel.clone(),
         ))
+    };
+    let notes = if args.write_notes {
+        cim::notes::start_at_end(&state_dir)?;
+        Some(cim::notes::spawn(
+            cim::notes::NotesConfig {
+                state_dir: state_dir.clone(),
+                mirror: mirror.path().to_path_buf(),
+                push_to: args.push_notes.then(|| args.repo.clone()),
+            },
+            Arc::new(driver_for_notes),
+            cancel.clone(),
+        ))
+    } else {
+        None
     };
     let (found_tx, found_rx) = mpsc::channel(16);
     let (req_tx, req_rx) = mpsc::channel(64);
@@ -969,6 +992,9 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
     let _ = watcher.await;
     if let Some(notifier) = notifier {
         let _ = notifier.await;
+    }
+    if let Some(notes) = notes {
+        let _ = notes.await;
     }
     // Open event streams keep the server busy; do not wait for them forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), api).await;

@@ -42,3 +42,32 @@ fn old_system_generations_are_deleted_beyond_keep_generations() {
     // The running system and the one before it are still there.
     assert!(fleet.current_system("web-1").is_some());
 }
+
+#[test]
+fn rollouts_are_recorded_as_git_notes_and_pushed() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(
+        &fleet,
+        &dir.path().join("state"),
+        &["--write-notes", "--push-notes"],
+    );
+    cim.wait_converged(&["web-1", "web-2"], None);
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    let revision = fleet.commit("web-1: version 2").unwrap();
+    cim.wait_converged(&["web-1", "web-2"], Some(&revision));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let note = loop {
+        let note = fleet
+            .git(&["log", "--notes=cim", "-1", "--format=%N", &revision])
+            .unwrap_or_default();
+        if note.contains("web-1: Converged") || std::time::Instant::now() > deadline {
+            break note;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(note.contains("RolloutCompleted"), "{note}");
+    assert!(note.contains("web-1: Converged /nix/store/"), "{note}");
+    assert!(note.contains("web-2: Converged"), "{note}");
+    // The branch itself is untouched.
+    assert_eq!(fleet.head().unwrap(), revision);
+}

@@ -17,9 +17,11 @@ use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
 mod activation;
+mod git_cli;
 mod nix;
 mod scripts;
 
+pub use git_cli::{git, GitCliError};
 use nix::NixCommand;
 pub use nix::{
     evaluate, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation, Toplevel,
