@@ -91,6 +91,15 @@ pub fn parse_selector(text: &str) -> Result<crate::spec::Selector, String> {
         .collect()
 }
 
+/// `POST /api/v1/approve` body: the revision and (optionally) the wave,
+/// by name or 1-based number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApproveRequest {
+    pub revision: String,
+    #[serde(default)]
+    pub wave: Option<String>,
+}
+
 /// `POST /api/v1/accept` body: the rewritten revision to deploy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AcceptRequest {
@@ -197,6 +206,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
         .route("/api/v1/accept", post(accept))
+        .route("/api/v1/approve", post(approve))
         .route(
             access::HOOK_PATH,
             post(move |headers: HeaderMap, body: axum::body::Bytes| {
@@ -582,6 +592,16 @@ async fn hook(
     } else {
         error(code, message)
     }
+}
+
+async fn approve(State(app): State<AppState>, Json(body): Json<ApproveRequest>) -> Response {
+    let (revision, wave) = (body.revision, body.wave);
+    ask(&app, |reply| Request::Approve {
+        revision,
+        wave,
+        reply,
+    })
+    .await
 }
 
 async fn accept(State(app): State<AppState>, Json(body): Json<AcceptRequest>) -> Response {

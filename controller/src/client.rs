@@ -226,6 +226,16 @@ impl Source {
         }
     }
 
+    pub fn approve(&self, revision: &str, wave: Option<String>) -> Result<String, ClientError> {
+        self.post(
+            "/api/v1/approve",
+            crate::api::ApproveRequest {
+                revision: revision.to_string(),
+                wave,
+            },
+        )
+    }
+
     pub fn accept(&self, revision: &str) -> Result<String, ClientError> {
         self.post(
             "/api/v1/accept",

@@ -86,6 +86,12 @@ pub enum Request {
         revision: String,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Let a wave with `approval: manual` go ahead.
+    Approve {
+        revision: String,
+        wave: Option<String>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// The group commit failed: the controller stopped.
@@ -426,6 +432,11 @@ impl<B: Backend> Controller<B> {
             Request::Rollback { host, reply } => (Ask::Rollback { host }, reply),
             Request::Resume { host, reply } => (Ask::Resume { host }, reply),
             Request::Accept { revision, reply } => (Ask::Accept { revision }, reply),
+            Request::Approve {
+                revision,
+                wave,
+                reply,
+            } => (Ask::Approve { revision, wave }, reply),
         };
         self.next_request += 1;
         let id = RequestId(self.next_request);

@@ -74,6 +74,13 @@ pub enum Ask {
     /// Deploy a rewritten revision (`--refuse-rewrites`); a full commit id
     /// or a prefix of at least 7 digits.
     Accept { revision: String },
+    /// Let a wave with `approval: manual` go ahead at `revision` (a prefix
+    /// of at least 7 digits); `wave` by name or 1-based number, else the
+    /// current one.
+    Approve {
+        revision: String,
+        wave: Option<String>,
+    },
 }
 
 /// Why a revision is evaluated.
@@ -194,6 +201,11 @@ pub enum Then {
         id: RequestId,
         host: String,
         revision: Option<Revision>,
+    },
+    /// `cim approve` is durable: the waiting wave goes ahead.
+    Approved {
+        id: RequestId,
+        message: String,
     },
     /// `cim accept` is durable: deploy the revision.
     Accepted {
@@ -477,6 +489,13 @@ impl State {
                 hosts,
                 revision,
             } => self.reconcile_recorded(id, one, &hosts, &revision, now, out),
+            Then::Approved { id, message } => {
+                self.advance_rollout(now, out);
+                out.push(Effect::Reply {
+                    id,
+                    result: Ok(message),
+                });
+            }
             Then::Accepted {
                 id,
                 revision,
@@ -506,6 +525,7 @@ impl State {
             Then::RollbackRecorded { id, .. } => self.refuse(id, "rollback", out),
             Then::Resumed { id, .. } => self.refuse(id, "resume", out),
             Then::ReconcileRecorded { id, .. } => self.refuse(id, "reconcile", out),
+            Then::Approved { id, .. } => self.refuse(id, "approval", out),
             Then::Accepted {
                 id,
                 revision,
@@ -563,8 +583,26 @@ impl State {
                     w.members.join(", ")
                 ),
             );
-            ev.wave = Some(w.name);
+            let manual = fleet.policy.waves.get(w.index).is_some_and(|x| x.manual)
+                && self.status.repo.approvals.get(&w.name).map(String::as_str)
+                    != Some(revision.as_str());
+            ev.wave = Some(w.name.clone());
             news.push(ev);
+            if manual {
+                let mut ask = NewEvent::repo(
+                    Reason::ApprovalRequired,
+                    Some(revision),
+                    format!(
+                        "wave {} ({}) waits for `cim approve {} --wave {}`",
+                        w.index + 1,
+                        w.name,
+                        short(revision),
+                        w.name
+                    ),
+                );
+                ask.wave = Some(w.name);
+                news.push(ask);
+            }
         }
         // Complete: every host converged (checked only when no work is
         // left, so that a busy rollout does not scan the fleet per host).

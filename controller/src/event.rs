@@ -117,6 +117,10 @@ pub enum Reason {
     HistoryRewritten,
     /// An operator accepted a rewritten revision with `cim accept`.
     RevisionAccepted,
+    /// A wave with `approval: manual` waits for `cim approve REV`.
+    ApprovalRequired,
+    /// An operator approved a wave (`cim approve`); its hosts go ahead.
+    WaveApproved,
     /// Old system generations were deleted on the host (`keepGenerations`).
     GenerationsPruned,
     /// Deleting old system generations failed (the host is converged all

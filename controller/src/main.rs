@@ -114,6 +114,16 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Let a wave with `approval: manual` go ahead.
+    Approve {
+        /// The revision being rolled out (at least 7 digits).
+        revision: String,
+        /// The wave, by name or number (default: the one waiting).
+        #[arg(long)]
+        wave: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
     /// Deploy a revision held back because it rewrote the branch's history
     /// (`--refuse-rewrites`).
     Accept {
@@ -397,6 +407,11 @@ fn main() -> std::process::ExitCode {
             revision,
             source: s,
         } => source(&s).and_then(|s| say(s.accept(&revision))),
+        Command::Approve {
+            revision,
+            wave,
+            source: s,
+        } => source(&s).and_then(|s| say(s.approve(&revision, wave))),
     };
     match result {
         Ok(code) => code,

@@ -66,6 +66,15 @@ pub fn blocked_by(
             waiting.join(", ")
         ));
     }
+    if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
+        if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
+            return Some(format!(
+                "wave {} waits for `cim approve {}`",
+                w.name,
+                short(revision)
+            ));
+        }
+    }
     if host.depends_on.is_empty() {
         return None;
     }

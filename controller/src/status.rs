@@ -35,6 +35,10 @@ pub struct RepoStatus {
     /// The revision whose rollout completed (every host converged).
     #[serde(default)]
     pub completed_revision: Option<String>,
+    /// Waves with `approval: manual`, by name, and the revision each was
+    /// approved for (`cim approve`).
+    #[serde(default)]
+    pub approvals: std::collections::BTreeMap<String, String>,
 }
 
 /// One host's status.
@@ -175,6 +179,11 @@ impl FleetStatus {
             }
             Reason::WaveStarted => self.repo.wave = ev.wave.clone(),
             Reason::RolloutCompleted => self.repo.completed_revision = ev.revision.clone(),
+            Reason::WaveApproved => {
+                if let (Some(wave), Some(revision)) = (&ev.wave, &ev.revision) {
+                    self.repo.approvals.insert(wave.clone(), revision.clone());
+                }
+            }
             Reason::EventsTrimmed => {
                 self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
             }

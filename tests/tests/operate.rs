@@ -71,3 +71,40 @@ fn rollouts_are_recorded_as_git_notes_and_pushed() {
     // The branch itself is untouched.
     assert_eq!(fleet.head().unwrap(), revision);
 }
+
+#[test]
+fn a_wave_with_manual_approval_waits_for_cim_approve() {
+    let (fleet, dir) = fleet(2);
+    let canary = cim_sandbox::host_spec("web-1", &fleet.host("web-1").address, "")
+        .replace("{role: web}", "{role: canary}");
+    let specs = format!(
+        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  waves:\n    - {{name: canary, selector: {{role: canary}}}}\n    - {{name: prod, selector: {{role: web}}, approval: manual}}\n---\n{canary}---\n{}",
+        cim_sandbox::host_spec("web-2", &fleet.host("web-2").address, "")
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    let revision = fleet.commit("prod waits for an approval").unwrap();
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], Some(&revision));
+    cim.wait_until(
+        "the approval asked for",
+        std::time::Duration::from_secs(30),
+        |_| {
+            cim.events()
+                .iter()
+                .any(|e| e["reason"] == "ApprovalRequired")
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        fleet.activations("web-2").is_empty(),
+        "prod went ahead unapproved"
+    );
+    let out = cim.cli(&["approve", &revision[..12]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wave prod"));
+    cim.wait_converged(&["web-1", "web-2"], Some(&revision));
+}

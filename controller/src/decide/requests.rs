@@ -20,6 +20,7 @@ impl State {
             Ask::Rollback { host } => self.on_rollback(id, &host, out),
             Ask::Resume { host } => self.on_resume(id, &host, out),
             Ask::Accept { revision } => self.on_accept(id, &revision, out),
+            Ask::Approve { revision, wave } => self.on_approve(id, &revision, wave, out),
         };
         if let Err(message) = refused {
             out.push(Effect::Reply {
@@ -83,6 +84,54 @@ impl State {
             id,
             result: Ok(message),
         });
+    }
+
+    /// `cim approve REV [--wave W]`: records the approval; the rollout
+    /// moves on once it is durable.
+    fn on_approve(
+        &mut self,
+        id: RequestId,
+        wanted: &str,
+        wave: Option<String>,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), String> {
+        let Some((revision, fleet)) = self.specs.as_ref() else {
+            return Err("no revision is being rolled out".to_string());
+        };
+        if wanted.len() < 7 || !revision.as_str().starts_with(wanted) {
+            return Err(format!(
+                "the revision being rolled out is {revision}, not {wanted}"
+            ));
+        }
+        let waves = &fleet.policy.waves;
+        let chosen = match &wave {
+            Some(w) => w
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|i| waves.get(i))
+                .or_else(|| waves.iter().find(|x| x.name == *w)),
+            None => crate::rollout::current_wave(fleet, &self.status, revision)
+                .and_then(|c| waves.get(c.index)),
+        };
+        let Some(chosen) = chosen else {
+            return Err(match wave {
+                Some(w) => format!("no wave `{w}`"),
+                None => "no wave is waiting".to_string(),
+            });
+        };
+        if !chosen.manual {
+            return Err(format!("wave {} does not need an approval", chosen.name));
+        }
+        let mut ev = NewEvent::repo(
+            Reason::WaveApproved,
+            Some(revision),
+            format!("wave {} approved by `cim approve`", chosen.name),
+        );
+        ev.wave = Some(chosen.name.clone());
+        let message = format!("wave {} of {} may go ahead", chosen.name, short(revision));
+        append(out, vec![ev], Then::Approved { id, message });
+        Ok(())
     }
 
     /// Starts the rollback worker of `host` unless a worker already runs.

@@ -857,3 +857,29 @@ fn a_rollout_that_converged_everywhere_says_so_once_with_its_duration() {
         .count();
     assert_eq!(completed, 1);
 }
+
+#[test]
+fn a_manual_wave_waits_for_an_approval() {
+    let policy = "  waves:\n    - {name: canary, selector: {role: canary}}\n    - {name: prod, selector: {role: web}, approval: manual}\n";
+    let mut rig = Rig::new();
+    rig.deploy(
+        "r1",
+        fleet(policy, &[("canary-1", ""), ("web-1", ""), ("web-2", "")]),
+        &[],
+    );
+    assert_eq!(rig.tick(), ["canary-1"]);
+    rig.converged("canary-1");
+    assert_eq!(rig.log.last().unwrap().reason, Reason::ApprovalRequired);
+    assert!(rig.tick().is_empty(), "the manual wave waits");
+    let (answer, _) = rig.ask(Ask::Approve {
+        revision: "2222222".into(),
+        wave: None,
+    });
+    assert!(answer.is_err(), "not the revision rolled out");
+    let (answer, _) = rig.ask(Ask::Approve {
+        revision: "1111111".into(),
+        wave: None,
+    });
+    assert_eq!(answer.unwrap(), "wave prod of 111111111111 may go ahead");
+    assert_eq!(rig.tick(), ["web-1", "web-2"]);
+}

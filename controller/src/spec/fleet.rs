@@ -52,6 +52,18 @@ impl std::fmt::Display for MaxFailures {
 pub struct Wave {
     pub name: String,
     pub selector: Selector,
+    /// `approval: manual`: the wave waits for `cim approve REV` before its
+    /// hosts are touched.
+    pub manual: bool,
+}
+
+/// `approval` of a wave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawApproval {
+    #[default]
+    Auto,
+    Manual,
 }
 
 /// Another host (or hosts) that must be converged on the same revision
@@ -76,6 +88,8 @@ impl Dependency {
 pub(super) struct RawWave {
     name: String,
     selector: Selector,
+    #[serde(default)]
+    approval: RawApproval,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +210,7 @@ impl FileContext<'_> {
             policy.waves.push(Wave {
                 name: w.value.name.clone(),
                 selector: w.value.selector.clone(),
+                manual: w.value.approval == RawApproval::Manual,
             });
         }
         policy
