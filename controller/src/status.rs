@@ -183,7 +183,9 @@ impl FleetStatus {
                 if let (Some(wave), Some(revision)) = (&ev.wave, &ev.revision) {
                     self.repo.approvals.insert(wave.clone(), revision.clone());
                 }
+                self.repo.message = None;
             }
+            Reason::ApprovalRequired => self.repo.message = Some(ev.message.clone()),
             Reason::EventsTrimmed => {
                 self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
             }
