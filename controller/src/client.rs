@@ -215,6 +215,16 @@ impl Source {
         )
     }
 
+    /// The sequence number of the newest event (0: none yet): where a
+    /// command that waits for what follows starts reading.
+    pub fn newest_seq(&self) -> Result<u64, ClientError> {
+        let newest = self.events(&EventQuery {
+            limit: Some(1),
+            ..EventQuery::default()
+        })?;
+        Ok(newest.last().map_or(0, |e| e.seq))
+    }
+
     /// The hosts whose labels match `selector` (`role=web,…`); only a
     /// running controller knows the labels.
     pub fn select(&self, selector: &str) -> Result<Vec<String>, ClientError> {
