@@ -144,6 +144,7 @@ struct AppState {
     metrics: Arc<crate::metrics::Metrics>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
+    planner: Option<crate::plan::run::PlanService>,
 }
 
 /// What the API needs of the controller it serves.
@@ -166,6 +167,8 @@ pub struct ApiContext {
     pub fetch_now: Arc<tokio::sync::Notify>,
     /// What `/metrics` shows.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Makes plans (`GET /api/v1/plan`); `None`: this controller cannot.
+    pub planner: Option<crate::plan::run::PlanService>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -179,6 +182,7 @@ pub fn router(ctx: ApiContext) -> Router {
         webhook,
         fetch_now,
         metrics,
+        planner,
     } = ctx;
     let status_cache = Arc::new(Mutex::new(None));
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -192,6 +196,7 @@ pub fn router(ctx: ApiContext) -> Router {
         metrics,
         requests,
         events,
+        planner,
     };
     Router::new()
         .route("/healthz", get(move || healthz(health.clone())))
@@ -207,6 +212,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/hosts/{name}/resume", post(resume))
         .route("/api/v1/accept", post(accept))
         .route("/api/v1/approve", post(approve))
+        .route(access::PLAN_PATH, get(plan))
         .route(
             access::HOOK_PATH,
             post(move |headers: HeaderMap, body: axum::body::Bytes| {
@@ -594,6 +600,38 @@ async fn hook(
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct PlanParams {
+    revision: Option<String>,
+    host: Option<String>,
+    /// `false`: compare closures only, copy nothing to the hosts.
+    activation: Option<bool>,
+}
+
+/// What a revision would do to every host (or one): see `plan`.
+async fn plan(State(app): State<AppState>, Query(p): Query<PlanParams>) -> Response {
+    use crate::plan::run::{PlanError, PlanRequest};
+    let Some(planner) = app.planner.clone() else {
+        return error(StatusCode::NOT_IMPLEMENTED, "this controller cannot make plans");
+    };
+    let request = PlanRequest {
+        revision: p.revision.filter(|r| !r.is_empty()),
+        host: p.host.filter(|h| !h.is_empty()),
+        activation: p.activation.unwrap_or(true),
+    };
+    match planner(request).await {
+        Ok(plan) => Json(plan).into_response(),
+        Err(e @ PlanError::NoSuchHost(_)) => error(StatusCode::NOT_FOUND, crate::error::error_chain(&e)),
+        Err(e @ (PlanError::Git(_) | PlanError::Specs { .. })) => {
+            error(StatusCode::BAD_REQUEST, crate::error::error_chain(&e))
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::error::error_chain(&e),
+        ),
+    }
+}
+
 async fn approve(State(app): State<AppState>, Json(body): Json<ApproveRequest>) -> Response {
     let (revision, wave) = (body.revision, body.wave);
     ask(&app, |reply| Request::Approve {
@@ -684,6 +722,7 @@ mod tests {
             metrics: Arc::default(),
             requests,
             events: tx.clone(),
+            planner: None,
         };
         let feed = Feed {
             live: tx.subscribe(),

@@ -255,6 +255,27 @@ impl Source {
         )
     }
 
+    /// What `revision` (default: the branch head) would do to the fleet or
+    /// to `host`; only a running controller can say.
+    pub fn plan(
+        &self,
+        revision: Option<&str>,
+        host: Option<&str>,
+        activation: bool,
+    ) -> Result<crate::plan::Plan, ClientError> {
+        let Source::Api(api) = self else {
+            return Err(ClientError::NeedsController);
+        };
+        let mut query = vec![("activation", activation.to_string())];
+        if let Some(revision) = revision {
+            query.push(("revision", revision.to_string()));
+        }
+        if let Some(host) = host {
+            query.push(("host", host.to_string()));
+        }
+        Self::get_with(api, crate::api::access::PLAN_PATH, &query)
+    }
+
     /// Asks the controller to act; only a running controller can.
     fn post(&self, path: &str, body: impl serde::Serialize) -> Result<String, ClientError> {
         let Source::Api(api) = self else {

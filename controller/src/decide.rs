@@ -259,6 +259,9 @@ pub struct State {
     rollout_started: Option<OffsetDateTime>,
     /// A rewritten revision waiting for `cim accept` (`--refuse-rewrites`).
     awaiting_accept: Option<(Revision, Result<FleetSpec, crate::spec::SpecErrors>)>,
+    /// How each host's run changes its system ("3 packages upgraded"),
+    /// from its build until its outcome.
+    changes: BTreeMap<String, String>,
 }
 
 impl State {
@@ -286,6 +289,7 @@ impl State {
             gated: BTreeSet::new(),
             store_failure: None,
             unapplied: None,
+            changes: BTreeMap::new(),
             pending_rollbacks: BTreeSet::new(),
             rollout_started: None,
             requested: BTreeSet::new(),

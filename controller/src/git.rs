@@ -275,6 +275,62 @@ fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<Revision>,
     }
 }
 
+/// Resolves `spec` (a commit id or a unique prefix of one, a branch, a
+/// tag; `None`: `branch`) in the mirror at `mirror`, pins it for nix, and
+/// reads its spec files: what `cim plan` looks at, without fetching.
+pub fn revision_for_plan(
+    mirror: &Path,
+    branch: &str,
+    spec: Option<&str>,
+) -> Result<(Revision, Vec<SpecFile>), GitError> {
+    let repo = gix::open(mirror).map_err(|source| GitError::Mirror {
+        path: mirror.to_path_buf(),
+        source: source.into(),
+    })?;
+    let revision = match spec {
+        None => branch_head(&repo, branch)?.ok_or_else(|| GitError::NoBranch {
+            url: mirror.display().to_string(),
+            branch: branch.to_string(),
+        })?,
+        Some(spec) => {
+            let id = repo
+                .rev_parse_single(spec)
+                .map_err(|source| GitError::Read {
+                    revision: spec.to_string(),
+                    what: "the revision".to_string(),
+                    source: source.into(),
+                })?
+                .object()
+                .map_err(|source| GitError::Read {
+                    revision: spec.to_string(),
+                    what: "the revision".to_string(),
+                    source: source.into(),
+                })?
+                .peel_to_commit()
+                .map_err(|source| GitError::Read {
+                    revision: spec.to_string(),
+                    what: "the commit".to_string(),
+                    source: source.into(),
+                })?
+                .id
+                .to_string();
+            Revision::parse(&id).ok_or(GitError::BadRevision(id))?
+        }
+    };
+    repo.reference(
+        format!("refs/cim/{revision}").as_str(),
+        parse_id(&revision)?,
+        gix::refs::transaction::PreviousValue::Any,
+        "cim: pin revision for a plan",
+    )
+    .map_err(|source| GitError::Pin {
+        revision: revision.to_string(),
+        source: source.into(),
+    })?;
+    let specs = read_specs_at(&repo, &revision)?;
+    Ok((revision, specs))
+}
+
 /// How far back [`Mirror::descends_from`] looks.
 const HISTORY_LIMIT: usize = 100_000;
 

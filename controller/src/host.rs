@@ -15,6 +15,7 @@ use crate::driver::{
     ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, Evaluation, Look, SshError,
     Toplevel,
 };
+use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
@@ -49,6 +50,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Pushes `closure` to [`Backend::cache`].
     fn push(&self, closure: &StorePath) -> impl Future<Output = Result<(), BuildError>> + Send;
+
+    /// `root`'s closure in the controller's store (paths, sizes,
+    /// references).
+    fn closure(
+        &self,
+        root: &StorePath,
+    ) -> impl Future<Output = Result<Vec<PathInfo>, BuildError>> + Send;
 }
 
 /// One connection to one host, for one reconcile.
@@ -115,6 +123,14 @@ pub trait Host: Send + Sync + 'static {
         &self,
         keep: u32,
     ) -> impl Future<Output = Result<u32, ActivateError>> + Send;
+    /// `root`'s closure in the host's store (paths, sizes, references).
+    fn closure(&self, root: &str) -> impl Future<Output = Result<Vec<PathInfo>, SshError>> + Send;
+    /// Which of kernel, initrd and kernel modules of `system` (copied to
+    /// the host) differ from the booted system's.
+    fn reboot_needed_for(
+        &self,
+        system: &StorePath,
+    ) -> impl Future<Output = Result<Vec<String>, SshError>> + Send;
     /// Runs a health-check command within `limit`.
     fn run_check(
         &self,

@@ -17,6 +17,7 @@ pub mod host;
 pub mod metrics;
 pub mod notes;
 pub mod notify;
+pub mod plan;
 pub mod queue;
 pub mod reconcile;
 pub mod render;

@@ -13,7 +13,9 @@ use cim::client::Source;
 use cim::store::EventQuery;
 use cim::{render, spec};
 
+mod inspect;
 mod run;
+use inspect::{plan, status, watch_status};
 use run::run;
 
 #[derive(Parser)]
@@ -49,6 +51,24 @@ enum Command {
         /// Only hosts whose labels match, e.g. `role=web,tier=front`.
         #[arg(long, short = 'l', conflicts_with = "host")]
         selector: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// What a revision (default: the branch head) would do to every host
+    /// before it lands: packages added, removed and upgraded, the closure
+    /// size delta, what activation would start, stop and restart, and
+    /// whether a reboot is needed. Copies the new closures to the hosts to
+    /// ask them (`dry-activate`); changes nothing they run.
+    Plan {
+        /// A commit (or a unique prefix), branch or tag.
+        revision: Option<String>,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Compare closures only: copy nothing, ask no host what
+        /// activation would do.
+        #[arg(long)]
+        no_activation: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -357,6 +377,12 @@ fn main() -> std::process::ExitCode {
             selector,
             source,
         } => watch_status(host, selector.as_deref(), &source),
+        Command::Plan {
+            revision,
+            host,
+            no_activation,
+            source,
+        } => plan(revision, host, !no_activation, &source),
         Command::Events {
             host,
             follow,
@@ -487,71 +513,6 @@ fn validate(path: &Path) -> Exit {
             }
             eprintln!("{} problems found", errors.errors.len());
             Ok(std::process::ExitCode::FAILURE)
-        }
-    }
-}
-
-fn status(host: Option<String>, selector: Option<&str>, args: &SourceArgs) -> Exit {
-    let src = source(args)?;
-    let now = time::OffsetDateTime::now_utc();
-    match host {
-        Some(name) => {
-            let h = src.host(&name)?;
-            match args.output {
-                Output::Json => print_json(&h)?,
-                Output::Table => emit(&render::host(&h, now)),
-            }
-        }
-        None => {
-            let mut s = src.status()?;
-            if let Some(selector) = selector {
-                let names: std::collections::BTreeSet<String> =
-                    src.select(selector)?.into_iter().collect();
-                s.hosts.retain(|h| names.contains(&h.name));
-            }
-            match args.output {
-                Output::Json => print_json(&s)?,
-                Output::Table => emit(&render::status(&s, now)),
-            }
-        }
-    }
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// `cim status --watch`: the status again after every burst of events
-/// (on a terminal the screen is cleared first, like `watch`).
-fn watch_status(host: Option<String>, selector: Option<&str>, args: &SourceArgs) -> Exit {
-    use std::io::IsTerminal;
-    let follow = source(args)?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let since = follow.newest_seq().unwrap_or(0);
-        let _ = follow.follow(
-            &EventQuery {
-                hosts: None,
-                selector: None,
-                host: None,
-                since: Some(since),
-                limit: None,
-            },
-            |_| tx.send(()).is_ok(),
-        );
-    });
-    let terminal = std::io::stdout().is_terminal();
-    loop {
-        if terminal {
-            print!("\x1b[2J\x1b[H");
-        }
-        status(host.clone(), selector, args)?;
-        // One redraw per burst: wait for an event, then let the rest of
-        // the burst arrive.
-        if rx.recv().is_err() {
-            return Ok(std::process::ExitCode::SUCCESS);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        while rx.try_recv().is_ok() {}
-        if !terminal {
-            emit("---");
         }
     }
 }

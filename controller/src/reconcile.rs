@@ -49,7 +49,16 @@ pub enum Step {
         current: Option<String>,
     },
     BuildStarted,
-    BuildSucceeded,
+    /// The system is built; `changes` says how it differs from what the
+    /// host runs ("3 packages upgraded, +12.0 MiB"), when that is known.
+    BuildSucceeded {
+        changes: Option<String>,
+    },
+    /// How the system to activate differs from what the host runs, when
+    /// it needed no build: said again in `Converged`.
+    Compared {
+        changes: String,
+    },
     /// `desired` is in the binary cache.
     Pushed,
     CopyStarted,
@@ -221,7 +230,6 @@ async fn reconcile<B: Backend>(
         };
         let _ = report(Step::BuildStarted).await;
         builds.build(system.clone()).await?;
-        let _ = report(Step::BuildSucceeded).await;
         Ok::<(), String>(())
     };
     let look = async {
@@ -256,6 +264,14 @@ async fn reconcile<B: Backend>(
     };
     let (session, looked) = match looked {
         Ok(found) => found,
+        Err(e) if matches!(built, Some(Ok(()))) => {
+            let _ = report(Step::BuildSucceeded { changes: None }).await;
+            return if e.is_host_key_mismatch() {
+                failed(Reason::HostKeyMismatch, &e)
+            } else {
+                failed(Reason::HostUnreachable, &e)
+            };
+        }
         Err(e) if e.is_host_key_mismatch() => return failed(Reason::HostKeyMismatch, &e),
         Err(e) => return failed(Reason::HostUnreachable, &e),
     };
@@ -291,6 +307,21 @@ async fn reconcile<B: Backend>(
         };
         if let Err(message) = built {
             return Outcome::BuildFailed { message };
+        }
+        // Said in the build's and the convergence's events; a host that
+        // cannot say what it runs only leaves the summary out.
+        let changes = crate::plan::run::closure_diff(backend, &session, current.as_deref(), &item.desired)
+            .await
+            .map(|d| d.summary())
+            .ok();
+        match (&system, changes) {
+            (Some(_), changes) => {
+                let _ = report(Step::BuildSucceeded { changes }).await;
+            }
+            (None, Some(changes)) => {
+                let _ = report(Step::Compared { changes }).await;
+            }
+            (None, None) => {}
         }
         if let (true, Some(cache)) = (item.push, backend.cache()) {
             if let Err(e) = backend.push(&item.desired).await {

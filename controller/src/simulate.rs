@@ -137,6 +137,7 @@ pub async fn simulate(
             .map_err(|e| SimulateError::Specs(e.to_string()))?,
         ),
         webhook: None,
+        planner: None,
         fetch_now: hooks,
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)

@@ -109,15 +109,25 @@ impl Access {
     }
 
     /// Why `method` with `headers` is refused, if it is.
-    fn refuse(&self, method: &Method, headers: &HeaderMap) -> Option<(StatusCode, String)> {
+    fn refuse(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<(StatusCode, String)> {
         if let Some(refused) = self.wrong_host(headers) {
             return Some(refused);
         }
         let changes = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-        if changes {
+        // A plan reads, but runs commands on every host and copies closures
+        // to them: it takes what a change takes, except a body.
+        let works = path == PLAN_PATH;
+        if changes || works {
             if let Some(why) = self.cross_site(headers) {
                 return Some((StatusCode::FORBIDDEN, why));
             }
+        }
+        if changes {
             let json = header_str(headers, header::CONTENT_TYPE)
                 .and_then(|c| c.split(';').next())
                 .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/json"));
@@ -130,7 +140,7 @@ impl Access {
             }
         }
         if let Some(token) = &self.token {
-            if changes || self.reads_need_token {
+            if changes || works || self.reads_need_token {
                 let offered = header_str(headers, header::AUTHORIZATION)
                     .and_then(|a| a.strip_prefix("Bearer "))
                     .map(str::trim);
@@ -224,7 +234,7 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
             return super::error(code, why);
         }
     } else if path != "/healthz" {
-        if let Some((code, why)) = access.refuse(request.method(), request.headers()) {
+        if let Some((code, why)) = access.refuse(request.method(), path, request.headers()) {
             tracing::info!(%why, path = %request.uri().path(), "API request refused");
             return super::error(code, why);
         }
@@ -235,6 +245,9 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
     };
     next.run(request).await
 }
+
+/// Where plans are asked for.
+pub const PLAN_PATH: &str = "/api/v1/plan";
 
 /// Longest a client may take to send a request's body.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -302,18 +315,18 @@ mod tests {
     #[test]
     fn a_rebound_host_name_gets_nothing() {
         let a = access("127.0.0.1:7878", None, &[]);
-        assert!(a.refuse(&Method::GET, &headers(&[LOCAL])).is_none());
+        assert!(a.refuse(&Method::GET, "/x", &headers(&[LOCAL])).is_none());
         assert!(a
-            .refuse(&Method::GET, &headers(&[("host", "localhost:7878")]))
+            .refuse(&Method::GET, "/x", &headers(&[("host", "localhost:7878")]))
             .is_none());
         let (code, _) = a
-            .refuse(&Method::GET, &headers(&[("host", "evil.example:7878")]))
+            .refuse(&Method::GET, "/x", &headers(&[("host", "evil.example:7878")]))
             .unwrap();
         assert_eq!(code, StatusCode::MISDIRECTED_REQUEST);
-        assert!(a.refuse(&Method::GET, &HeaderMap::new()).is_some());
+        assert!(a.refuse(&Method::GET, "/x", &HeaderMap::new()).is_some());
         let named = access("127.0.0.1:7878", None, &["cim.example.org"]);
         assert!(named
-            .refuse(&Method::GET, &headers(&[("host", "cim.example.org:443")]))
+            .refuse(&Method::GET, "/x", &headers(&[("host", "cim.example.org:443")]))
             .is_none());
     }
 
@@ -322,56 +335,75 @@ mod tests {
         let a = access("127.0.0.1:7878", None, &[]);
         let form = headers(&[LOCAL, ("content-type", "application/x-www-form-urlencoded")]);
         assert_eq!(
-            a.refuse(&Method::POST, &form).unwrap().0,
+            a.refuse(&Method::POST, "/x", &form).unwrap().0,
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
         assert_eq!(
-            a.refuse(&Method::POST, &headers(&[LOCAL])).unwrap().0,
+            a.refuse(&Method::POST, "/x", &headers(&[LOCAL])).unwrap().0,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "a no-cors fetch sends no JSON content type"
         );
         let cross = headers(&[LOCAL, JSON, ("origin", "https://evil.example")]);
         assert_eq!(
-            a.refuse(&Method::POST, &cross).unwrap().0,
+            a.refuse(&Method::POST, "/x", &cross).unwrap().0,
             StatusCode::FORBIDDEN
         );
         let fetch = headers(&[LOCAL, JSON, ("sec-fetch-site", "cross-site")]);
         assert_eq!(
-            a.refuse(&Method::POST, &fetch).unwrap().0,
+            a.refuse(&Method::POST, "/x", &fetch).unwrap().0,
             StatusCode::FORBIDDEN
         );
         let same = headers(&[LOCAL, JSON, ("origin", "http://127.0.0.1:7878")]);
-        assert!(a.refuse(&Method::POST, &same).is_none());
-        assert!(a.refuse(&Method::POST, &headers(&[LOCAL, JSON])).is_none());
+        assert!(a.refuse(&Method::POST, "/x", &same).is_none());
+        assert!(a.refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON])).is_none());
+    }
+
+    #[test]
+    fn a_plan_takes_what_a_change_takes_but_a_body() {
+        let a = access("127.0.0.1:7878", Some("s3cret"), &[]);
+        assert!(a.refuse(&Method::GET, "/api/v1/status", &headers(&[LOCAL])).is_none());
+        assert_eq!(
+            a.refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL])).unwrap().0,
+            StatusCode::UNAUTHORIZED
+        );
+        let right = headers(&[LOCAL, ("authorization", "Bearer s3cret")]);
+        assert!(a.refuse(&Method::GET, PLAN_PATH, &right).is_none());
+        let open = access("127.0.0.1:7878", None, &[]);
+        let cross = headers(&[LOCAL, ("sec-fetch-site", "cross-site")]);
+        assert_eq!(
+            open.refuse(&Method::GET, PLAN_PATH, &cross).unwrap().0,
+            StatusCode::FORBIDDEN
+        );
+        assert!(open.refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL])).is_none());
     }
 
     #[test]
     fn a_token_guards_changes_and_everything_beyond_loopback() {
         let a = access("127.0.0.1:7878", Some("s3cret"), &[]);
-        assert!(a.refuse(&Method::GET, &headers(&[LOCAL])).is_none());
+        assert!(a.refuse(&Method::GET, "/x", &headers(&[LOCAL])).is_none());
         assert_eq!(
-            a.refuse(&Method::POST, &headers(&[LOCAL, JSON])).unwrap().0,
+            a.refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON])).unwrap().0,
             StatusCode::UNAUTHORIZED
         );
         let wrong = headers(&[LOCAL, JSON, ("authorization", "Bearer s3cre")]);
         assert_eq!(
-            a.refuse(&Method::POST, &wrong).unwrap().1,
+            a.refuse(&Method::POST, "/x", &wrong).unwrap().1,
             "wrong API token"
         );
         let right = headers(&[LOCAL, JSON, ("authorization", "Bearer s3cret")]);
-        assert!(a.refuse(&Method::POST, &right).is_none());
+        assert!(a.refuse(&Method::POST, "/x", &right).is_none());
 
         let open = access("0.0.0.0:7878", Some("s3cret"), &[]);
         let read = headers(&[("host", "10.0.0.5:7878")]);
         assert_eq!(
-            open.refuse(&Method::GET, &read).unwrap().0,
+            open.refuse(&Method::GET, "/x", &read).unwrap().0,
             StatusCode::UNAUTHORIZED
         );
         let read = headers(&[
             ("host", "10.0.0.5:7878"),
             ("authorization", "Bearer s3cret"),
         ]);
-        assert!(open.refuse(&Method::GET, &read).is_none());
+        assert!(open.refuse(&Method::GET, "/x", &read).is_none());
         assert!(matches!(
             Access::new(AccessOptions {
                 listen: "0.0.0.0:7878".parse().unwrap(),

@@ -56,17 +56,23 @@ impl State {
                 format!("building {desired}"),
             )
             .phase(Phase::Building),
-            Step::BuildSucceeded => {
+            Step::BuildSucceeded { changes } => {
                 if let Some(d) = self.desired.get(host) {
                     self.built.insert(d.out.clone());
                 }
-                NewEvent::host(
-                    host,
-                    Reason::BuildSucceeded,
-                    Some(revision),
-                    format!("built {desired}"),
-                )
-                .system(desired)
+                let message = match &changes {
+                    Some(changes) => format!("built {desired}: {changes}"),
+                    None => format!("built {desired}"),
+                };
+                if let Some(changes) = changes {
+                    self.changes.insert(host.to_string(), changes);
+                }
+                NewEvent::host(host, Reason::BuildSucceeded, Some(revision), message)
+                    .system(desired)
+            }
+            Step::Compared { changes } => {
+                self.changes.insert(host.to_string(), changes);
+                return;
             }
             Step::Pushed => {
                 if let Some(d) = self.desired.get(host) {
@@ -142,6 +148,7 @@ impl State {
         self.queue.done(host);
         let asked = self.requested.remove(host);
         let mut news = self.handle_outcome(host, revision, outcome, now, out, asked);
+        self.changes.remove(host);
         if asked && news.is_empty() {
             // Asked for and handled, with nothing else to say (a build
             // failure was already recorded, a cancelled run): say so.
@@ -207,7 +214,10 @@ impl State {
                     });
                 if worth_saying {
                     let message = if changed {
-                        format!("switched to {system}")
+                        match self.changes.remove(host) {
+                            Some(changes) => format!("switched to {system}: {changes}"),
+                            None => format!("switched to {system}"),
+                        }
                     } else {
                         format!("already running {system}")
                     };

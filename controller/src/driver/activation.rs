@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use super::scripts::{parse_activation_result, parse_look};
 use super::{
-    is_store_path, ActivateError, CommandOutput, ConfirmedRun, HostSession, Look, SshError,
-    CONFIRM, LOOK, REMOTE_COMMAND_GRACE, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR,
+    describe, is_store_path, ActivateError, CommandOutput, ConfirmedRun, HostSession, Look,
+    SshError, CONFIRM, LOOK, NEEDS_REBOOT, REMOTE_COMMAND_GRACE, WAIT_FOR_RESULT, WATCHDOG,
+    WATCHDOG_DIR,
 };
 use crate::spec::Action;
 use crate::types::StorePath;
@@ -211,5 +212,44 @@ impl HostSession {
         self.checked(&format!("{previous}/bin/switch-to-configuration"), &[how])
             .await?;
         Ok(previous)
+    }
+
+    /// Every path of `root`'s closure in the host's store, with sizes and
+    /// references: the running system's side of a plan.
+    pub async fn path_info(&self, root: &str) -> Result<Vec<crate::plan::PathInfo>, SshError> {
+        let args = [
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+            root,
+        ];
+        let out = self.run("nix", &args).await?;
+        let command = || describe("nix", &args);
+        if out.status != Some(0) {
+            return Err(SshError::Failed {
+                destination: self.destination.clone(),
+                command: command(),
+                output: out,
+            });
+        }
+        crate::plan::parse_path_info(&out.stdout).map_err(|message| SshError::Failed {
+            destination: self.destination.clone(),
+            command: command(),
+            output: CommandOutput {
+                status: out.status,
+                stdout: String::new(),
+                stderr: message,
+            },
+        })
+    }
+
+    /// Which of kernel, initrd and kernel modules of `system` (on the host
+    /// already) differ from the booted system's (see [`NEEDS_REBOOT`]).
+    pub async fn reboot_needed_for(&self, system: &StorePath) -> Result<Vec<String>, SshError> {
+        let args = ["-c", NEEDS_REBOOT, "cim-reboot", system.as_str()];
+        let out = self.run("sh", &args).await?;
+        Ok(crate::plan::parse_reboot_for(&out.stdout))
     }
 }

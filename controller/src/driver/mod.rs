@@ -24,9 +24,12 @@ mod scripts;
 pub use git_cli::{git, GitCliError};
 use nix::NixCommand;
 pub use nix::{
-    evaluate, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation, Toplevel,
+    evaluate, path_info, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation,
+    Toplevel,
 };
-pub use scripts::{Look, CONFIRM, LOOK, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
+pub use scripts::{
+    Look, CONFIRM, LOOK, NEEDS_REBOOT, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR,
+};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
 #[derive(Debug, Clone)]
@@ -195,6 +198,12 @@ pub enum SshError {
         command: String,
         #[source]
         source: openssh::Error,
+    },
+    #[error("`{command}` on {destination} exited with {}:\n{}", .output.exit(), tail(&.output.stderr, 20))]
+    Failed {
+        destination: String,
+        command: String,
+        output: CommandOutput,
     },
 }
 

@@ -360,6 +360,22 @@ pub async fn realise(cfg: &DriverConfig, systems: &[Toplevel]) -> Result<(), Bui
     }
 }
 
+/// Every path of `root`'s closure in the controller's store, with sizes
+/// and references (`nix path-info --json --recursive`): what a plan and a
+/// build's summary compare.
+pub async fn path_info(
+    cfg: &DriverConfig,
+    root: &StorePath,
+) -> Result<Vec<crate::plan::PathInfo>, BuildError> {
+    let mut nix = NixCommand::new(cfg, "path-info");
+    nix.cmd.arg("--json").arg("--recursive").arg(root.as_str());
+    let output = nix.run(root.to_string(), PATH_INFO_LIMIT).await?;
+    crate::plan::parse_path_info(&output.stdout).map_err(BuildError::Output)
+}
+
+/// Longest reading a closure's path information may take.
+pub(super) const PATH_INFO_LIMIT: Duration = Duration::from_secs(120);
+
 /// Longest pushing one closure to the binary cache may take.
 const PUSH_LIMIT: Duration = Duration::from_secs(3600);
 

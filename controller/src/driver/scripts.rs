@@ -73,6 +73,19 @@ for f in /run/cim/*.canary; do [ -e "$f" ] && echo "$f"; done
 exit 0
 "#;
 
+/// Which of the kernel, initrd and kernel modules of the system at `$1`
+/// differ from the booted system's (one name per line): a switch cannot
+/// run them, a reboot is needed. Run as `sh -c NEEDS_REBOOT cim-reboot
+/// SYSTEM`; the same comparison NixOS's `system.autoUpgrade` makes.
+pub const NEEDS_REBOOT: &str = r#"set -u
+new=$1
+for f in kernel initrd kernel-modules; do
+  booted=$(readlink -f "/run/booted-system/$f" 2>/dev/null || true)
+  wanted=$(readlink -f "$new/$f" 2>/dev/null || true)
+  if [ "$booted" != "$wanted" ]; then echo "$f"; fi
+done
+"#;
+
 /// A host as [`LOOK`] found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Look {

@@ -22,6 +22,7 @@ use crate::driver::{
     destination, ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, Evaluation,
     Look, SshError, Toplevel,
 };
+use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
@@ -317,6 +318,19 @@ impl Backend for Sim {
     async fn push(&self, _closure: &StorePath) -> Result<(), BuildError> {
         Ok(())
     }
+
+    async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
+        Ok(vec![sim_path_info(root.as_str())])
+    }
+}
+
+/// A simulated system's closure: the system alone, 1 MiB.
+fn sim_path_info(root: &str) -> PathInfo {
+    PathInfo {
+        path: root.to_string(),
+        nar_size: 1 << 20,
+        references: Vec::new(),
+    }
 }
 
 /// A connection to a simulated host.
@@ -575,6 +589,17 @@ impl Host for SimSession {
             )
             .await?;
         Ok(pruned)
+    }
+
+    async fn closure(&self, root: &str) -> Result<Vec<PathInfo>, SshError> {
+        let info = sim_path_info(root);
+        self.after(self.sim.cfg.command, "nix path-info", |_, _| vec![info])
+            .await
+    }
+
+    async fn reboot_needed_for(&self, _system: &StorePath) -> Result<Vec<String>, SshError> {
+        self.after(self.sim.cfg.command, "sh -c NEEDS_REBOOT", |_, _| Vec::new())
+            .await
     }
 
     async fn run_check(

@@ -9,6 +9,7 @@ use crate::driver::{
     self, ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, DriverConfig,
     Evaluation, HostSession, Look, SshError, Toplevel,
 };
+use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
@@ -44,6 +45,10 @@ impl Backend for DriverConfig {
             Some(cache) => driver::push_to_cache(self, cache, closure).await,
             None => Ok(()),
         }
+    }
+
+    async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
+        driver::path_info(self, root).await
     }
 }
 
@@ -117,6 +122,14 @@ impl Host for HostSession {
 
     async fn prune_generations(&self, keep: u32) -> Result<u32, ActivateError> {
         HostSession::prune_generations(self, keep).await
+    }
+
+    async fn closure(&self, root: &str) -> Result<Vec<PathInfo>, SshError> {
+        HostSession::path_info(self, root).await
+    }
+
+    async fn reboot_needed_for(&self, system: &StorePath) -> Result<Vec<String>, SshError> {
+        HostSession::reboot_needed_for(self, system).await
     }
 
     async fn run_check(&self, argv: &[String], limit: Duration) -> Result<CommandOutput, SshError> {

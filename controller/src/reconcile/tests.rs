@@ -79,7 +79,9 @@ async fn a_host_is_copied_activated_confirmed_and_converged() {
             Step::Observed {
                 current: Some(OLD.into())
             },
-            Step::BuildSucceeded,
+            Step::BuildSucceeded {
+                changes: Some("no package changes, ±0 B".into())
+            },
             Step::CopyStarted,
             Step::CopySucceeded,
             Step::ActivationStarted,

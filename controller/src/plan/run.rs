@@ -1,0 +1,297 @@
+//! Making a plan: resolve the revision in the mirror, read its specs,
+//! evaluate and build its systems in the controller's store (one
+//! evaluation, one realise), then ask every host, at most `parallel` at
+//! once, what it runs and compare closures. With `activation`, the new
+//! system is copied to the host and its `switch-to-configuration
+//! dry-activate` run, as `nixos-rebuild dry-activate` does: the host's
+//! store grows, nothing it runs or boots changes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+
+use super::{closure_of, diff, parse_dry_activate, Closure, HostPlan, Plan};
+use crate::driver::Toplevel;
+use crate::error::error_chain;
+use crate::host::{Backend, Host};
+use crate::spec::{Action, HostSpec};
+use crate::types::StorePath;
+
+/// What to plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanRequest {
+    /// A commit (or unique prefix), branch or tag; `None`: the branch head
+    /// in the mirror.
+    pub revision: Option<String>,
+    /// Only this host.
+    pub host: Option<String>,
+    /// Copy the new system and run its `dry-activate`, and check whether
+    /// it needs a reboot.
+    pub activation: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot read the revision to plan")]
+    Git(#[from] crate::git::GitError),
+    #[error("the specs of revision {revision} are invalid:\n{errors}")]
+    Specs { revision: String, errors: String },
+    #[error("no host named {0} in the revision's specs")]
+    NoSuchHost(String),
+    #[error("evaluating revision {revision} failed")]
+    Evaluate {
+        revision: String,
+        #[source]
+        source: crate::driver::BuildError,
+    },
+    #[error("reading the mirror was interrupted: {0}")]
+    Interrupted(String),
+}
+
+/// A planner as the API holds it, whatever its backend.
+pub type PlanService = Arc<
+    dyn Fn(PlanRequest) -> futures::future::BoxFuture<'static, Result<Plan, PlanError>>
+        + Send
+        + Sync,
+>;
+
+/// `planner` as a [`PlanService`].
+pub fn service<B: Backend>(planner: Arc<Planner<B>>) -> PlanService {
+    Arc::new(move |request| {
+        let planner = Arc::clone(&planner);
+        Box::pin(async move { planner.plan(&request).await })
+    })
+}
+
+/// Makes plans for the API, one at a time, remembering host plans by what
+/// they compare (a `cim status HOST` asked again costs nothing).
+pub struct Planner<B: Backend> {
+    backend: Arc<B>,
+    mirror: PathBuf,
+    branch: String,
+    parallel: usize,
+    turn: tokio::sync::Mutex<()>,
+    known: Mutex<HashMap<(String, String, Option<String>, bool), HostPlan>>,
+}
+
+/// Host plans remembered at most.
+const KNOWN_LIMIT: usize = 20_000;
+
+impl<B: Backend> Planner<B> {
+    pub fn new(backend: Arc<B>, mirror: PathBuf, branch: String, parallel: usize) -> Planner<B> {
+        Planner {
+            backend,
+            mirror,
+            branch,
+            parallel: parallel.clamp(1, 64),
+            turn: tokio::sync::Mutex::new(()),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn plan(&self, request: &PlanRequest) -> Result<Plan, PlanError> {
+        let _turn = self.turn.lock().await;
+        let (mirror, branch, spec) = (
+            self.mirror.clone(),
+            self.branch.clone(),
+            request.revision.clone(),
+        );
+        let (revision, files) = tokio::task::spawn_blocking(move || {
+            crate::git::revision_for_plan(&mirror, &branch, spec.as_deref())
+        })
+        .await
+        .map_err(|e| PlanError::Interrupted(e.to_string()))??;
+        let fleet = crate::spec::parse_fleet(&files).map_err(|errors| PlanError::Specs {
+            revision: revision.to_string(),
+            errors: errors.to_string(),
+        })?;
+        let hosts: Vec<HostSpec> = match &request.host {
+            Some(name) => vec![fleet
+                .hosts
+                .get(name)
+                .cloned()
+                .ok_or_else(|| PlanError::NoSuchHost(name.clone()))?],
+            None => fleet.hosts.values().cloned().collect(),
+        };
+        let mut configurations: Vec<String> =
+            hosts.iter().map(|h| h.configuration.clone()).collect();
+        configurations.sort();
+        configurations.dedup();
+        let flake = crate::git::flake_ref(&self.mirror, &revision);
+        let evaluation = self
+            .backend
+            .evaluate(&flake, &configurations)
+            .await
+            .map_err(|source| PlanError::Evaluate {
+                revision: revision.to_string(),
+                source,
+            })?;
+        let mut systems: HashMap<String, Result<Toplevel, String>> = HashMap::new();
+        for configuration in &configurations {
+            let system = match evaluation.systems.get(configuration) {
+                Some(result) => result.clone(),
+                None => Err(format!(
+                    "the flake has no nixosConfigurations.{configuration}"
+                )),
+            };
+            systems.insert(configuration.clone(), system);
+        }
+        self.build(&mut systems).await;
+        let plans = futures::stream::iter(hosts)
+            .map(|host| {
+                let system = systems[&host.configuration].clone();
+                async move { self.host_plan(host, system, request.activation).await }
+            })
+            .buffer_unordered(self.parallel)
+            .collect::<Vec<_>>()
+            .await;
+        let mut plans = plans;
+        plans.sort_by(|a, b| a.host.cmp(&b.host));
+        Ok(Plan {
+            revision: revision.to_string(),
+            hosts: plans,
+        })
+    }
+
+    /// Builds every evaluated system in one realise; if that fails, one by
+    /// one, so that each failure is its own host's.
+    async fn build(&self, systems: &mut HashMap<String, Result<Toplevel, String>>) {
+        let wanted: Vec<Toplevel> = systems.values().filter_map(|s| s.clone().ok()).collect();
+        if wanted.is_empty() || self.backend.realise(&wanted).await.is_ok() {
+            return;
+        }
+        for system in systems.values_mut() {
+            if let Ok(toplevel) = system {
+                if let Err(e) = self.backend.realise(std::slice::from_ref(toplevel)).await {
+                    *system = Err(format!("building it failed: {}", error_chain(&e)));
+                }
+            }
+        }
+    }
+
+    async fn host_plan(
+        &self,
+        host: HostSpec,
+        system: Result<Toplevel, String>,
+        activation: bool,
+    ) -> HostPlan {
+        let mut plan = HostPlan {
+            host: host.name.to_string(),
+            desired: None,
+            current: None,
+            changes: false,
+            diff: None,
+            activation: None,
+            reboot_for: Vec::new(),
+            error: None,
+        };
+        let toplevel = match system {
+            Ok(toplevel) => toplevel,
+            Err(message) => {
+                plan.error = Some(message);
+                return plan;
+            }
+        };
+        plan.desired = Some(toplevel.out.to_string());
+        if host.suspend {
+            plan.error = Some("suspended in its spec: cim leaves it alone".to_string());
+            return plan;
+        }
+        let session = match crate::reconcile::connect(&*self.backend, &host).await {
+            Ok(session) => session,
+            Err(e) => {
+                plan.error = Some(error_chain(&e));
+                return plan;
+            }
+        };
+        let result = self
+            .compare(&session, &host, &toplevel.out, activation, &mut plan)
+            .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), session.close()).await;
+        if let Err(message) = result {
+            plan.error = Some(message);
+        }
+        plan
+    }
+
+    async fn compare(
+        &self,
+        session: &B::Session,
+        host: &HostSpec,
+        desired: &StorePath,
+        activation: bool,
+        plan: &mut HostPlan,
+    ) -> Result<(), String> {
+        let look = session.look().await.map_err(|e| error_chain(&e))?;
+        let current = match host.action {
+            Action::Boot => look.profile,
+            _ => look.current,
+        };
+        plan.current = current.clone();
+        plan.changes = current.as_deref() != Some(desired.as_str());
+        let key = (
+            plan.host.clone(),
+            desired.to_string(),
+            current.clone(),
+            activation,
+        );
+        if let Some(known) = self.known.lock().ok().and_then(|k| k.get(&key).cloned()) {
+            *plan = known;
+            return Ok(());
+        }
+        if !plan.changes {
+            return Ok(());
+        }
+        plan.diff = Some(closure_diff(&*self.backend, session, current.as_deref(), desired).await?);
+        if activation && matches!(host.action, Action::Switch | Action::Test) {
+            let substitute = host.substitute_on_destination.unwrap_or(false);
+            session
+                .copy(desired, substitute)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            let out = session
+                .activate(desired, Action::DryActivate)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            plan.activation = Some(parse_dry_activate(&format!("{}\n{}", out.stderr, out.stdout)));
+            plan.reboot_for = session
+                .reboot_needed_for(desired)
+                .await
+                .map_err(|e| error_chain(&e))?;
+        }
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= KNOWN_LIMIT {
+                known.clear();
+            }
+            known.insert(key, plan.clone());
+        }
+        Ok(())
+    }
+}
+
+/// How `desired` (in the controller's store) differs from `current` (on
+/// the host; `None`: the host runs no system yet).
+pub async fn closure_diff<B: Backend>(
+    backend: &B,
+    session: &B::Session,
+    current: Option<&str>,
+    desired: &StorePath,
+) -> Result<super::ClosureDiff, String> {
+    let new = backend
+        .closure(desired)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let new = closure_of(desired.as_str(), &new)
+        .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
+    let old = match current {
+        Some(current) => {
+            let infos = session.closure(current).await.map_err(|e| error_chain(&e))?;
+            closure_of(current, &infos)
+                .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
+        }
+        None => Closure::new(),
+    };
+    Ok(diff(&old, &new))
+}
