@@ -612,7 +612,10 @@ struct PlanParams {
 async fn plan(State(app): State<AppState>, Query(p): Query<PlanParams>) -> Response {
     use crate::plan::run::{PlanError, PlanRequest};
     let Some(planner) = app.planner.clone() else {
-        return error(StatusCode::NOT_IMPLEMENTED, "this controller cannot make plans");
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this controller cannot make plans",
+        );
     };
     let request = PlanRequest {
         revision: p.revision.filter(|r| !r.is_empty()),
@@ -621,7 +624,9 @@ async fn plan(State(app): State<AppState>, Query(p): Query<PlanParams>) -> Respo
     };
     match planner(request).await {
         Ok(plan) => Json(plan).into_response(),
-        Err(e @ PlanError::NoSuchHost(_)) => error(StatusCode::NOT_FOUND, crate::error::error_chain(&e)),
+        Err(e @ PlanError::NoSuchHost(_)) => {
+            error(StatusCode::NOT_FOUND, crate::error::error_chain(&e))
+        }
         Err(e @ (PlanError::Git(_) | PlanError::Specs { .. })) => {
             error(StatusCode::BAD_REQUEST, crate::error::error_chain(&e))
         }

@@ -19,7 +19,10 @@ pub fn status(host: Option<String>, selector: Option<&str>, args: &SourceArgs) -
                 Output::Table => {
                     emit(&render::host(&h, now));
                     if let Some(revision) = waiting(&src, &h) {
-                        emit(&format!("Plan of revision {}:", cim::event::short(&revision)));
+                        emit(&format!(
+                            "Plan of revision {}:",
+                            cim::event::short(&revision)
+                        ));
                         let plan = src.plan(Some(&revision), Some(&name), false);
                         match plan.as_ref().map(|p| p.hosts.first()) {
                             Ok(Some(plan)) => {
@@ -99,8 +102,7 @@ fn waiting(src: &cim::client::Source, h: &HostStatus) -> Option<String> {
     let behind = h.observed_revision.as_deref() != Some(fleet.as_str())
         || h.current_system.is_none()
         || h.current_system != h.desired_system;
-    (behind && !matches!(h.phase, cim::event::Phase::Converged | cim::event::Phase::Suspended))
-        .then_some(fleet)
+    (behind && h.phase != cim::event::Phase::Suspended).then_some(fleet)
 }
 
 /// `cim plan`.

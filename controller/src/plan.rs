@@ -236,12 +236,17 @@ pub struct ClosureDiff {
     pub new_paths: usize,
 }
 
-/// The difference between the closures `old` and `new`.
-pub fn diff(old: &Closure, new: &Closure) -> ClosureDiff {
+/// The difference between the closures `old` and `new`. `roots` (the
+/// systems themselves, which always differ) count in the sizes but are no
+/// package.
+pub fn diff(old: &Closure, new: &Closure, roots: &[&str]) -> ClosureDiff {
     type Grouped = BTreeMap<String, (BTreeSet<String>, u64)>;
     let group = |closure: &Closure| {
         let mut grouped = Grouped::new();
         for (path, size) in closure {
+            if roots.contains(&path.as_str()) {
+                continue;
+            }
             let (name, version) = package_of(path);
             let entry = grouped.entry(name).or_default();
             if !version.is_empty() {

@@ -310,10 +310,11 @@ async fn reconcile<B: Backend>(
         }
         // Said in the build's and the convergence's events; a host that
         // cannot say what it runs only leaves the summary out.
-        let changes = crate::plan::run::closure_diff(backend, &session, current.as_deref(), &item.desired)
-            .await
-            .map(|d| d.summary())
-            .ok();
+        let changes =
+            crate::plan::run::closure_diff(backend, &session, current.as_deref(), &item.desired)
+                .await
+                .map(|d| d.summary())
+                .ok();
         match (&system, changes) {
             (Some(_), changes) => {
                 let _ = report(Step::BuildSucceeded { changes }).await;

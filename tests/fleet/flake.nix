@@ -8,7 +8,12 @@
 # slow activation, `healthy = false` for a system whose /run/cim-health says
 # it is degraded, `buildDelay` (seconds) for a slow build and `payloadKiB`
 # for a larger closure (slow to copy over a throttled link), `nonce` to force
-# a fresh build that the machine's store cannot already hold. A hosts/NAME.nix that throws is an
+# a fresh build that the machine's store cannot already hold, `packages`
+# (an attribute set of name = version: each a package in the system's
+# closure, for plans to compare), `units` (name = anything: the system's
+# "systemd units"; dry-activate says which it would start, stop or
+# restart), `kernel` (a version, default "6.1": the system's kernel, initrd
+# and modules; a change needs a reboot). A hosts/NAME.nix that throws is an
 # evaluation error of that host alone. sandbox/eval-cost.nix (a number,
 # default 0) gives every configuration one shared, expensive expression to
 # evaluate, the way every NixOS configuration imports nixpkgs: one
@@ -22,7 +27,15 @@
       evalCost = if builtins.pathExists ./sandbox/eval-cost.nix then import ./sandbox/eval-cost.nix else 0;
       shared = builtins.foldl' (a: b: a + b) 0 (builtins.genList (x: x * x) evalCost);
       nameOf = file: builtins.substring 0 (builtins.stringLength file - 4) file;
-      mkSystem = name: cfg: derivation {
+      # A small store object named NAME (a package, a kernel); TEXT is its
+      # content.
+      mkThing = name: text: derivation {
+        inherit name text;
+        system = "x86_64-linux";
+        builder = "/bin/sh";
+        args = [ "-c" "/bin/mkdir -p $out && echo \"$text\" > $out/content" ];
+      };
+      mkSystem = name: cfg: let kernel = toString (cfg.kernel or "6.1"); in derivation {
         name = "nixos-system-${name}-${toString cfg.version}";
         system = "x86_64-linux";
         builder = "/bin/sh";
@@ -37,6 +50,11 @@
         payloadKiB = toString (cfg.payloadKiB or 0);
         nonce = cfg.nonce or "";
         shared = toString shared;
+        packages = map (p: mkThing "${p}-${cfg.packages.${p}}" p) (builtins.attrNames (cfg.packages or { }));
+        units = builtins.concatStringsSep "\n" (map (u: "${u}=${toString cfg.units.${u}}") (builtins.attrNames (cfg.units or { })));
+        kernel = mkThing "linux-${kernel}" "kernel ${kernel}";
+        kernelModules = mkThing "linux-${kernel}-modules" "modules ${kernel}";
+        initrd = mkThing "initrd-linux-${kernel}" "initrd ${kernel}";
       };
       host = file: {
         name = nameOf file;

@@ -27,6 +27,44 @@ use serde::{Deserialize, Serialize};
 const FLAKE: &str = include_str!("../fleet/flake.nix");
 const BUILDER: &str = include_str!("../fleet/builder.sh");
 
+/// A sandbox host's init, run in the host's network namespace and its own
+/// mount namespace as `sh -c HOST_INIT cim-sandbox-init ROOT SSHD_CONFIG`:
+/// it gives the host its `/nix`, `/run` and `/root`, runs sshd, and
+/// reboots the host when its `systemctl reboot` (from the sandbox system)
+/// asks through `/nix/var/cim-sandbox/reboot`: every process of the host
+/// ends, `/run` is emptied, and after `/nix/var/cim-sandbox/boot-delay`
+/// seconds (default 1) the system profile is booted (`/run/booted-system`,
+/// its `activate` making it `/run/current-system`) and sshd comes back.
+const HOST_INIT: &str = r#"set -u
+root=$1 config=$2
+mount --bind "$root/nix" /nix && mount --bind "$root/run" /run && mount --bind "$root/home" /root || exit 1
+mkdir -p /nix/var/cim-sandbox
+fifo=/nix/var/cim-sandbox/reboot
+rm -f "$fifo" && mkfifo "$fifo" || exit 1
+me=$(readlink /proc/$$/ns/net)
+while :; do
+  mkdir -p /run/sshd
+  /usr/sbin/sshd -D -e -f "$config" &
+  read -r _ <"$fifo" || true
+  echo "cim-sandbox: rebooting" >&2
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = "$$" ] && continue
+    [ "$(readlink "$d/ns/net" 2>/dev/null)" = "$me" ] && kill -9 "$p" 2>/dev/null
+  done
+  wait
+  find /run -mindepth 1 -delete
+  delay=$(cat /nix/var/cim-sandbox/boot-delay 2>/dev/null || echo 1)
+  sleep "$delay"
+  sys=$(readlink -f /nix/var/nix/profiles/system || true)
+  if [ -n "$sys" ] && [ -x "$sys/activate" ]; then
+    ln -sfn "$sys" /run/booted-system
+    "$sys/activate"
+  fi
+  echo "cim-sandbox: booted ${sys:-nothing}" >&2
+done
+"#;
+
 /// One simulated host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Host {
@@ -280,13 +318,12 @@ impl Fleet {
             .unwrap_or_else(|| panic!("no sandbox host {name}"))
     }
 
-    /// Starts the host's sshd and waits until it accepts connections.
+    /// Starts the host's init and waits until its sshd accepts
+    /// connections (see [`HOST_INIT`]).
     pub fn start_sshd(&self, name: &str) -> Result<()> {
         let host = self.host(name);
-        let script = format!(
-            "mount --bind {root}/nix /nix && mount --bind {root}/run /run && mount --bind {root}/home /root && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f {root}/etc/sshd_config",
-            root = host.root.display()
-        );
+        let root = host.root.display().to_string();
+        let config = format!("{root}/etc/sshd_config");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -302,7 +339,10 @@ impl Fleet {
                 "private",
                 "sh",
                 "-c",
-                &script,
+                HOST_INIT,
+                "cim-sandbox-init",
+                &root,
+                &config,
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -508,6 +548,22 @@ impl Fleet {
                     .any(|e| e.file_name().to_string_lossy().ends_with(".canary"))
             })
             .unwrap_or(false)
+    }
+
+    /// How long the host takes to boot after a reboot, in seconds (read at
+    /// each reboot).
+    pub fn set_boot_delay(&self, name: &str, seconds: u64) -> Result<()> {
+        let dir = self.host(name).root.join("nix/var/cim-sandbox");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("boot-delay"), format!("{seconds}\n"))?;
+        Ok(())
+    }
+
+    /// What the host booted (`/run/booted-system`), if it booted anything.
+    pub fn booted_system(&self, name: &str) -> Option<String> {
+        fs::read_link(self.host(name).root.join("run/booted-system"))
+            .ok()
+            .map(|p| p.display().to_string())
     }
 
     /// The activations recorded by the host's systems: `ACTION CLOSURE`.

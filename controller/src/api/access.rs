@@ -320,13 +320,21 @@ mod tests {
             .refuse(&Method::GET, "/x", &headers(&[("host", "localhost:7878")]))
             .is_none());
         let (code, _) = a
-            .refuse(&Method::GET, "/x", &headers(&[("host", "evil.example:7878")]))
+            .refuse(
+                &Method::GET,
+                "/x",
+                &headers(&[("host", "evil.example:7878")]),
+            )
             .unwrap();
         assert_eq!(code, StatusCode::MISDIRECTED_REQUEST);
         assert!(a.refuse(&Method::GET, "/x", &HeaderMap::new()).is_some());
         let named = access("127.0.0.1:7878", None, &["cim.example.org"]);
         assert!(named
-            .refuse(&Method::GET, "/x", &headers(&[("host", "cim.example.org:443")]))
+            .refuse(
+                &Method::GET,
+                "/x",
+                &headers(&[("host", "cim.example.org:443")])
+            )
             .is_none());
     }
 
@@ -355,15 +363,21 @@ mod tests {
         );
         let same = headers(&[LOCAL, JSON, ("origin", "http://127.0.0.1:7878")]);
         assert!(a.refuse(&Method::POST, "/x", &same).is_none());
-        assert!(a.refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON])).is_none());
+        assert!(a
+            .refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON]))
+            .is_none());
     }
 
     #[test]
     fn a_plan_takes_what_a_change_takes_but_a_body() {
         let a = access("127.0.0.1:7878", Some("s3cret"), &[]);
-        assert!(a.refuse(&Method::GET, "/api/v1/status", &headers(&[LOCAL])).is_none());
+        assert!(a
+            .refuse(&Method::GET, "/api/v1/status", &headers(&[LOCAL]))
+            .is_none());
         assert_eq!(
-            a.refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL])).unwrap().0,
+            a.refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL]))
+                .unwrap()
+                .0,
             StatusCode::UNAUTHORIZED
         );
         let right = headers(&[LOCAL, ("authorization", "Bearer s3cret")]);
@@ -374,7 +388,9 @@ mod tests {
             open.refuse(&Method::GET, PLAN_PATH, &cross).unwrap().0,
             StatusCode::FORBIDDEN
         );
-        assert!(open.refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL])).is_none());
+        assert!(open
+            .refuse(&Method::GET, PLAN_PATH, &headers(&[LOCAL]))
+            .is_none());
     }
 
     #[test]
@@ -382,7 +398,9 @@ mod tests {
         let a = access("127.0.0.1:7878", Some("s3cret"), &[]);
         assert!(a.refuse(&Method::GET, "/x", &headers(&[LOCAL])).is_none());
         assert_eq!(
-            a.refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON])).unwrap().0,
+            a.refuse(&Method::POST, "/x", &headers(&[LOCAL, JSON]))
+                .unwrap()
+                .0,
             StatusCode::UNAUTHORIZED
         );
         let wrong = headers(&[LOCAL, JSON, ("authorization", "Bearer s3cre")]);

@@ -27,9 +27,7 @@ pub use nix::{
     evaluate, path_info, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation,
     Toplevel,
 };
-pub use scripts::{
-    Look, CONFIRM, LOOK, NEEDS_REBOOT, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR,
-};
+pub use scripts::{Look, CONFIRM, LOOK, NEEDS_REBOOT, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
 #[derive(Debug, Clone)]

@@ -76,9 +76,11 @@ exit 0
 /// Which of the kernel, initrd and kernel modules of the system at `$1`
 /// differ from the booted system's (one name per line): a switch cannot
 /// run them, a reboot is needed. Run as `sh -c NEEDS_REBOOT cim-reboot
-/// SYSTEM`; the same comparison NixOS's `system.autoUpgrade` makes.
+/// SYSTEM`; the same comparison NixOS's `system.autoUpgrade` makes. A host
+/// with no `/run/booted-system` was not booted by NixOS: nothing to say.
 pub const NEEDS_REBOOT: &str = r#"set -u
 new=$1
+[ -e /run/booted-system ] || exit 0
 for f in kernel initrd kernel-modules; do
   booted=$(readlink -f "/run/booted-system/$f" 2>/dev/null || true)
   wanted=$(readlink -f "$new/$f" 2>/dev/null || true)

@@ -598,8 +598,10 @@ impl Host for SimSession {
     }
 
     async fn reboot_needed_for(&self, _system: &StorePath) -> Result<Vec<String>, SshError> {
-        self.after(self.sim.cfg.command, "sh -c NEEDS_REBOOT", |_, _| Vec::new())
-            .await
+        self.after(self.sim.cfg.command, "sh -c NEEDS_REBOOT", |_, _| {
+            Vec::new()
+        })
+        .await
     }
 
     async fn run_check(

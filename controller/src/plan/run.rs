@@ -255,7 +255,10 @@ impl<B: Backend> Planner<B> {
                 .activate(desired, Action::DryActivate)
                 .await
                 .map_err(|e| error_chain(&e))?;
-            plan.activation = Some(parse_dry_activate(&format!("{}\n{}", out.stderr, out.stdout)));
+            plan.activation = Some(parse_dry_activate(&format!(
+                "{}\n{}",
+                out.stderr, out.stdout
+            )));
             plan.reboot_for = session
                 .reboot_needed_for(desired)
                 .await
@@ -287,11 +290,15 @@ pub async fn closure_diff<B: Backend>(
         .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
     let old = match current {
         Some(current) => {
-            let infos = session.closure(current).await.map_err(|e| error_chain(&e))?;
+            let infos = session
+                .closure(current)
+                .await
+                .map_err(|e| error_chain(&e))?;
             closure_of(current, &infos)
                 .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
         }
         None => Closure::new(),
     };
-    Ok(diff(&old, &new))
+    let roots: Vec<&str> = current.into_iter().chain([desired.as_str()]).collect();
+    Ok(diff(&old, &new, &roots))
 }

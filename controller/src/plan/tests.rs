@@ -14,14 +14,27 @@ fn package_names_follow_nix() {
         ("/nix/store/abc-openssl-3.0.8-bin", ("openssl", "3.0.8")),
         ("/nix/store/abc-linux-6.1-modules", ("linux", "6.1")),
         ("/nix/store/abc-etc", ("etc", "")),
-        ("/nix/store/abc-unit-nginx.service", ("unit-nginx.service", "")),
-        ("/nix/store/abc-nixos-system-web-1-3", ("nixos-system-web", "1-3")),
-        ("/nix/store/abc-python3.11-requests-2.31.0", ("python3.11-requests", "2.31.0")),
+        (
+            "/nix/store/abc-unit-nginx.service",
+            ("unit-nginx.service", ""),
+        ),
+        (
+            "/nix/store/abc-nixos-system-web-1-3",
+            ("nixos-system-web", "1-3"),
+        ),
+        (
+            "/nix/store/abc-python3.11-requests-2.31.0",
+            ("python3.11-requests", "2.31.0"),
+        ),
         ("no-slash", ("slash", "")),
         ("", ("", "")),
     ];
     for (path, (name, version)) in cases {
-        assert_eq!(package_of(path), (name.to_string(), version.to_string()), "{path}");
+        assert_eq!(
+            package_of(path),
+            (name.to_string(), version.to_string()),
+            "{path}"
+        );
     }
 }
 
@@ -59,7 +72,7 @@ fn a_diff_lists_upgrades_additions_removals_and_the_size() {
         ("g-etc", 10),
         ("h-jq-1.6", 100),
     ]);
-    let d = diff(&old, &new);
+    let d = diff(&old, &new, &[]);
     let kinds: Vec<(&str, ChangeKind)> = d
         .packages
         .iter()
@@ -76,19 +89,45 @@ fn a_diff_lists_upgrades_additions_removals_and_the_size() {
     );
     assert_eq!(d.size_delta(), 100);
     assert_eq!(d.new_paths, 4);
-    assert_eq!(d.summary(), "1 package upgraded, 2 added, 1 removed, +100 B");
+    assert_eq!(
+        d.summary(),
+        "1 package upgraded, 2 added, 1 removed, +100 B"
+    );
     let hello = &d.packages[2];
-    assert_eq!((hello.from.clone(), hello.to.clone()), (vec!["2.10".into()], vec!["2.12".into()]));
+    assert_eq!(
+        (hello.from.clone(), hello.to.clone()),
+        (vec!["2.10".into()], vec!["2.12".into()])
+    );
+}
+
+#[test]
+fn the_systems_themselves_are_no_package() {
+    let old = closure(&[("a-nixos-system-web-1", 10), ("b-hello-1.0", 5)]);
+    let new = closure(&[("c-nixos-system-web-2", 12), ("b-hello-1.0", 5)]);
+    let roots = [
+        "/nix/store/a-nixos-system-web-1",
+        "/nix/store/c-nixos-system-web-2",
+    ];
+    assert_eq!(
+        diff(&old, &new, &roots).summary(),
+        "no package changes, +2 B"
+    );
 }
 
 #[test]
 fn a_downgrade_is_called_one_and_no_change_says_so() {
     let old = closure(&[("a-hello-2.12", 1000)]);
     let new = closure(&[("b-hello-2.10", 1000)]);
-    assert_eq!(diff(&old, &new).summary(), "1 package downgraded, ±0 B");
-    assert_eq!(diff(&old, &old).summary(), "no package changes, ±0 B");
+    assert_eq!(
+        diff(&old, &new, &[]).summary(),
+        "1 package downgraded, ±0 B"
+    );
+    assert_eq!(diff(&old, &old, &[]).summary(), "no package changes, ±0 B");
     let big = closure(&[("b-hello-2.12", 1000 + 12 * 1024 * 1024)]);
-    assert_eq!(diff(&old, &big).summary(), "no package changes, +12.0 MiB");
+    assert_eq!(
+        diff(&old, &big, &[]).summary(),
+        "no package changes, +12.0 MiB"
+    );
 }
 
 #[test]
