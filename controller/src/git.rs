@@ -285,7 +285,7 @@ pub fn revision_for_plan(
 ) -> Result<(Revision, Vec<SpecFile>), GitError> {
     let repo = gix::open(mirror).map_err(|source| GitError::Mirror {
         path: mirror.to_path_buf(),
-        source: source.into(),
+        source,
     })?;
     let revision = match spec {
         None => branch_head(&repo, branch)?.ok_or_else(|| GitError::NoBranch {
@@ -298,19 +298,19 @@ pub fn revision_for_plan(
                 .map_err(|source| GitError::Read {
                     revision: spec.to_string(),
                     what: "the revision".to_string(),
-                    source: source.into(),
+                    source,
                 })?
                 .object()
                 .map_err(|source| GitError::Read {
                     revision: spec.to_string(),
                     what: "the revision".to_string(),
-                    source: source.into(),
+                    source,
                 })?
                 .peel_to_commit()
                 .map_err(|source| GitError::Read {
                     revision: spec.to_string(),
                     what: "the commit".to_string(),
-                    source: source.into(),
+                    source,
                 })?
                 .id
                 .to_string();
@@ -325,7 +325,7 @@ pub fn revision_for_plan(
     )
     .map_err(|source| GitError::Pin {
         revision: revision.to_string(),
-        source: source.into(),
+        source,
     })?;
     let specs = read_specs_at(&repo, &revision)?;
     Ok((revision, specs))

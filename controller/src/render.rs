@@ -257,6 +257,88 @@ pub fn event_line(e: &Event) -> String {
     )
 }
 
+/// `cim plan`: per host, whether the revision changes it and how.
+pub fn plan(p: &crate::plan::Plan) -> String {
+    let changing = p.hosts.iter().filter(|h| h.changes).count();
+    let mut lines = vec![format!(
+        "Plan for revision {}: {changing} of {} hosts change",
+        crate::event::short(&p.revision),
+        p.hosts.len()
+    )];
+    for h in &p.hosts {
+        lines.push(String::new());
+        lines.extend(host_plan(h));
+    }
+    lines.join("\n")
+}
+
+/// One host's plan, as lines.
+pub fn host_plan(h: &crate::plan::HostPlan) -> Vec<String> {
+    use crate::plan::{signed_size, ChangeKind};
+    let mut lines = Vec::new();
+    let verdict = match (&h.error, h.changes) {
+        (Some(_), false) if h.current.is_none() => "unknown",
+        (_, true) => "changes",
+        (_, false) => "unchanged",
+    };
+    lines.push(format!("{}: {verdict}", printable(&h.host)));
+    if h.changes {
+        lines.push(format!(
+            "  {} -> {}",
+            h.current.as_deref().unwrap_or("no system"),
+            h.desired.as_deref().unwrap_or("-")
+        ));
+    }
+    if let Some(diff) = &h.diff {
+        lines.push(format!("  {}", diff.summary()));
+        for p in &diff.packages {
+            let (from, to) = (p.from.join(", "), p.to.join(", "));
+            let change = match p.kind() {
+                ChangeKind::Added => format!("added {to}"),
+                ChangeKind::Removed => format!("removed {from}"),
+                ChangeKind::Upgraded | ChangeKind::Downgraded => format!("{from} -> {to}"),
+            };
+            lines.push(format!(
+                "    {:<28} {:<30} {}",
+                printable(&p.name),
+                printable(&change),
+                signed_size(p.size_delta)
+            ));
+        }
+    }
+    if let Some(a) = &h.activation {
+        if a.is_empty() {
+            lines.push("  activation would change no unit".to_string());
+        }
+        for (verb, units) in [
+            ("stop", &a.stop),
+            ("restart", &a.restart),
+            ("reload", &a.reload),
+            ("start", &a.start),
+        ] {
+            if !units.is_empty() {
+                lines.push(format!(
+                    "  activation would {verb}: {}",
+                    printable(&units.join(", "))
+                ));
+            }
+        }
+        for other in &a.other {
+            lines.push(format!("  {}", printable(other)));
+        }
+    }
+    if !h.reboot_for.is_empty() {
+        lines.push(format!(
+            "  reboot needed: {} differ from the booted system's",
+            h.reboot_for.join(", ")
+        ));
+    }
+    if let Some(e) = &h.error {
+        lines.extend(e.lines().map(|l| format!("  error: {}", printable(l))));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,86 +488,4 @@ mod tests {
         assert_eq!(age(NOW - time::Duration::days(3), NOW), "3d");
         assert_eq!(age(NOW + time::Duration::seconds(30), NOW), "in 30s");
     }
-}
-
-/// `cim plan`: per host, whether the revision changes it and how.
-pub fn plan(p: &crate::plan::Plan) -> String {
-    let changing = p.hosts.iter().filter(|h| h.changes).count();
-    let mut lines = vec![format!(
-        "Plan for revision {}: {changing} of {} hosts change",
-        crate::event::short(&p.revision),
-        p.hosts.len()
-    )];
-    for h in &p.hosts {
-        lines.push(String::new());
-        lines.extend(host_plan(h));
-    }
-    lines.join("\n")
-}
-
-/// One host's plan, as lines.
-pub fn host_plan(h: &crate::plan::HostPlan) -> Vec<String> {
-    use crate::plan::{signed_size, ChangeKind};
-    let mut lines = Vec::new();
-    let verdict = match (&h.error, h.changes) {
-        (Some(_), false) if h.current.is_none() => "unknown",
-        (_, true) => "changes",
-        (_, false) => "unchanged",
-    };
-    lines.push(format!("{}: {verdict}", printable(&h.host)));
-    if h.changes {
-        lines.push(format!(
-            "  {} -> {}",
-            h.current.as_deref().unwrap_or("no system"),
-            h.desired.as_deref().unwrap_or("-")
-        ));
-    }
-    if let Some(diff) = &h.diff {
-        lines.push(format!("  {}", diff.summary()));
-        for p in &diff.packages {
-            let (from, to) = (p.from.join(", "), p.to.join(", "));
-            let change = match p.kind() {
-                ChangeKind::Added => format!("added {to}"),
-                ChangeKind::Removed => format!("removed {from}"),
-                ChangeKind::Upgraded | ChangeKind::Downgraded => format!("{from} -> {to}"),
-            };
-            lines.push(format!(
-                "    {:<28} {:<30} {}",
-                printable(&p.name),
-                printable(&change),
-                signed_size(p.size_delta)
-            ));
-        }
-    }
-    if let Some(a) = &h.activation {
-        if a.is_empty() {
-            lines.push("  activation would change no unit".to_string());
-        }
-        for (verb, units) in [
-            ("stop", &a.stop),
-            ("restart", &a.restart),
-            ("reload", &a.reload),
-            ("start", &a.start),
-        ] {
-            if !units.is_empty() {
-                lines.push(format!(
-                    "  activation would {verb}: {}",
-                    printable(&units.join(", "))
-                ));
-            }
-        }
-        for other in &a.other {
-            lines.push(format!("  {}", printable(other)));
-        }
-    }
-    if !h.reboot_for.is_empty() {
-        lines.push(format!(
-            "  reboot needed: {} differ from the booted system's",
-            h.reboot_for.join(", ")
-        ));
-    }
-    if let Some(e) = &h.error {
-        lines.extend(e.lines().map(|l| format!("  error: {}", printable(l))));
-    }
-    lines
 }

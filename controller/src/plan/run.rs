@@ -73,8 +73,11 @@ pub struct Planner<B: Backend> {
     branch: String,
     parallel: usize,
     turn: tokio::sync::Mutex<()>,
-    known: Mutex<HashMap<(String, String, Option<String>, bool), HostPlan>>,
+    known: Mutex<HashMap<PlanKey, HostPlan>>,
 }
+
+/// What a host plan compares: host, desired, current, with activation.
+type PlanKey = (String, String, Option<String>, bool);
 
 /// Host plans remembered at most.
 const KNOWN_LIMIT: usize = 20_000;
