@@ -30,3 +30,4 @@ pub mod trust;
 pub mod types;
 pub mod wait;
 pub mod watch;
+pub mod window;

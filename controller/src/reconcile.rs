@@ -369,11 +369,11 @@ async fn reconcile<B: Backend>(
             // Housekeeping: a failure here changes nothing about the
             // outcome, it is only said.
             let pruned = session
-                .prune_generations(item.host.keep_generations)
+                .prune_generations(item.host.keep_generations())
                 .await
                 .map_err(|e| error_chain(&e));
             let _ = report(Step::Pruned {
-                keep: item.host.keep_generations,
+                keep: item.host.keep_generations(),
                 result: pruned,
             })
             .await;

@@ -66,6 +66,23 @@ impl fmt::Display for Action {
     }
 }
 
+/// `reboot`: whether cim reboots a host whose new system has another
+/// kernel, initrd or kernel modules than the booted one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebootPolicy {
+    /// Switch, and say that a reboot is required (`RebootRequired`).
+    #[default]
+    Never,
+    /// Switch with `boot`, reboot, wait for the host and check that it
+    /// booted the new system.
+    Auto,
+}
+
+/// Default of `spec.rebootTimeout`: how long a rebooting host may take to
+/// come back.
+pub const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A validated host: every field here is safe to pass to nix and ssh as an
 /// argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,9 +113,28 @@ pub struct HostSpec {
     pub host_key: Option<String>,
     /// `sudo`: `user` is not root; what needs root runs under `sudo -n`.
     pub sudo: bool,
-    /// `keepGenerations`: after a successful activation, system profile
-    /// generations beyond the newest this many are deleted on the host.
-    pub keep_generations: u32,
+    /// `keepGenerations` (or the Fleet document's): after a successful
+    /// activation, system profile generations beyond the newest this many
+    /// are deleted on the host; `None`: [`DEFAULT_KEEP_GENERATIONS`].
+    pub keep_generations: Option<u32>,
+    /// `reboot` (or the Fleet document's; `None`: never).
+    pub reboot: Option<RebootPolicy>,
+    /// `rebootTimeout` (or the Fleet document's).
+    pub reboot_timeout: Option<Duration>,
+}
+
+impl HostSpec {
+    pub fn keep_generations(&self) -> u32 {
+        self.keep_generations.unwrap_or(DEFAULT_KEEP_GENERATIONS)
+    }
+
+    pub fn reboot(&self) -> RebootPolicy {
+        self.reboot.unwrap_or_default()
+    }
+
+    pub fn reboot_timeout(&self) -> Duration {
+        self.reboot_timeout.unwrap_or(DEFAULT_REBOOT_TIMEOUT)
+    }
 }
 
 /// Default of `spec.keepGenerations`.
@@ -213,7 +249,7 @@ struct RawMetadata {
 /// serde-saphyr's locations, which buffering for an enum would lose.)
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSpec {
+pub(super) struct RawSpec {
     #[serde(default)]
     address: Option<Spanned<String>>,
     #[serde(default)]
@@ -234,6 +270,12 @@ struct RawSpec {
     sudo: Option<bool>,
     #[serde(default)]
     keep_generations: Option<Spanned<u32>>,
+    #[serde(default)]
+    reboot: Option<RebootPolicy>,
+    #[serde(default)]
+    reboot_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    windows: Vec<Spanned<fleet::RawWindow>>,
     #[serde(default)]
     rollout: Option<RawRollout>,
     #[serde(default)]
@@ -375,6 +417,9 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
         host.substitute_on_destination = host
             .substitute_on_destination
             .or(policy.substitute_on_destination);
+        host.reboot = host.reboot.or(policy.reboot);
+        host.reboot_timeout = host.reboot_timeout.or(policy.reboot_timeout);
+        host.keep_generations = host.keep_generations.or(policy.keep_generations);
     }
     if errors.is_empty() {
         Ok(FleetSpec { hosts, policy })
@@ -475,6 +520,7 @@ impl<'a> FileContext<'a> {
             max_parallel: &spec.max_parallel,
             max_failures: &spec.max_failures,
             waves: &spec.waves,
+            windows: &spec.windows,
         };
         match doc.kind.value.as_str() {
             "Host" => {
@@ -517,6 +563,10 @@ impl<'a> FileContext<'a> {
                 let mut policy =
                     self.fleet_policy(&doc.metadata.name, fleet_fields, health_checks, &mut errs);
                 policy.substitute_on_destination = spec.substitute_on_destination;
+                policy.reboot = spec.reboot;
+                policy.reboot_timeout = self.reboot_timeout(spec, &mut errs);
+                policy.keep_generations = self.keep_generations(spec, &mut errs);
+                policy.windows = self.windows(&spec.windows, &mut errs);
                 if errs.is_empty() {
                     Ok(Doc::Fleet(policy, (&doc.metadata.name).into()))
                 } else {
@@ -582,14 +632,8 @@ impl<'a> FileContext<'a> {
                 errs.push(self.error(user.into(), format!("invalid user `{}`: {why}", user.value)));
             }
         }
-        if let Some(k) = &spec.keep_generations {
-            if k.value < 2 {
-                errs.push(self.error(
-                    k.into(),
-                    "keepGenerations must be at least 2 (the running generation and the one to roll back to)".to_string(),
-                ));
-            }
-        }
+        self.keep_generations(spec, &mut errs);
+        let reboot_timeout = self.reboot_timeout(spec, &mut errs);
         let host_key = match &spec.host_key {
             None => None,
             Some(k) => match ssh_key::PublicKey::from_openssh(k.value.trim()) {
@@ -655,10 +699,9 @@ impl<'a> FileContext<'a> {
             substitute_on_destination: spec.substitute_on_destination,
             host_key,
             sudo: spec.sudo.unwrap_or(false),
-            keep_generations: spec
-                .keep_generations
-                .as_ref()
-                .map_or(DEFAULT_KEEP_GENERATIONS, |k| k.value),
+            keep_generations: spec.keep_generations.as_ref().map(|k| k.value),
+            reboot: spec.reboot,
+            reboot_timeout,
             rollout,
             health_checks,
             depends_on: depends_on.iter().map(|(d, _)| d.clone()).collect(),

@@ -26,6 +26,13 @@ pub struct RolloutPolicy {
     pub health_checks: Vec<HealthCheck>,
     /// `substituteOnDestination` for hosts that do not set it.
     pub substitute_on_destination: Option<bool>,
+    /// `reboot`, `rebootTimeout` and `keepGenerations` for hosts that do
+    /// not set them.
+    pub reboot: Option<super::RebootPolicy>,
+    pub reboot_timeout: Option<std::time::Duration>,
+    pub keep_generations: Option<u32>,
+    /// When hosts may be worked on (none: always).
+    pub windows: Vec<crate::window::Window>,
 }
 
 /// When a revision's rollout halts.
@@ -92,6 +99,24 @@ pub(super) struct RawWave {
     approval: RawApproval,
 }
 
+/// One of `windows`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawWindow {
+    kind: RawWindowKind,
+    schedule: String,
+    duration: String,
+    #[serde(default)]
+    time_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawWindowKind {
+    Allow,
+    Deny,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDependency {
@@ -145,6 +170,7 @@ pub(super) struct FleetFields<'a> {
     pub max_parallel: &'a Option<Spanned<u32>>,
     pub max_failures: &'a Option<Spanned<RawMaxFailures>>,
     pub waves: &'a [Spanned<RawWave>],
+    pub windows: &'a [Spanned<RawWindow>],
 }
 
 impl FleetFields<'_> {
@@ -157,11 +183,76 @@ impl FleetFields<'_> {
         if let Some(v) = self.max_failures {
             return Some(("maxFailures", v.into()));
         }
+        if let Some(w) = self.windows.first() {
+            return Some(("windows", w.into()));
+        }
         self.waves.first().map(|w| ("waves", w.into()))
     }
 }
 
 impl FileContext<'_> {
+    /// `windows`, validated.
+    pub(super) fn windows(
+        &self,
+        raw: &[Spanned<RawWindow>],
+        errs: &mut Vec<SpecError>,
+    ) -> Vec<crate::window::Window> {
+        use crate::window::{Window, WindowKind};
+        let mut windows = Vec::new();
+        for w in raw {
+            let kind = match w.value.kind {
+                RawWindowKind::Allow => WindowKind::Allow,
+                RawWindowKind::Deny => WindowKind::Deny,
+            };
+            let made = super::parse_duration(&w.value.duration)
+                .map_err(|e| format!("window duration: {e}"))
+                .and_then(|d| {
+                    Window::new(kind, &w.value.schedule, d, w.value.time_zone.as_deref())
+                });
+            match made {
+                Ok(window) => windows.push(window),
+                Err(why) => errs.push(self.error(w.into(), why)),
+            }
+        }
+        windows
+    }
+
+    /// `rebootTimeout`, validated.
+    pub(super) fn reboot_timeout(
+        &self,
+        spec: &super::RawSpec,
+        errs: &mut Vec<SpecError>,
+    ) -> Option<std::time::Duration> {
+        let raw = spec.reboot_timeout.as_ref()?;
+        match super::parse_duration(&raw.value) {
+            Ok(d) if d >= std::time::Duration::from_secs(1) => Some(d),
+            Ok(_) => {
+                errs.push(self.error(raw.into(), "rebootTimeout must be at least 1s".to_string()));
+                None
+            }
+            Err(why) => {
+                errs.push(self.error(raw.into(), format!("rebootTimeout: {why}")));
+                None
+            }
+        }
+    }
+
+    /// `keepGenerations`, validated.
+    pub(super) fn keep_generations(
+        &self,
+        spec: &super::RawSpec,
+        errs: &mut Vec<SpecError>,
+    ) -> Option<u32> {
+        let k = spec.keep_generations.as_ref()?;
+        if k.value < 2 {
+            errs.push(self.error(
+                k.into(),
+                "keepGenerations must be at least 2 (the running generation and the one to roll back to)".to_string(),
+            ));
+        }
+        Some(k.value)
+    }
+
     pub(super) fn fleet_policy(
         &self,
         name: &Spanned<String>,

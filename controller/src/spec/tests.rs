@@ -243,3 +243,54 @@ fn offsets_follow_lines_and_characters() {
     assert_eq!(offset_of("ab\ncd", 1, 1), Some(0));
     assert_eq!(offset_of("ab", 5, 1), None);
 }
+
+#[test]
+fn reboots_generations_and_windows_have_fleet_defaults() {
+    let fleet_doc = "apiVersion: cim/v1
+kind: Fleet
+metadata: {name: fleet}
+spec:
+  reboot: auto
+  rebootTimeout: 5m
+  keepGenerations: 4
+  windows:
+    - {kind: allow, schedule: '0 22 * * *', duration: 8h, timeZone: Europe/Berlin}
+    - {kind: deny, schedule: '0 0 24 12 *', duration: 48h}
+---
+";
+    let own = WEB.replace("web-1", "web-2") + "  reboot: never\n  keepGenerations: 3\n";
+    let text = format!("{fleet_doc}{WEB}---\n{own}");
+    let fleet = parse_fleet(&[file("specs/f.yaml", &text)]).unwrap();
+    let web1 = &fleet.hosts["web-1"];
+    assert_eq!(web1.reboot(), RebootPolicy::Auto);
+    assert_eq!(web1.reboot_timeout(), Duration::from_secs(300));
+    assert_eq!(web1.keep_generations(), 4);
+    let web2 = &fleet.hosts["web-2"];
+    assert_eq!(web2.reboot(), RebootPolicy::Never);
+    assert_eq!(web2.keep_generations(), 3);
+    assert_eq!(fleet.policy.windows.len(), 2);
+    let bare = parse_fleet(&[file("specs/web.yaml", WEB)]).unwrap();
+    let web = &bare.hosts["web-1"];
+    assert_eq!(web.reboot(), RebootPolicy::Never);
+    assert_eq!(web.reboot_timeout(), DEFAULT_REBOOT_TIMEOUT);
+    assert_eq!(web.keep_generations(), DEFAULT_KEEP_GENERATIONS);
+}
+
+#[test]
+fn bad_windows_and_reboot_settings_are_located() {
+    let text = "apiVersion: cim/v1
+kind: Fleet
+metadata: {name: fleet}
+spec:
+  rebootTimeout: soon
+  windows:
+    - {kind: allow, schedule: 'every day', duration: 8h}
+    - {kind: deny, schedule: '0 9 * * *', duration: 1h, timeZone: Nowhere/Land}
+";
+    let errors = errors_of(&[file("specs/f.yaml", text)]);
+    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:5:") && e.contains("rebootTimeout")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:7:") && e.contains("not a cron schedule")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:8:") && e.contains("unknown time zone")), "{errors:?}");
+    let host = format!("{WEB}  windows: []\n  reboot: sometimes\n");
+    assert!(parse_fleet(&[file("specs/h.yaml", &host)]).is_err());
+}
