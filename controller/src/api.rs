@@ -44,6 +44,10 @@ pub struct StatusResponse {
     pub latest_revision: Option<String>,
     /// Why the latest revision is not being reconciled, or why fetching fails.
     pub message: Option<String>,
+    /// Why the deployment windows are closed and until when (absent:
+    /// open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
     /// Progress of the current revision's rollout.
     #[serde(default)]
     pub rollout: crate::rollout::Progress,
@@ -62,6 +66,7 @@ impl From<FleetStatus> for StatusResponse {
             revision: s.repo.revision,
             latest_revision: s.repo.latest_revision,
             message: s.repo.message,
+            window: s.repo.window,
             hosts: s.hosts.into_values().collect(),
         }
     }
@@ -75,6 +80,10 @@ pub struct ReconcileRequest {
     pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<crate::spec::Selector>,
+    /// Work on the hosts although the deployment windows are closed
+    /// (recorded as `WindowForced`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_window: bool,
 }
 
 /// A label selector as the CLI and the query strings write it:
@@ -518,10 +527,11 @@ fn to_sse(ev: Event) -> Result<SseEvent, Infallible> {
 }
 
 async fn reconcile(State(app): State<AppState>, body: Option<Json<ReconcileRequest>>) -> Response {
-    let (host, selector) = body.map_or((None, None), |Json(b)| (b.host, b.selector));
+    let Json(body) = body.unwrap_or_default();
     ask(&app, |reply| Request::Reconcile {
-        host,
-        selector,
+        host: body.host,
+        selector: body.selector,
+        force_window: body.force_window,
         reply,
     })
     .await

@@ -193,12 +193,8 @@ impl Source {
         }
     }
 
-    pub fn reconcile(
-        &self,
-        host: Option<String>,
-        selector: Option<crate::spec::Selector>,
-    ) -> Result<String, ClientError> {
-        self.post("/api/v1/reconcile", ReconcileRequest { host, selector })
+    pub fn reconcile(&self, request: &ReconcileRequest) -> Result<String, ClientError> {
+        self.post("/api/v1/reconcile", request)
     }
 
     pub fn rollback(&self, host: &str) -> Result<String, ClientError> {

@@ -64,6 +64,7 @@ pub enum Request {
     Reconcile {
         host: Option<String>,
         selector: Option<crate::spec::Selector>,
+        force_window: bool,
         reply: oneshot::Sender<Result<String, String>>,
     },
     /// The hosts whose labels match `selector` (one name per line).
@@ -426,8 +427,16 @@ impl<B: Backend> Controller<B> {
             Request::Reconcile {
                 host,
                 selector,
+                force_window,
                 reply,
-            } => (Ask::Reconcile { host, selector }, reply),
+            } => (
+                Ask::Reconcile {
+                    host,
+                    selector,
+                    force_window,
+                },
+                reply,
+            ),
             Request::Select { selector, reply } => (Ask::Select { selector }, reply),
             Request::Rollback { host, reply } => (Ask::Rollback { host }, reply),
             Request::Resume { host, reply } => (Ask::Resume { host }, reply),

@@ -64,6 +64,9 @@ pub enum Ask {
     Reconcile {
         host: Option<String>,
         selector: Option<crate::spec::Selector>,
+        /// `--force-window`: work on them although the deployment windows
+        /// are closed.
+        force_window: bool,
     },
     /// The hosts of the current specs whose labels match `selector`.
     Select { selector: crate::spec::Selector },
@@ -219,6 +222,7 @@ pub enum Then {
         one: Option<String>,
         hosts: Vec<String>,
         revision: Revision,
+        force_window: bool,
     },
 }
 
@@ -262,6 +266,11 @@ pub struct State {
     /// How each host's run changes its system ("3 packages upgraded"),
     /// from its build until its outcome.
     changes: BTreeMap<String, String>,
+    /// Hosts `cim reconcile --force-window` lets through closed windows,
+    /// until their run ends.
+    forced: BTreeSet<String>,
+    /// Whether `WindowClosed` was said last (not `WindowOpened`).
+    window_closed: bool,
 }
 
 impl State {
@@ -276,6 +285,7 @@ impl State {
                 Some(*l) != status.repo.revision.as_deref() && status.repo.message.is_some()
             })
             .and_then(Revision::parse);
+        let window_closed = status.repo.window.is_some();
         State {
             cfg,
             status,
@@ -290,6 +300,8 @@ impl State {
             store_failure: None,
             unapplied: None,
             changes: BTreeMap::new(),
+            forced: BTreeSet::new(),
+            window_closed,
             pending_rollbacks: BTreeSet::new(),
             rollout_started: None,
             requested: BTreeSet::new(),
@@ -492,7 +504,13 @@ impl State {
                 one,
                 hosts,
                 revision,
-            } => self.reconcile_recorded(id, one, &hosts, &revision, now, out),
+                force_window,
+            } => {
+                if force_window {
+                    self.forced.extend(hosts.iter().cloned());
+                }
+                self.reconcile_recorded(id, one, &hosts, &revision, now, out)
+            }
             Then::Approved { id, message } => {
                 self.advance_rollout(now, out);
                 out.push(Effect::Reply {
@@ -649,6 +667,7 @@ impl State {
         if free == 0 {
             return;
         }
+        let mut window = None;
         for host in self.queue.pop_ready(now.at, free) {
             let Some(item) = self.work_item(&host).filter(|_| !self.held(&host)) else {
                 self.queue.done(&host);
@@ -661,8 +680,63 @@ impl State {
                     continue;
                 }
             }
+            if !self.forced.contains(&host) {
+                let verdict = window.get_or_insert_with(|| self.windows_at(now, out));
+                if let crate::window::Verdict::Closed { until, .. } = verdict {
+                    self.queue.done(&host);
+                    if let Some(until) = until {
+                        let wait =
+                            std::time::Duration::try_from(*until - now.wall).unwrap_or_default();
+                        self.queue.schedule(&host, now.at + wait);
+                    }
+                    continue;
+                }
+            }
             out.push(Effect::Run(item));
         }
+    }
+
+    /// Whether the deployment windows let hosts be worked on now; says
+    /// `WindowClosed` or `WindowOpened` when that changed.
+    fn windows_at(&mut self, now: Now, out: &mut Vec<Effect>) -> crate::window::Verdict {
+        use crate::window::Verdict;
+        let windows = self
+            .specs
+            .as_ref()
+            .map(|(_, f)| f.policy.windows.as_slice())
+            .unwrap_or_default();
+        let verdict = crate::window::verdict(windows, now.wall);
+        let revision = self.current_revision().map(str::to_string);
+        match &verdict {
+            Verdict::Closed { because, until } if !self.window_closed => {
+                self.window_closed = true;
+                let until = match until {
+                    Some(t) => format!(
+                        "until {}",
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default()
+                    ),
+                    None => "with no opening within a year".to_string(),
+                };
+                let ev = NewEvent::repo(
+                    Reason::WindowClosed,
+                    revision.as_deref(),
+                    format!("{because}: no host is worked on {until} (`cim reconcile --force-window` in an emergency)"),
+                );
+                append(out, vec![ev], Then::Nothing);
+            }
+            Verdict::Open if self.window_closed => {
+                self.window_closed = false;
+                let ev = NewEvent::repo(
+                    Reason::WindowOpened,
+                    revision.as_deref(),
+                    "the deployment windows are open: hosts are worked on again",
+                );
+                append(out, vec![ev], Then::Nothing);
+            }
+            _ => {}
+        }
+        verdict
     }
 
     fn work_item(&self, host: &str) -> Option<WorkItem> {

@@ -25,6 +25,8 @@ pub enum Phase {
     Building,
     Copying,
     Activating,
+    /// Rebooting into the new system (`reboot: auto`, `cim reboot`).
+    Rebooting,
     /// Health checks run after activation.
     Verifying,
     Converged,
@@ -34,11 +36,12 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in the order a host goes through them.
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Building,
         Phase::Copying,
         Phase::Activating,
+        Phase::Rebooting,
         Phase::Verifying,
         Phase::Converged,
         Phase::Failed,
@@ -139,6 +142,25 @@ pub enum Reason {
     /// the one the user's known_hosts holds); it is retried with backoff
     /// and never deployed to.
     HostKeyMismatch,
+    /// The deployment windows are closed: no host is worked on until the
+    /// time the message (and the status) names.
+    WindowClosed,
+    /// The deployment windows opened again.
+    WindowOpened,
+    /// An operator ran `cim reconcile --force-window`: hosts are worked on
+    /// although the windows are closed.
+    WindowForced,
+    /// The host's new system has another kernel, initrd or kernel modules
+    /// than the booted one: it runs them only after a reboot.
+    RebootRequired,
+    /// cim rebooted the host (`reboot: auto`, or `cim reboot`).
+    Rebooting,
+    /// The host came back from a reboot running the system it should boot.
+    Rebooted,
+    /// The host did not come back from a reboot within `rebootTimeout`.
+    RebootTimedOut,
+    /// An operator asked for a reboot with `cim reboot`.
+    RebootRequested,
 }
 
 /// The first 12 characters of a revision, as people read commit ids.
@@ -172,7 +194,9 @@ impl Reason {
             | Reason::HistoryRewritten
             | Reason::HostKeyMismatch
             | Reason::NotificationFailed
-            | Reason::PruneFailed => EventType::Warning,
+            | Reason::PruneFailed
+            | Reason::WindowForced
+            | Reason::RebootTimedOut => EventType::Warning,
             _ => EventType::Normal,
         }
     }
@@ -187,6 +211,7 @@ impl Reason {
                 | Reason::HostUnreachable
                 | Reason::WorkerCrashed
                 | Reason::HostKeyMismatch
+                | Reason::RebootTimedOut
         )
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use cim::api::ReconcileRequest;
 use cim::client::Source;
 use cim::store::EventQuery;
 use cim::{render, spec};
@@ -116,6 +117,10 @@ enum Command {
         /// How long --wait waits.
         #[arg(long, default_value = "30m", value_parser = spec::parse_duration, requires = "wait")]
         timeout: Duration,
+        /// Emergency: work on the hosts even though the deployment windows
+        /// are closed (recorded as a `WindowForced` event).
+        #[arg(long)]
+        force_window: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -414,6 +419,7 @@ fn main() -> std::process::ExitCode {
             selector,
             wait,
             timeout,
+            force_window,
             source,
         } => match selector
             .as_deref()
@@ -421,8 +427,18 @@ fn main() -> std::process::ExitCode {
             .transpose()
         {
             Err(e) => Err(anyhow::anyhow!("--selector: {e}")),
-            Ok(selector) if wait => reconcile_and_wait(host, selector, timeout, &source),
-            Ok(selector) => reconcile(host, selector, &source),
+            Ok(selector) => {
+                let request = ReconcileRequest {
+                    host,
+                    selector,
+                    force_window,
+                };
+                if wait {
+                    reconcile_and_wait(&request, timeout, &source)
+                } else {
+                    reconcile(&request, &source)
+                }
+            }
         },
         Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
         Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
@@ -557,24 +573,16 @@ fn events(q: EventQuery, follow: bool, args: &SourceArgs) -> Exit {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn reconcile(
-    host: Option<String>,
-    selector: Option<cim::spec::Selector>,
-    args: &SourceArgs,
-) -> Exit {
-    say(source(args)?.reconcile(host, selector))
+fn reconcile(request: &ReconcileRequest, args: &SourceArgs) -> Exit {
+    say(source(args)?.reconcile(request))
 }
 
 /// `cim reconcile --wait`: asks, then follows the event log until every
 /// host asked for has an outcome (see `cim::wait`), with progress bars on a
 /// terminal and plain lines elsewhere.
-fn reconcile_and_wait(
-    host: Option<String>,
-    selector: Option<cim::spec::Selector>,
-    timeout: Duration,
-    args: &SourceArgs,
-) -> Exit {
+fn reconcile_and_wait(request: &ReconcileRequest, timeout: Duration, args: &SourceArgs) -> Exit {
     use std::io::IsTerminal;
+    let (host, selector) = (&request.host, &request.selector);
     let src = source(args)?;
     let since = src.newest_seq()?;
     let hosts: Vec<String> = match (&host, &selector) {
@@ -591,7 +599,7 @@ fn reconcile_and_wait(
             .map(|h| h.name)
             .collect(),
     };
-    emit(&src.reconcile(host, selector)?);
+    emit(&src.reconcile(request)?);
     let mut tracker = cim::wait::Tracker::new(hosts);
     if tracker.total() == 0 {
         return Ok(std::process::ExitCode::SUCCESS);

@@ -115,6 +115,9 @@ pub fn status(s: &StatusResponse, now: OffsetDateTime) -> String {
     if let Some(m) = &s.message {
         out.push_str(&format!("\nmessage:  {}", one_line(m, 200)));
     }
+    if let Some(w) = &s.window {
+        out.push_str(&format!("\nwindow:   CLOSED: {}", one_line(w, 200)));
+    }
     let converged = s
         .hosts
         .iter()
@@ -182,6 +185,9 @@ pub fn host(h: &HostStatus, now: OffsetDateTime) -> String {
             fmt_time(at),
             age(at, now)
         ));
+    }
+    if let Some(why) = &h.reboot_required {
+        lines.push(format!("Reboot required:    {}", printable(why)));
     }
     lines.push("Message:".to_string());
     lines.extend(h.message.lines().map(|l| format!("  {}", printable(l))));
@@ -362,6 +368,7 @@ mod tests {
             failed_revision: None,
             phase_revision: None,
             operator_suspended: false,
+            reboot_required: None,
         }
     }
 
@@ -374,6 +381,7 @@ mod tests {
             message: Some(
                 "specs at fedcba987654 are invalid: specs/web.yaml:3:1: unknown field `foo`".into(),
             ),
+            window: None,
             rollout: crate::rollout::Progress {
                 revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
                 done: 1,

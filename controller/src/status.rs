@@ -39,6 +39,10 @@ pub struct RepoStatus {
     /// approved for (`cim approve`).
     #[serde(default)]
     pub approvals: std::collections::BTreeMap<String, String>,
+    /// Why the deployment windows are closed and until when (`None`:
+    /// open).
+    #[serde(default)]
+    pub window: Option<String>,
 }
 
 /// One host's status.
@@ -70,6 +74,10 @@ pub struct HostStatus {
     /// `cim resume`.
     #[serde(default)]
     pub operator_suspended: bool,
+    /// Why the host needs a reboot to run its system (its kernel, initrd
+    /// or modules changed), until it reboots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_required: Option<String>,
 }
 
 /// The whole projection.
@@ -112,6 +120,7 @@ impl FleetStatus {
                 next_retry: None,
                 failed_revision: None,
                 operator_suspended: false,
+                reboot_required: None,
             });
         if let Some(to) = ev.to_phase {
             host.phase_revision = ev.revision.clone();
@@ -145,6 +154,8 @@ impl FleetStatus {
                 host.next_retry = None;
                 host.failed_revision = None;
             }
+            Reason::RebootRequired => host.reboot_required = Some(ev.message.clone()),
+            Reason::CopyStarted | Reason::Rebooted => host.reboot_required = None,
             Reason::Suspended | Reason::ReconcileRequested => {
                 host.next_retry = None;
                 host.failed_revision = None;
@@ -186,6 +197,8 @@ impl FleetStatus {
                 self.repo.message = None;
             }
             Reason::ApprovalRequired => self.repo.message = Some(ev.message.clone()),
+            Reason::WindowClosed => self.repo.window = Some(ev.message.clone()),
+            Reason::WindowOpened => self.repo.window = None,
             Reason::EventsTrimmed => {
                 self.repo.trimmed_through = ev.trimmed_through.unwrap_or_default();
             }

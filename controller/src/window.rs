@@ -5,7 +5,6 @@
 //! the time comes in, the verdict (and when it changes) goes out.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -56,14 +55,20 @@ impl fmt::Display for Window {
     }
 }
 
-/// A duration as a spec would write it: "8h", "90m", "1h30m".
+/// A duration as a spec would write it: "8h", "90m", "1h30m", "45s".
 fn span(d: Duration) -> String {
-    let minutes = d.as_secs() / 60;
-    match (minutes / 60, minutes % 60) {
-        (0, m) => format!("{m}m"),
-        (h, 0) => format!("{h}h"),
-        (h, m) => format!("{h}h{m}m"),
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
     }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
 }
 
 impl Window {
@@ -74,16 +79,20 @@ impl Window {
         duration: Duration,
         zone: Option<&str>,
     ) -> Result<Window, String> {
-        let cron = croner::Cron::from_str(schedule.trim())
+        // Five fields as cron writes them; a sixth, leading, for seconds.
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(schedule.trim())
             .map_err(|e| format!("schedule `{schedule}` is not a cron schedule: {e}"))?;
         let zone = match zone {
             None => Tz::UTC,
-            Some(z) => z
-                .parse::<Tz>()
-                .map_err(|_| format!("unknown time zone `{z}` (an IANA name like Europe/Berlin)"))?,
+            Some(z) => z.parse::<Tz>().map_err(|_| {
+                format!("unknown time zone `{z}` (an IANA name like Europe/Berlin)")
+            })?,
         };
-        if duration < Duration::from_secs(60) {
-            return Err("a window's duration must be at least 1m".to_string());
+        if duration < Duration::from_secs(1) {
+            return Err("a window's duration must be at least 1s".to_string());
         }
         Ok(Window {
             kind,
@@ -160,7 +169,10 @@ fn closed_because(windows: &[Window], at: DateTime<Utc>) -> Option<(String, Vec<
     } else {
         format!("outside all {} allow windows", allows.len())
     };
-    Some((why, allows.iter().filter_map(|w| w.next_start(at)).collect()))
+    Some((
+        why,
+        allows.iter().filter_map(|w| w.next_start(at)).collect(),
+    ))
 }
 
 /// Whether hosts may be worked on at `at`, and if not, until when.
@@ -230,7 +242,12 @@ mod tests {
     #[test]
     fn time_zones_move_the_window() {
         // 09:00 in Berlin is 08:00 UTC in winter.
-        let w = [window(WindowKind::Allow, "0 9 * * 1-5", 60, Some("Europe/Berlin"))];
+        let w = [window(
+            WindowKind::Allow,
+            "0 9 * * 1-5",
+            60,
+            Some("Europe/Berlin"),
+        )];
         assert_eq!(verdict(&w, at("2026-11-25T08:30:00Z")), Verdict::Open);
         let Verdict::Closed { until, .. } = verdict(&w, at("2026-11-25T09:30:00Z")) else {
             panic!("open after the hour")
@@ -279,18 +296,33 @@ mod tests {
     }
 
     #[test]
+    fn schedules_may_name_seconds() {
+        let w = [window(WindowKind::Deny, "30 0 12 * * *", 1, None)];
+        assert_eq!(verdict(&w, at("2026-11-25T12:00:29Z")), Verdict::Open);
+        assert_eq!(
+            verdict(&w, at("2026-11-25T12:00:45Z")),
+            Verdict::Closed {
+                because: "deny window deny `30 0 12 * * *` for 1m (UTC) is open".to_string(),
+                until: Some(at("2026-11-25T12:01:30Z")),
+            }
+        );
+    }
+
+    #[test]
     fn bad_windows_say_why() {
         let d = Duration::from_secs(3600);
         assert!(Window::new(WindowKind::Allow, "nope", d, None)
             .unwrap_err()
             .contains("not a cron schedule"));
-        assert!(Window::new(WindowKind::Allow, "0 9 * * *", d, Some("Mars/Base"))
-            .unwrap_err()
-            .contains("unknown time zone"));
         assert!(
-            Window::new(WindowKind::Allow, "0 9 * * *", Duration::from_secs(5), None)
+            Window::new(WindowKind::Allow, "0 9 * * *", d, Some("Mars/Base"))
                 .unwrap_err()
-                .contains("at least 1m")
+                .contains("unknown time zone")
+        );
+        assert!(
+            Window::new(WindowKind::Allow, "0 9 * * *", Duration::ZERO, None)
+                .unwrap_err()
+                .contains("at least 1s")
         );
     }
 }

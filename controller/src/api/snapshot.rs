@@ -50,6 +50,8 @@ struct Header<'a> {
     revision: &'a Option<String>,
     latest_revision: &'a Option<String>,
     message: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: &'a Option<String>,
     rollout: crate::rollout::Progress,
     trimmed_through: u64,
 }
@@ -199,6 +201,7 @@ impl Snapshot {
             revision: &repo.revision,
             latest_revision: &repo.latest_revision,
             message: &repo.message,
+            window: &repo.window,
             rollout: crate::rollout::progress(&self.status),
             trimmed_through: repo.trimmed_through,
         })?;

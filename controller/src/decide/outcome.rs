@@ -149,6 +149,7 @@ impl State {
         let asked = self.requested.remove(host);
         let mut news = self.handle_outcome(host, revision, outcome, now, out, asked);
         self.changes.remove(host);
+        self.forced.remove(host);
         if asked && news.is_empty() {
             // Asked for and handled, with nothing else to say (a build
             // failure was already recorded, a cancelled run): say so.

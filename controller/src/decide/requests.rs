@@ -9,7 +9,11 @@ use crate::types::Revision;
 impl State {
     pub(super) fn on_request(&mut self, id: RequestId, ask: Ask, out: &mut Vec<Effect>) {
         let refused = match ask {
-            Ask::Reconcile { host, selector } => self.on_reconcile(id, host, selector, out),
+            Ask::Reconcile {
+                host,
+                selector,
+                force_window,
+            } => self.on_reconcile(id, host, selector, force_window, out),
             Ask::Select { selector } => {
                 out.push(Effect::Reply {
                     id,
@@ -230,6 +234,7 @@ impl State {
         id: RequestId,
         host: Option<String>,
         selector: Option<crate::spec::Selector>,
+        force_window: bool,
         out: &mut Vec<Effect>,
     ) -> Result<(), String> {
         let Some(revision) = self.current().cloned() else {
@@ -291,6 +296,19 @@ impl State {
                 "reconcile requested",
             )
         }));
+        if force_window {
+            news.push(NewEvent::repo(
+                Reason::WindowForced,
+                Some(&revision),
+                format!(
+                    "`cim reconcile --force-window`: {} worked on whatever the deployment windows say",
+                    match &host {
+                        Some(name) => name.clone(),
+                        None => format!("{} hosts", hosts.len()),
+                    }
+                ),
+            ));
+        }
         append(
             out,
             news,
@@ -299,6 +317,7 @@ impl State {
                 one: host,
                 hosts,
                 revision,
+                force_window,
             },
         );
         Ok(())

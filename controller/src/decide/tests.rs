@@ -418,6 +418,7 @@ fn a_failed_activation_holds_the_host_until_asked_again() {
     let (answer, _) = rig.ask(Ask::Reconcile {
         host: Some("web-1".into()),
         selector: None,
+        force_window: false,
     });
     assert!(answer.unwrap().starts_with("reconciling web-1"));
     assert_eq!(rig.tick(), ["web-1"]);
@@ -440,6 +441,7 @@ fn a_build_failure_waits_for_a_new_revision_or_a_request() {
     let (answer, effects) = rig.ask(Ask::Reconcile {
         host: Some("web-1".into()),
         selector: None,
+        force_window: false,
     });
     assert!(answer.is_ok());
     assert!(matches!(
@@ -531,6 +533,7 @@ fn a_spent_failure_budget_halts_the_rollout_until_reconcile_all() {
     let (answer, effects) = rig.ask(Ask::Reconcile {
         host: None,
         selector: None,
+        force_window: false,
     });
     assert!(answer.is_ok());
     assert!(matches!(effects[0], Effect::Fetch));
@@ -555,6 +558,7 @@ fn hosts_suspended_by_their_spec_are_left_alone() {
     let (answer, _) = rig.ask(Ask::Reconcile {
         host: Some("web-2".into()),
         selector: None,
+        force_window: false,
     });
     assert_eq!(answer.unwrap_err(), "host `web-2` is suspended by its spec");
 }
@@ -600,6 +604,7 @@ fn requests_for_unknown_hosts_are_refused() {
     let (answer, effects) = rig.ask(Ask::Reconcile {
         host: None,
         selector: None,
+        force_window: false,
     });
     assert_eq!(answer.unwrap(), "no valid revision yet; fetching now");
     assert!(matches!(effects.as_slice(), [Effect::Fetch]));
@@ -760,3 +765,4 @@ fn with_every_slot_taken_no_timer_is_asked_for() {
 }
 
 mod revisions;
+mod windows;

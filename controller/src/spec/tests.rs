@@ -288,9 +288,24 @@ spec:
     - {kind: deny, schedule: '0 9 * * *', duration: 1h, timeZone: Nowhere/Land}
 ";
     let errors = errors_of(&[file("specs/f.yaml", text)]);
-    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:5:") && e.contains("rebootTimeout")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:7:") && e.contains("not a cron schedule")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.starts_with("specs/f.yaml:8:") && e.contains("unknown time zone")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("specs/f.yaml:5:") && e.contains("rebootTimeout")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("specs/f.yaml:7:") && e.contains("not a cron schedule")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("specs/f.yaml:8:") && e.contains("unknown time zone")),
+        "{errors:?}"
+    );
     let host = format!("{WEB}  windows: []\n  reboot: sometimes\n");
     assert!(parse_fleet(&[file("specs/h.yaml", &host)]).is_err());
 }

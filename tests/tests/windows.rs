@@ -1,0 +1,87 @@
+//! End-to-end test of deployment windows: a deny window holds a change
+//! until it ends, `cim status` says so and when it opens, and `cim
+//! reconcile --force-window` lets one host through, recorded.
+
+use std::time::{Duration, Instant};
+
+use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
+use time::OffsetDateTime;
+
+#[test]
+fn a_deny_window_holds_activation_and_releases_it_on_time() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+
+    // A deny window that opened a second ago and lasts 20s (cron with
+    // seconds, in UTC).
+    let now = OffsetDateTime::now_utc();
+    let opened = (now - time::Duration::seconds(1))
+        .replace_nanosecond(0)
+        .unwrap();
+    let ends = opened + time::Duration::seconds(20);
+    let ends_at = Instant::now() + Duration::try_from(ends - now).unwrap();
+    let schedule = format!(
+        "{} {} {} * * *",
+        opened.second(),
+        opened.minute(),
+        opened.hour()
+    );
+    let hosts = std::fs::read_to_string(fleet.repo.join("specs/fleet.yaml")).unwrap();
+    let specs = format!(
+        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: deny, schedule: '{schedule}', duration: 20s, timeZone: UTC}}\n---\n{hosts}"
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
+    fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
+    let revision = fleet.commit("a change inside a change freeze").unwrap();
+
+    let status = cim.wait_until("the window closed", Duration::from_secs(30), |s| {
+        s["window"].is_string()
+    });
+    let window = status["window"].as_str().unwrap().to_string();
+    assert!(window.contains("deny window"), "{window}");
+    let until = ends
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(window.contains(&until), "{window} does not name {until}");
+    let out = cim.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("window:   CLOSED"));
+
+    // An emergency goes through, on record.
+    let out = cim.cli(&["reconcile", "web-2", "--force-window"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cim.wait_converged(&["web-2"], Some(&revision));
+    assert!(!cim.events().iter().all(|e| e["reason"] != "WindowForced"));
+    assert!(
+        Instant::now() < ends_at,
+        "too slow to tell the forced host from the window's end"
+    );
+    assert!(
+        fleet.activations("web-1").len() == 1,
+        "web-1 was activated inside the deny window: {:?}",
+        fleet.activations("web-1")
+    );
+
+    cim.wait_converged(&["web-1"], Some(&revision));
+    assert!(
+        Instant::now() >= ends_at,
+        "web-1 converged before the window ended"
+    );
+    let events = cim.events();
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    let opened = reasons
+        .iter()
+        .position(|r| *r == "WindowOpened")
+        .expect("WindowOpened");
+    let closed = reasons
+        .iter()
+        .position(|r| *r == "WindowClosed")
+        .expect("WindowClosed");
+    assert!(closed < opened);
+    assert!(cim.status()["window"].is_null());
+}
