@@ -561,7 +561,7 @@ fn found_msg(found: Found) -> Msg {
             rewritten_from,
         } => Msg::Revision {
             revision,
-            specs,
+            specs: *specs,
             trust,
             rewritten_from,
         },

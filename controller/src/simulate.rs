@@ -169,7 +169,7 @@ pub async fn simulate(
         .send(Found::Revision {
             revision: Revision::parse(REVISION)
                 .ok_or_else(|| SimulateError::Specs(format!("`{REVISION}` is no revision")))?,
-            specs: Ok(fleet),
+            specs: Box::new(Ok(fleet)),
             trust: crate::trust::Verdict::NotChecked,
             rewritten_from: None,
         })

@@ -36,7 +36,8 @@ pub enum Found {
     },
     Revision {
         revision: Revision,
-        specs: Result<FleetSpec, SpecErrors>,
+        /// Boxed: a fleet's policy is large next to the other messages.
+        specs: Box<Result<FleetSpec, SpecErrors>>,
         /// The verdict on the head commit's signature.
         trust: Verdict,
         /// The head this one replaced without descending from it.
@@ -162,7 +163,7 @@ pub fn spawn(
                     tracing::debug!(revision = %new.revision, "new head fetched");
                     Found::Revision {
                         revision: new.revision,
-                        specs: new.specs,
+                        specs: Box::new(new.specs),
                         trust: new.trust,
                         rewritten_from: new.rewritten_from,
                     }
