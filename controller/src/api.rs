@@ -219,6 +219,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/api/v1/reconcile", post(reconcile))
         .route("/api/v1/hosts/{name}/rollback", post(rollback))
         .route("/api/v1/hosts/{name}/resume", post(resume))
+        .route("/api/v1/hosts/{name}/reboot", post(reboot))
         .route("/api/v1/accept", post(accept))
         .route("/api/v1/approve", post(approve))
         .route(access::PLAN_PATH, get(plan))
@@ -571,6 +572,10 @@ async fn selected(app: &AppState, selector: &str) -> Result<Vec<String>, Respons
 
 async fn rollback(State(app): State<AppState>, Path(host): Path<String>) -> Response {
     ask(&app, |reply| Request::Rollback { host, reply }).await
+}
+
+async fn reboot(State(app): State<AppState>, Path(host): Path<String>) -> Response {
+    ask(&app, |reply| Request::Reboot { host, reply }).await
 }
 
 async fn resume(State(app): State<AppState>, Path(host): Path<String>) -> Response {

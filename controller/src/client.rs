@@ -204,6 +204,13 @@ impl Source {
         )
     }
 
+    pub fn reboot(&self, host: &str) -> Result<String, ClientError> {
+        self.post(
+            &format!("/api/v1/hosts/{host}/reboot"),
+            serde_json::json!({}),
+        )
+    }
+
     pub fn resume(&self, host: &str) -> Result<String, ClientError> {
         self.post(
             &format!("/api/v1/hosts/{host}/resume"),

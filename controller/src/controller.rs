@@ -77,6 +77,11 @@ pub enum Request {
         host: String,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Reboot a host now.
+    Reboot {
+        host: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// Hand a host suspended by `Rollback` back to the controller.
     Resume {
         host: String,
@@ -412,6 +417,17 @@ impl<B: Backend> Controller<B> {
                 );
                 self.spawn_worker(&name, &revision, work);
             }
+            Effect::Reboot { host, revision } => {
+                let name = host.name.clone();
+                let work = reconcile::run_reboot(
+                    Arc::clone(&self.backend),
+                    host,
+                    revision.clone(),
+                    self.report_tx.clone(),
+                    self.worker_cancel.child_token(),
+                );
+                self.spawn_worker(&name, &revision, work);
+            }
             Effect::Fetch => self.fetch_now.notify_one(),
             Effect::Reply { id, result } => {
                 if let Some(reply) = self.replies.remove(&id) {
@@ -439,6 +455,7 @@ impl<B: Backend> Controller<B> {
             ),
             Request::Select { selector, reply } => (Ask::Select { selector }, reply),
             Request::Rollback { host, reply } => (Ask::Rollback { host }, reply),
+            Request::Reboot { host, reply } => (Ask::Reboot { host }, reply),
             Request::Resume { host, reply } => (Ask::Resume { host }, reply),
             Request::Accept { revision, reply } => (Ask::Accept { revision }, reply),
             Request::Approve {

@@ -72,6 +72,8 @@ pub enum Ask {
     Select { selector: crate::spec::Selector },
     /// Suspend a host and switch it to its previous generation.
     Rollback { host: String },
+    /// Reboot a host now (`cim reboot`).
+    Reboot { host: String },
     /// Hand a host suspended by `Rollback` back to the controller.
     Resume { host: String },
     /// Deploy a rewritten revision (`--refuse-rewrites`); a full commit id
@@ -169,6 +171,8 @@ pub enum Effect {
     Run(WorkItem),
     /// Start a worker rolling `host` back to its previous generation.
     RollBack { host: HostSpec, revision: Revision },
+    /// Start a worker rebooting `host` (`cim reboot`).
+    Reboot { host: HostSpec, revision: Revision },
     /// Fetch the watched branch now.
     Fetch,
     /// Answer an operator request.
@@ -204,6 +208,11 @@ pub enum Then {
         id: RequestId,
         host: String,
         revision: Option<Revision>,
+    },
+    /// `cim reboot`'s request is durable: reboot the host.
+    RebootRecorded {
+        id: RequestId,
+        host: String,
     },
     /// `cim approve` is durable: the waiting wave goes ahead.
     Approved {
@@ -271,6 +280,8 @@ pub struct State {
     forced: BTreeSet<String>,
     /// Whether `WindowClosed` was said last (not `WindowOpened`).
     window_closed: bool,
+    /// Hosts whose run rebooted them, until its outcome.
+    rebooting: BTreeSet<String>,
 }
 
 impl State {
@@ -302,6 +313,7 @@ impl State {
             changes: BTreeMap::new(),
             forced: BTreeSet::new(),
             window_closed,
+            rebooting: BTreeSet::new(),
             pending_rollbacks: BTreeSet::new(),
             rollout_started: None,
             requested: BTreeSet::new(),
@@ -511,6 +523,7 @@ impl State {
                 }
                 self.reconcile_recorded(id, one, &hosts, &revision, now, out)
             }
+            Then::RebootRecorded { id, host } => self.reboot_recorded(id, &host, out),
             Then::Approved { id, message } => {
                 self.advance_rollout(now, out);
                 out.push(Effect::Reply {
@@ -545,6 +558,7 @@ impl State {
                 self.unapplied = Some((revision, fleet));
             }
             Then::RollbackRecorded { id, .. } => self.refuse(id, "rollback", out),
+            Then::RebootRecorded { id, .. } => self.refuse(id, "reboot", out),
             Then::Resumed { id, .. } => self.refuse(id, "resume", out),
             Then::ReconcileRecorded { id, .. } => self.refuse(id, "reconcile", out),
             Then::Approved { id, .. } => self.refuse(id, "approval", out),

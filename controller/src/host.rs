@@ -12,8 +12,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::driver::{
-    ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, Evaluation, Look, SshError,
-    Toplevel,
+    ActivateError, BootState, BuildError, CommandOutput, ConfirmedRun, CopyError, Evaluation, Look,
+    SshError, Toplevel,
 };
 use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
@@ -50,6 +50,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Pushes `closure` to [`Backend::cache`].
     fn push(&self, closure: &StorePath) -> impl Future<Output = Result<(), BuildError>> + Send;
+
+    /// The kernel, initrd and kernel modules of `system` in the
+    /// controller's store, resolved (empty when unknown): compared with
+    /// the booted system's to tell whether it needs a reboot.
+    fn boot_files(&self, system: &StorePath) -> impl Future<Output = Vec<String>> + Send;
 
     /// `root`'s closure in the controller's store (paths, sizes,
     /// references).
@@ -125,12 +130,12 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u32, ActivateError>> + Send;
     /// `root`'s closure in the host's store (paths, sizes, references).
     fn closure(&self, root: &str) -> impl Future<Output = Result<Vec<PathInfo>, SshError>> + Send;
-    /// Which of kernel, initrd and kernel modules of `system` (copied to
-    /// the host) differ from the booted system's.
-    fn reboot_needed_for(
-        &self,
-        system: &StorePath,
-    ) -> impl Future<Output = Result<Vec<String>, SshError>> + Send;
+    /// Reboots the host, marking `/run` first (see
+    /// [`crate::driver::REBOOT`]).
+    fn reboot(&self) -> impl Future<Output = Result<(), ActivateError>> + Send;
+    /// Whether the host rebooted since [`Host::reboot`], and what it
+    /// booted and runs.
+    fn boot_state(&self) -> impl Future<Output = Result<BootState, SshError>> + Send;
     /// Runs a health-check command within `limit`.
     fn run_check(
         &self,

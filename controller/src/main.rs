@@ -130,6 +130,13 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Reboot a host now and wait for it to come back (within its
+    /// `rebootTimeout`); `cim status HOST` shows when it is.
+    Reboot {
+        host: String,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
     /// Hand a host suspended by `cim rollback` back to the controller.
     Resume {
         host: String,
@@ -442,6 +449,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Rollback { host, source: s } => source(&s).and_then(|s| say(s.rollback(&host))),
         Command::Resume { host, source: s } => source(&s).and_then(|s| say(s.resume(&host))),
+        Command::Reboot { host, source: s } => source(&s).and_then(|s| say(s.reboot(&host))),
         Command::Accept {
             revision,
             source: s,

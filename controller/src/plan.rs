@@ -435,15 +435,21 @@ pub struct Plan {
     pub hosts: Vec<HostPlan>,
 }
 
-/// Reads what a host printed for [`crate::driver::NEEDS_REBOOT`]: the
-/// names (kernel, initrd, kernel-modules) that differ from the booted
-/// system's.
-pub fn parse_reboot_for(stdout: &str) -> Vec<String> {
-    stdout
-        .lines()
-        .map(str::trim)
-        .filter(|l| matches!(*l, "kernel" | "initrd" | "kernel-modules"))
-        .map(str::to_string)
+/// What a system boots, in this order.
+pub const BOOT_FILES: [&str; 3] = ["kernel", "initrd", "kernel-modules"];
+
+/// Which of [`BOOT_FILES`] differ between the booted system's (`booted`,
+/// resolved) and a new system's (`new`): a switch cannot run them, a
+/// reboot is needed. Either unknown (not three paths): nothing to say.
+pub fn reboot_for(booted: &[String], new: &[String]) -> Vec<String> {
+    if booted.len() != BOOT_FILES.len() || new.len() != BOOT_FILES.len() {
+        return Vec::new();
+    }
+    BOOT_FILES
+        .iter()
+        .zip(booted.iter().zip(new))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(name, _)| name.to_string())
         .collect()
 }
 

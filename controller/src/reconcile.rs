@@ -13,14 +13,16 @@ use crate::driver::{self, Toplevel};
 use crate::error::error_chain;
 use crate::event::Reason;
 use crate::host::{Backend, Host};
-use crate::spec::{Action, HostSpec};
+use crate::spec::{Action, HostSpec, RebootPolicy};
 use crate::types::{HostName, Revision, StorePath};
 
 mod builds;
 mod confirmed;
 mod health;
+mod reboot;
 
 pub use builds::Builds;
+pub use reboot::run_reboot;
 
 /// What a worker is asked to do.
 #[derive(Debug, Clone)]
@@ -63,7 +65,17 @@ pub enum Step {
     Pushed,
     CopyStarted,
     CopySucceeded,
-    ActivationStarted,
+    /// The new system's kernel, initrd or modules (`what`) differ from the
+    /// booted system's; with `auto`, the host is rebooted into it.
+    RebootRequired {
+        what: Vec<String>,
+        auto: bool,
+    },
+    ActivationStarted {
+        action: Action,
+    },
+    /// The host is rebooting.
+    Rebooting,
     /// The host's health checks are running.
     Verifying,
     /// The controller could not confirm a confirmed activation over a new
@@ -131,6 +143,11 @@ pub enum Outcome {
     /// The result of an operator's `cim rollback`.
     ManualRollback {
         rollback: Rollback,
+    },
+    /// An operator's `cim reboot` ended with the host back, booted into
+    /// `booted`.
+    Rebooted {
+        booted: Option<String>,
     },
     /// The controller is shutting down; nothing is recorded.
     Cancelled,
@@ -345,11 +362,34 @@ async fn reconcile<B: Backend>(
         // What to go back to if activation fails: the running system and
         // the generation the profile pointed at before it was moved.
         let previous_profile = found.profile.filter(|_| item.host.action.sets_profile());
-        let _ = report(Step::ActivationStarted).await;
+        let reboot_for = if matches!(item.host.action, Action::Switch | Action::Test) {
+            crate::plan::reboot_for(
+                &found.booted_files,
+                &backend.boot_files(&item.desired).await,
+            )
+        } else {
+            Vec::new()
+        };
         let previous = Previous {
             running: found.current.as_deref(),
             profile: previous_profile.as_deref(),
         };
+        if !reboot_for.is_empty() {
+            let auto =
+                item.host.reboot() == RebootPolicy::Auto && item.host.action == Action::Switch;
+            let _ = report(Step::RebootRequired {
+                what: reboot_for,
+                auto,
+            })
+            .await;
+            if auto {
+                return reboot::boot_into(backend, &session, item, previous, tx).await;
+            }
+        }
+        let _ = report(Step::ActivationStarted {
+            action: item.host.action,
+        })
+        .await;
         let activated = if matches!(item.host.action, Action::Switch | Action::Test) {
             confirmed::activate(backend, &session, item, previous, tx).await
         } else {
@@ -363,20 +403,8 @@ async fn reconcile<B: Backend>(
             }
         };
         let outcome = health::after_activation(&session, item, previous, activated, tx).await;
-        if matches!(outcome, Outcome::Converged { changed: true, .. })
-            && item.host.action.sets_profile()
-        {
-            // Housekeeping: a failure here changes nothing about the
-            // outcome, it is only said.
-            let pruned = session
-                .prune_generations(item.host.keep_generations())
-                .await
-                .map_err(|e| error_chain(&e));
-            let _ = report(Step::Pruned {
-                keep: item.host.keep_generations(),
-                result: pruned,
-            })
-            .await;
+        if matches!(outcome, Outcome::Converged { changed: true, .. }) {
+            prune(&session, item, tx).await;
         }
         outcome
     }
@@ -384,6 +412,27 @@ async fn reconcile<B: Backend>(
     // A host that cut its network leaves this connection hanging.
     let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
     outcome
+}
+
+/// Deletes old system generations after a successful activation.
+/// Housekeeping: a failure here changes nothing about the outcome, it is
+/// only said.
+pub(crate) async fn prune<H: Host>(session: &H, item: &WorkItem, tx: &mpsc::Sender<Report>) {
+    if !item.host.action.sets_profile() {
+        return;
+    }
+    let keep = item.host.keep_generations();
+    let result = session
+        .prune_generations(keep)
+        .await
+        .map_err(|e| error_chain(&e));
+    let _ = tx
+        .send(Report::Step {
+            host: item.host.name.clone(),
+            revision: item.revision.clone(),
+            step: Step::Pruned { keep, result },
+        })
+        .await;
 }
 
 /// Runs an operator's rollback of `host` (see [`HostSession::roll_back_generation`])

@@ -8,7 +8,6 @@ use super::{append, Effect, Now, State, Then};
 use crate::event::{NewEvent, Phase, Reason};
 use crate::queue::backoff;
 use crate::reconcile::{Outcome, Rollback, Step};
-use crate::spec::Action;
 
 impl State {
     pub(super) fn on_step(
@@ -24,7 +23,6 @@ impl State {
             .get(host)
             .map(|d| d.out.to_string())
             .unwrap_or_default();
-        let action = self.host_spec(host).map_or(Action::Switch, |h| h.action);
         let ev = match step {
             Step::Observed { current } => {
                 // A host cim has not seen yet cannot have drifted.
@@ -124,13 +122,32 @@ impl State {
                 Some(revision),
                 format!("copied {desired}"),
             ),
-            Step::ActivationStarted => NewEvent::host(
+            Step::ActivationStarted { action } => NewEvent::host(
                 host,
                 Reason::ActivationStarted,
                 Some(revision),
                 format!("running switch-to-configuration {action}"),
             )
             .phase(Phase::Activating),
+            Step::RebootRequired { what, auto } => {
+                let what = what.join(", ");
+                let message = if auto {
+                    format!("{what} changed: switching with `boot` and rebooting (reboot: auto)")
+                } else {
+                    format!("{what} changed: switched, but the host runs the new {what} only after a reboot (`cim reboot {host}`, or reboot: auto)")
+                };
+                NewEvent::host(host, Reason::RebootRequired, Some(revision), message)
+            }
+            Step::Rebooting => {
+                self.rebooting.insert(host.to_string());
+                NewEvent::host(
+                    host,
+                    Reason::Rebooting,
+                    Some(revision),
+                    format!("rebooting {host} and waiting for it to come back"),
+                )
+                .phase(Phase::Rebooting)
+            }
         };
         append(out, vec![ev], Then::Nothing);
     }
@@ -150,6 +167,7 @@ impl State {
         let mut news = self.handle_outcome(host, revision, outcome, now, out, asked);
         self.changes.remove(host);
         self.forced.remove(host);
+        self.rebooting.remove(host);
         if asked && news.is_empty() {
             // Asked for and handled, with nothing else to say (a build
             // failure was already recorded, a cancelled run): say so.
@@ -206,6 +224,17 @@ impl State {
                 news.push(self.build_failed(host, revision, message));
             }
             Outcome::Converged { system, changed } => {
+                if self.rebooting.remove(host) {
+                    news.push(
+                        NewEvent::host(
+                            host,
+                            Reason::Rebooted,
+                            Some(revision),
+                            format!("came back booted into {system}"),
+                        )
+                        .system(&system),
+                    );
+                }
                 let worth_saying = changed
                     || asked
                     || self.status.hosts.get(host).is_none_or(|status| {
@@ -246,6 +275,23 @@ impl State {
             Outcome::HealthCheckFailed { message, rollback } => {
                 let failure = (Reason::HealthCheckFailed, message);
                 news.extend(self.activation_failed(host, revision, Some(failure), rollback));
+            }
+            Outcome::Rebooted { booted } => {
+                self.rebooting.remove(host);
+                news.push(
+                    NewEvent::host(
+                        host,
+                        Reason::Rebooted,
+                        Some(revision),
+                        format!(
+                            "came back booted into {}",
+                            booted.as_deref().unwrap_or("no system")
+                        ),
+                    )
+                    .phase(Phase::Pending),
+                );
+                // Level-triggered: look at what it runs now.
+                self.queue.schedule(host, now.at);
             }
             Outcome::ManualRollback { rollback } => {
                 let ev = match rollback {

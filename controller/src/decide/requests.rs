@@ -22,6 +22,7 @@ impl State {
                 Ok(())
             }
             Ask::Rollback { host } => self.on_rollback(id, &host, out),
+            Ask::Reboot { host } => self.on_reboot(id, &host, out),
             Ask::Resume { host } => self.on_resume(id, &host, out),
             Ask::Accept { revision } => self.on_accept(id, &revision, out),
             Ask::Approve { revision, wave } => self.on_approve(id, &revision, wave, out),
@@ -72,6 +73,71 @@ impl State {
             },
         );
         Ok(())
+    }
+
+    /// `cim reboot HOST`: recorded, then the host is rebooted by a worker
+    /// of its own — not while another works on it.
+    fn on_reboot(
+        &mut self,
+        id: RequestId,
+        host: &str,
+        out: &mut Vec<Effect>,
+    ) -> Result<(), String> {
+        let spec = self
+            .host_spec(host)
+            .ok_or_else(|| format!("no host `{host}` in the specs"))?;
+        if spec.suspend {
+            return Err(format!("host `{host}` is suspended by its spec"));
+        }
+        if self.queue.is_running(host) {
+            return Err(format!(
+                "`{host}` is being worked on; ask again when it is done"
+            ));
+        }
+        let revision = self.current_revision().unwrap_or_default().to_string();
+        let requested = NewEvent::host(
+            host,
+            Reason::RebootRequested,
+            Some(&revision),
+            "reboot requested by `cim reboot`",
+        );
+        append(
+            out,
+            vec![requested],
+            Then::RebootRecorded {
+                id,
+                host: host.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn reboot_recorded(&mut self, id: RequestId, host: &str, out: &mut Vec<Effect>) {
+        let (Some(spec), Some(revision)) = (self.host_spec(host).cloned(), self.current().cloned())
+        else {
+            return out.push(Effect::Reply {
+                id,
+                result: Err(format!("no host `{host}` in the specs")),
+            });
+        };
+        if !self.queue.claim(host) {
+            return out.push(Effect::Reply {
+                id,
+                result: Err(format!(
+                    "`{host}` is being worked on; ask again when it is done"
+                )),
+            });
+        }
+        out.push(Effect::Reboot {
+            host: spec,
+            revision,
+        });
+        out.push(Effect::Reply {
+            id,
+            result: Ok(format!(
+                "rebooting {host}; `cim status {host}` shows when it is back"
+            )),
+        });
     }
 
     pub(super) fn rollback_recorded(&mut self, id: RequestId, host: &str, out: &mut Vec<Effect>) {

@@ -764,5 +764,6 @@ fn with_every_slot_taken_no_timer_is_asked_for() {
     assert_eq!(rig.state.next_dispatch(), Some(rig.at));
 }
 
+mod reboots;
 mod revisions;
 mod windows;

@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use super::scripts::{parse_activation_result, parse_look};
+use super::scripts::{parse_activation_result, parse_boot_state, parse_look};
 use super::{
-    describe, is_store_path, ActivateError, CommandOutput, ConfirmedRun, HostSession, Look,
-    SshError, CONFIRM, LOOK, NEEDS_REBOOT, REMOTE_COMMAND_GRACE, WAIT_FOR_RESULT, WATCHDOG,
-    WATCHDOG_DIR,
+    describe, is_store_path, ActivateError, BootState, CommandOutput, ConfirmedRun, HostSession,
+    Look, SshError, BOOT_STATE, CONFIRM, LOOK, REBOOT, REMOTE_COMMAND_GRACE, WAIT_FOR_RESULT,
+    WATCHDOG, WATCHDOG_DIR,
 };
 use crate::spec::Action;
 use crate::types::StorePath;
@@ -245,11 +245,30 @@ impl HostSession {
         })
     }
 
-    /// Which of kernel, initrd and kernel modules of `system` (on the host
-    /// already) differ from the booted system's (see [`NEEDS_REBOOT`]).
-    pub async fn reboot_needed_for(&self, system: &StorePath) -> Result<Vec<String>, SshError> {
-        let args = ["-c", NEEDS_REBOOT, "cim-reboot", system.as_str()];
-        let out = self.run("sh", &args).await?;
-        Ok(crate::plan::parse_reboot_for(&out.stdout))
+    /// Asks the host to reboot (see [`REBOOT`]). The connection may drop
+    /// before the command answers: that is a reboot under way too.
+    pub async fn reboot(&self) -> Result<(), ActivateError> {
+        let args = ["-c", REBOOT, "cim-reboot"];
+        match self.run_as_root("sh", &args, REMOTE_COMMAND_GRACE).await {
+            // Gone or silent: the host is going down.
+            Err(SshError::Timeout { .. } | SshError::Command { .. }) => Ok(()),
+            Err(e) => Err(ActivateError::Ssh(e)),
+            Ok(out) if out.status == Some(0) => Ok(()),
+            Ok(out) if matches!(out.status, Some(255) | None) && out.stderr.trim().is_empty() => {
+                Ok(())
+            }
+            Ok(output) => Err(ActivateError::Failed {
+                destination: self.destination.clone(),
+                command: "sh -c REBOOT (systemctl reboot)".to_string(),
+                output,
+            }),
+        }
+    }
+
+    /// Whether the host rebooted, and what it booted and runs (see
+    /// [`BOOT_STATE`]).
+    pub async fn boot_state(&self) -> Result<BootState, SshError> {
+        let out = self.run("sh", &["-c", BOOT_STATE]).await?;
+        Ok(parse_boot_state(&out.stdout))
     }
 }

@@ -27,7 +27,9 @@ pub use nix::{
     evaluate, path_info, push_to_cache, realise, toplevel_attribute, BuildError, Evaluation,
     Toplevel,
 };
-pub use scripts::{Look, CONFIRM, LOOK, NEEDS_REBOOT, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR};
+pub use scripts::{
+    BootState, Look, BOOT_STATE, CONFIRM, LOOK, REBOOT, WAIT_FOR_RESULT, WATCHDOG, WATCHDOG_DIR,
+};
 
 /// How `nix` and `ssh` are run; shared by every invocation.
 #[derive(Debug, Clone)]

@@ -63,30 +63,72 @@ cat "$dir/$token.log" 2>/dev/null
 
 /// What a reconcile needs to know about a host before it acts, in one
 /// command (`sh -c LOOK`): the running system, the system profile's
-/// closure, and confirmed activations still waiting for a confirmation.
-/// A constant, like [`WATCHDOG`].
+/// closure, confirmed activations still waiting for a confirmation, and
+/// the booted system with its kernel, initrd and kernel modules (what a
+/// new system is compared with to tell whether it needs a reboot, as
+/// NixOS's `system.autoUpgrade` does). A constant, like [`WATCHDOG`].
 pub const LOOK: &str = r#"readlink /run/current-system
 echo --
 readlink -f /nix/var/nix/profiles/system
 echo --
 for f in /run/cim/*.canary; do [ -e "$f" ] && echo "$f"; done
+echo --
+if [ -e /run/booted-system ]; then
+  readlink /run/booted-system
+  for f in kernel initrd kernel-modules; do readlink -f "/run/booted-system/$f" || echo; done
+fi
 exit 0
 "#;
 
-/// Which of the kernel, initrd and kernel modules of the system at `$1`
-/// differ from the booted system's (one name per line): a switch cannot
-/// run them, a reboot is needed. Run as `sh -c NEEDS_REBOOT cim-reboot
-/// SYSTEM`; the same comparison NixOS's `system.autoUpgrade` makes. A host
-/// with no `/run/booted-system` was not booted by NixOS: nothing to say.
-pub const NEEDS_REBOOT: &str = r#"set -u
-new=$1
-[ -e /run/booted-system ] || exit 0
-for f in kernel initrd kernel-modules; do
-  booted=$(readlink -f "/run/booted-system/$f" 2>/dev/null || true)
-  wanted=$(readlink -f "$new/$f" 2>/dev/null || true)
-  if [ "$booted" != "$wanted" ]; then echo "$f"; fi
-done
+/// Reboots the host the way its own system does
+/// (`/run/current-system/sw/bin/systemctl reboot`), first leaving a mark
+/// in `/run` (a tmpfs on NixOS): a host that no longer has it has
+/// rebooted. Run as root: `sh -c REBOOT cim-reboot`.
+pub const REBOOT: &str = r#"set -u
+mkdir -p /run/cim && : >/run/cim/rebooting || exit 1
+systemctl=/run/current-system/sw/bin/systemctl
+if [ ! -x "$systemctl" ]; then
+  echo "no $systemctl on this host: not a NixOS system cim can reboot" >&2
+  exit 1
+fi
+exec "$systemctl" reboot
 "#;
+
+/// After a reboot: whether [`REBOOT`]'s mark is still there (the host has
+/// not gone down yet), the booted and the running system.
+pub const BOOT_STATE: &str = r#"if [ -e /run/cim/rebooting ]; then echo rebooting; else echo up; fi
+readlink /run/booted-system || echo
+readlink /run/current-system || echo
+exit 0
+"#;
+
+/// A host as [`BOOT_STATE`] found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootState {
+    /// The mark of the reboot asked for is still there: the host has not
+    /// rebooted yet.
+    pub rebooting: bool,
+    pub booted: Option<String>,
+    pub current: Option<String>,
+}
+
+pub(super) fn parse_boot_state(stdout: &str) -> BootState {
+    let mut lines = stdout.lines().map(str::trim);
+    let rebooting = lines.next() != Some("up");
+    let mut path = || {
+        lines
+            .next()
+            .filter(|p| is_store_path(p))
+            .map(str::to_string)
+    };
+    let booted = path();
+    let current = path();
+    BootState {
+        rebooting,
+        booted,
+        current,
+    }
+}
 
 /// A host as [`LOOK`] found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -97,6 +139,12 @@ pub struct Look {
     pub profile: Option<String>,
     /// Tokens of confirmed activations whose watchdog still waits.
     pub pending: Vec<String>,
+    /// What `/run/booted-system` points at (`None`: the host was not
+    /// booted by NixOS, or it is not said).
+    pub booted: Option<String>,
+    /// The booted system's kernel, initrd and kernel modules, resolved
+    /// (empty when unknown).
+    pub booted_files: Vec<String>,
 }
 
 pub(super) fn parse_look(stdout: &str) -> Look {
@@ -120,10 +168,21 @@ pub(super) fn parse_look(stdout: &str) -> Look {
         .filter(|t| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         .map(str::to_string)
         .collect();
+    let booted_section = sections.next().unwrap_or_default();
+    let mut booted_lines = booted_section.lines().map(str::trim);
+    let booted = path(booted_lines.next());
+    let booted_files: Vec<String> = booted_lines.take(3).map(str::to_string).collect();
+    let booted_files = if booted.is_some() && booted_files.len() == 3 {
+        booted_files
+    } else {
+        Vec::new()
+    };
     Look {
         current,
         profile,
         pending,
+        booted,
+        booted_files,
     }
 }
 
@@ -163,11 +222,35 @@ mod tests {
                 current: Some(system.to_string()),
                 profile: Some(system.to_string()),
                 pending: vec!["web-1-17".to_string()],
+                ..Look::default()
             }
         );
+        let booted = format!(
+            "{system}\n--\n{system}\n--\n--\n{system}\n/nix/store/k-linux/bzImage\n/nix/store/i-initrd/initrd\n/nix/store/m-modules\n"
+        );
+        let look = parse_look(&booted);
+        assert_eq!(look.booted.as_deref(), Some(system));
+        assert_eq!(look.booted_files.len(), 3);
+        assert_eq!(look.booted_files[1], "/nix/store/i-initrd/initrd");
         // A new host: no system, no profile, nothing pending.
         assert_eq!(parse_look("--\n\n--\n"), Look::default());
         assert_eq!(parse_look(""), Look::default());
+    }
+
+    #[test]
+    fn boot_states_are_read() {
+        let system = "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-nixos-system-a-1";
+        assert_eq!(
+            parse_boot_state(&format!("up\n{system}\n{system}\n")),
+            BootState {
+                rebooting: false,
+                booted: Some(system.into()),
+                current: Some(system.into()),
+            }
+        );
+        assert!(parse_boot_state(&format!("rebooting\n{system}\n{system}\n")).rebooting);
+        assert!(parse_boot_state("").rebooting);
+        assert_eq!(parse_boot_state("up\n\n\n").booted, None);
     }
 
     #[test]

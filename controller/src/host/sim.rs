@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use super::{Backend, Host};
 use crate::driver::{
-    destination, ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, Evaluation,
-    Look, SshError, Toplevel,
+    destination, ActivateError, BootState, BuildError, CommandOutput, ConfirmedRun, CopyError,
+    Evaluation, Look, SshError, Toplevel,
 };
 use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub activate: Duration,
     /// Evaluating the fleet once.
     pub evaluate: Duration,
+    /// A reboot: the host is unreachable this long, then runs its profile.
+    pub reboot: Duration,
     /// One build batch.
     pub build: Duration,
     /// Probability that a connection attempt fails.
@@ -56,6 +58,7 @@ impl Default for SimConfig {
             copy: Duration::from_millis(200),
             activate: Duration::from_millis(300),
             evaluate: Duration::from_millis(100),
+            reboot: Duration::from_secs(5),
             build: Duration::from_millis(100),
             connect_failure: 0.0,
             activation_failure: 0.0,
@@ -95,6 +98,8 @@ pub enum Fault {
     /// Once a new system is activated, connections fail until the host has
     /// reverted it (a system that broke sshd or the network).
     NewSystemCutsNetwork,
+    /// A reboot never ends: the host stays down.
+    NeverComesBack,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -105,6 +110,12 @@ struct SimHost {
     /// Confirmed activations not confirmed yet, by token.
     pending: BTreeMap<String, Pending>,
     fault: Option<Fault>,
+    /// What `/run/booted-system` points at.
+    booted: Option<String>,
+    /// A reboot in progress: down until then.
+    down_until: Option<Instant>,
+    /// `cim`'s mark in `/run`, gone after a reboot.
+    marked: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +134,16 @@ impl SimHost {
     /// Lets the host's watchdogs act: an activation not confirmed in time
     /// is reverted.
     fn settle(&mut self, now: Instant) {
+        if self
+            .down_until
+            .is_some_and(|t| t <= now && self.fault != Some(Fault::NeverComesBack))
+        {
+            self.down_until = None;
+            self.marked = false;
+            self.pending.clear();
+            self.booted = self.profile();
+            self.current = self.profile();
+        }
         let expired: Vec<String> = self
             .pending
             .iter()
@@ -144,6 +165,9 @@ impl SimHost {
     }
 
     fn cut_off(&self) -> bool {
+        if self.down_until.is_some() {
+            return true;
+        }
         match self.fault {
             Some(Fault::Unreachable) => true,
             Some(Fault::NewSystemCutsNetwork) => !self.pending.is_empty(),
@@ -169,6 +193,8 @@ pub struct Sim {
     cfg: Arc<SimConfig>,
     hosts: Arc<Mutex<HashMap<String, SimHost>>>,
     draws: Arc<AtomicU64>,
+    /// Each system's kernel (the default one if not set).
+    kernels: Arc<Mutex<HashMap<String, String>>>,
     pub counts: Arc<SimCounts>,
 }
 
@@ -178,8 +204,47 @@ impl Sim {
             cfg: Arc::new(cfg),
             hosts: Arc::default(),
             draws: Arc::default(),
+            kernels: Arc::default(),
             counts: Arc::default(),
         }
+    }
+
+    /// Makes `system` boot `kernel` (a name).
+    pub fn set_kernel(&self, system: &str, kernel: &str) {
+        self.kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(system.to_string(), kernel.to_string());
+    }
+
+    /// Makes `host` booted into what it runs.
+    pub fn boot(&self, host: &str) {
+        let mut hosts = self.lock();
+        let h = hosts.entry(host.to_string()).or_default();
+        h.booted = h.current.clone();
+    }
+
+    /// What `host` booted.
+    pub fn booted(&self, host: &str) -> Option<String> {
+        let mut hosts = self.lock();
+        let h = hosts.get_mut(host)?;
+        h.settle(Instant::now());
+        h.booted.clone()
+    }
+
+    fn files_of(&self, system: &str) -> Vec<String> {
+        let kernel = self
+            .kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(system)
+            .cloned()
+            .unwrap_or_else(|| "linux-6.1".to_string());
+        vec![
+            format!("/nix/store/{kernel}/bzImage"),
+            format!("/nix/store/{kernel}-initrd/initrd"),
+            format!("/nix/store/{kernel}-modules"),
+        ]
     }
 
     /// Makes `host` run `system` (with it as its only generation).
@@ -322,6 +387,10 @@ impl Backend for Sim {
     async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
         Ok(vec![sim_path_info(root.as_str())])
     }
+
+    async fn boot_files(&self, system: &StorePath) -> Vec<String> {
+        self.files_of(system.as_str())
+    }
 }
 
 /// A simulated system's closure: the system alone, 1 MiB.
@@ -398,10 +467,17 @@ impl SimSession {
 
 impl Host for SimSession {
     async fn look(&self) -> Result<Look, SshError> {
+        let sim = self.sim.clone();
         self.after(self.sim.cfg.command, "sh -c LOOK", |h, _| Look {
             current: h.current.clone(),
             profile: h.profile(),
             pending: h.pending.keys().cloned().collect(),
+            booted: h.booted.clone(),
+            booted_files: h
+                .booted
+                .as_deref()
+                .map(|b| sim.files_of(b))
+                .unwrap_or_default(),
         })
         .await
     }
@@ -597,9 +673,21 @@ impl Host for SimSession {
             .await
     }
 
-    async fn reboot_needed_for(&self, _system: &StorePath) -> Result<Vec<String>, SshError> {
-        self.after(self.sim.cfg.command, "sh -c NEEDS_REBOOT", |_, _| {
-            Vec::new()
+    async fn reboot(&self) -> Result<(), ActivateError> {
+        let down = self.sim.cfg.reboot;
+        self.after(self.sim.cfg.command, "sh -c REBOOT", |h, now| {
+            h.marked = true;
+            h.down_until = Some(now + down);
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn boot_state(&self) -> Result<BootState, SshError> {
+        self.after(self.sim.cfg.command, "sh -c BOOT_STATE", |h, _| BootState {
+            rebooting: h.marked,
+            booted: h.booted.clone(),
+            current: h.current.clone(),
         })
         .await
     }

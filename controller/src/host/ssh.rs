@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::{Backend, Host};
 use crate::driver::{
-    self, ActivateError, BuildError, CommandOutput, ConfirmedRun, CopyError, DriverConfig,
-    Evaluation, HostSession, Look, SshError, Toplevel,
+    self, ActivateError, BootState, BuildError, CommandOutput, ConfirmedRun, CopyError,
+    DriverConfig, Evaluation, HostSession, Look, SshError, Toplevel,
 };
 use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
@@ -49,6 +49,19 @@ impl Backend for DriverConfig {
 
     async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
         driver::path_info(self, root).await
+    }
+
+    async fn boot_files(&self, system: &StorePath) -> Vec<String> {
+        let files: Vec<String> = crate::plan::BOOT_FILES
+            .iter()
+            .filter_map(|f| std::fs::canonicalize(format!("{system}/{f}")).ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        if files.len() == crate::plan::BOOT_FILES.len() {
+            files
+        } else {
+            Vec::new()
+        }
     }
 }
 
@@ -128,8 +141,12 @@ impl Host for HostSession {
         HostSession::path_info(self, root).await
     }
 
-    async fn reboot_needed_for(&self, system: &StorePath) -> Result<Vec<String>, SshError> {
-        HostSession::reboot_needed_for(self, system).await
+    async fn reboot(&self) -> Result<(), ActivateError> {
+        HostSession::reboot(self).await
+    }
+
+    async fn boot_state(&self) -> Result<BootState, SshError> {
+        HostSession::boot_state(self).await
     }
 
     async fn run_check(&self, argv: &[String], limit: Duration) -> Result<CommandOutput, SshError> {

@@ -27,8 +27,7 @@ pub struct PlanRequest {
     pub revision: Option<String>,
     /// Only this host.
     pub host: Option<String>,
-    /// Copy the new system and run its `dry-activate`, and check whether
-    /// it needs a reboot.
+    /// Copy the new system and run its `dry-activate`.
     pub activation: bool,
 }
 
@@ -228,6 +227,7 @@ impl<B: Backend> Planner<B> {
         plan: &mut HostPlan,
     ) -> Result<(), String> {
         let look = session.look().await.map_err(|e| error_chain(&e))?;
+        let booted_files = look.booted_files.clone();
         let current = match host.action {
             Action::Boot => look.profile,
             _ => look.current,
@@ -248,6 +248,10 @@ impl<B: Backend> Planner<B> {
             return Ok(());
         }
         plan.diff = Some(closure_diff(&*self.backend, session, current.as_deref(), desired).await?);
+        if matches!(host.action, Action::Switch | Action::Test) {
+            let new_files = self.backend.boot_files(desired).await;
+            plan.reboot_for = super::reboot_for(&booted_files, &new_files);
+        }
         if activation && matches!(host.action, Action::Switch | Action::Test) {
             let substitute = host.substitute_on_destination.unwrap_or(false);
             session
@@ -262,10 +266,6 @@ impl<B: Backend> Planner<B> {
                 "{}\n{}",
                 out.stderr, out.stdout
             )));
-            plan.reboot_for = session
-                .reboot_needed_for(desired)
-                .await
-                .map_err(|e| error_chain(&e))?;
         }
         if let Ok(mut known) = self.known.lock() {
             if known.len() >= KNOWN_LIMIT {

@@ -178,12 +178,21 @@ fn dry_activate_output_is_read_into_units() {
 }
 
 #[test]
-fn reboot_reasons_are_only_the_known_names() {
+fn a_reboot_is_needed_when_what_boots_changes() {
+    let files = |k: &str, i: &str, m: &str| vec![k.to_string(), i.to_string(), m.to_string()];
+    let booted = files("/k1", "/i1", "/m1");
+    assert!(reboot_for(&booted, &booted).is_empty());
     assert_eq!(
-        parse_reboot_for("kernel\nnonsense\ninitrd\n"),
+        reboot_for(&booted, &files("/k2", "/i2", "/m1")),
         ["kernel", "initrd"]
     );
-    assert!(parse_reboot_for("").is_empty());
+    assert_eq!(
+        reboot_for(&booted, &files("/k1", "/i1", "/m2")),
+        ["kernel-modules"]
+    );
+    // Unknown on either side: nothing to say.
+    assert!(reboot_for(&[], &booted).is_empty());
+    assert!(reboot_for(&booted, &[]).is_empty());
 }
 
 #[test]

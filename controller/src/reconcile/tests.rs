@@ -84,7 +84,9 @@ async fn a_host_is_copied_activated_confirmed_and_converged() {
             },
             Step::CopyStarted,
             Step::CopySucceeded,
-            Step::ActivationStarted,
+            Step::ActivationStarted {
+                action: Action::Switch
+            },
             // Two generations, within the default ten: nothing deleted.
             Step::Pruned {
                 keep: 10,
@@ -215,4 +217,104 @@ async fn old_generations_beyond_keep_generations_are_deleted() {
         }));
     }
     assert_eq!(pruned, [Ok(0), Ok(1), Ok(1)]);
+}
+
+/// web-1 booted into OLD, and a desired system with another kernel.
+fn kernel_change(sim: &Sim, extra: &str) -> WorkItem {
+    sim.install("web-1", OLD);
+    sim.boot("web-1");
+    let item = item(spec(extra));
+    sim.set_kernel(item.desired.as_str(), "linux-6.6");
+    item
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_kernel_with_reboot_auto_boots_it_and_checks_what_booted() {
+    let sim = Sim::new(SimConfig::default());
+    let item = kernel_change(&sim, "  reboot: auto\n");
+    let desired = item.desired.to_string();
+    let (steps, outcome) = reconcile_on(&sim, item).await;
+    assert_eq!(
+        outcome,
+        Outcome::Converged {
+            system: desired.clone(),
+            changed: true
+        }
+    );
+    assert!(steps.contains(&Step::RebootRequired {
+        what: vec!["kernel".into(), "initrd".into(), "kernel-modules".into()],
+        auto: true
+    }));
+    assert!(steps.contains(&Step::ActivationStarted {
+        action: Action::Boot
+    }));
+    assert!(steps.contains(&Step::Rebooting));
+    assert_eq!(sim.booted("web-1").as_deref(), Some(desired.as_str()));
+    assert_eq!(sim.current("web-1").as_deref(), Some(desired.as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_never_comes_back_fails_with_reboot_timed_out() {
+    let sim = Sim::new(SimConfig::default());
+    let item = kernel_change(&sim, "  reboot: auto\n  rebootTimeout: 30s\n");
+    sim.set_fault("web-1", Some(Fault::NeverComesBack));
+    let started = tokio::time::Instant::now();
+    let (_, outcome) = reconcile_on(&sim, item).await;
+    let Outcome::Failed { reason, message } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(reason, Reason::RebootTimedOut);
+    assert!(
+        message.contains("did not come back within 30s"),
+        "{message}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(40),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_kernel_without_reboot_auto_is_switched_and_said() {
+    let sim = Sim::new(SimConfig::default());
+    let item = kernel_change(&sim, "");
+    let desired = item.desired.to_string();
+    let (steps, outcome) = reconcile_on(&sim, item).await;
+    assert!(matches!(outcome, Outcome::Converged { changed: true, .. }));
+    assert!(steps.contains(&Step::RebootRequired {
+        what: vec!["kernel".into(), "initrd".into(), "kernel-modules".into()],
+        auto: false
+    }));
+    assert!(!steps.contains(&Step::Rebooting));
+    assert_eq!(sim.current("web-1").as_deref(), Some(desired.as_str()));
+    assert_eq!(sim.booted("web-1").as_deref(), Some(OLD));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cim_reboot_reboots_into_the_profile() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let (tx, mut rx) = mpsc::channel(64);
+    run_reboot(
+        Arc::new(sim.clone()),
+        spec(""),
+        r2(),
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
+    let mut outcome = None;
+    while let Some(report) = rx.recv().await {
+        if let Report::Done { outcome: o, .. } = report {
+            outcome = Some(o);
+        }
+    }
+    assert_eq!(
+        outcome,
+        Some(Outcome::Rebooted {
+            booted: Some(OLD.to_string())
+        })
+    );
+    assert_eq!(sim.booted("web-1").as_deref(), Some(OLD));
 }
