@@ -75,6 +75,7 @@ impl From<FleetStatus> for StatusResponse {
 /// `POST /api/v1/reconcile` body: one host, the hosts whose labels match
 /// `selector`, or (neither) every host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ReconcileRequest {
     #[serde(default)]
     pub host: Option<String>,

@@ -28,6 +28,7 @@ use crate::types::{Revision, StorePath};
 mod evaluation;
 mod outcome;
 mod requests;
+mod windows;
 
 /// The decisions' tunables (from the command line).
 #[derive(Debug, Clone)]
@@ -708,49 +709,6 @@ impl State {
             }
             out.push(Effect::Run(item));
         }
-    }
-
-    /// Whether the deployment windows let hosts be worked on now; says
-    /// `WindowClosed` or `WindowOpened` when that changed.
-    fn windows_at(&mut self, now: Now, out: &mut Vec<Effect>) -> crate::window::Verdict {
-        use crate::window::Verdict;
-        let windows = self
-            .specs
-            .as_ref()
-            .map(|(_, f)| f.policy.windows.as_slice())
-            .unwrap_or_default();
-        let verdict = crate::window::verdict(windows, now.wall);
-        let revision = self.current_revision().map(str::to_string);
-        match &verdict {
-            Verdict::Closed { because, until } if !self.window_closed => {
-                self.window_closed = true;
-                let until = match until {
-                    Some(t) => format!(
-                        "until {}",
-                        t.format(&time::format_description::well_known::Rfc3339)
-                            .unwrap_or_default()
-                    ),
-                    None => "with no opening within a year".to_string(),
-                };
-                let ev = NewEvent::repo(
-                    Reason::WindowClosed,
-                    revision.as_deref(),
-                    format!("{because}: no host is worked on {until} (`cim reconcile --force-window` in an emergency)"),
-                );
-                append(out, vec![ev], Then::Nothing);
-            }
-            Verdict::Open if self.window_closed => {
-                self.window_closed = false;
-                let ev = NewEvent::repo(
-                    Reason::WindowOpened,
-                    revision.as_deref(),
-                    "the deployment windows are open: hosts are worked on again",
-                );
-                append(out, vec![ev], Then::Nothing);
-            }
-            _ => {}
-        }
-        verdict
     }
 
     fn work_item(&self, host: &str) -> Option<WorkItem> {
