@@ -428,6 +428,15 @@ impl<B: Backend> Controller<B> {
                 );
                 self.spawn_worker(&name, &revision, work);
             }
+            Effect::Prebuild(systems) => {
+                for system in systems {
+                    let builds = self.builds.clone();
+                    // Its result is the worker's to find out, later.
+                    tokio::spawn(async move {
+                        let _ = builds.build(system).await;
+                    });
+                }
+            }
             Effect::Fetch => self.fetch_now.notify_one(),
             Effect::Reply { id, result } => {
                 if let Some(reply) = self.replies.remove(&id) {

@@ -174,6 +174,10 @@ pub enum Effect {
     RollBack { host: HostSpec, revision: Revision },
     /// Start a worker rebooting `host` (`cim reboot`).
     Reboot { host: HostSpec, revision: Revision },
+    /// Build these systems ahead of their hosts' turn (the deployment
+    /// windows are closed); nothing reports back, the workers build them
+    /// again (at no cost) when they run.
+    Prebuild(Vec<Toplevel>),
     /// Fetch the watched branch now.
     Fetch,
     /// Answer an operator request.
@@ -283,6 +287,8 @@ pub struct State {
     window_closed: bool,
     /// Hosts whose run rebooted them, until its outcome.
     rebooting: BTreeSet<String>,
+    /// Systems built ahead while the windows were closed.
+    prebuilt: BTreeSet<StorePath>,
 }
 
 impl State {
@@ -315,6 +321,7 @@ impl State {
             forced: BTreeSet::new(),
             window_closed,
             rebooting: BTreeSet::new(),
+            prebuilt: BTreeSet::new(),
             pending_rollbacks: BTreeSet::new(),
             rollout_started: None,
             requested: BTreeSet::new(),
@@ -683,6 +690,7 @@ impl State {
             return;
         }
         let mut window = None;
+        let mut ahead = Vec::new();
         for host in self.queue.pop_ready(now.at, free) {
             let Some(item) = self.work_item(&host).filter(|_| !self.held(&host)) else {
                 self.queue.done(&host);
@@ -699,6 +707,15 @@ impl State {
                 let verdict = window.get_or_insert_with(|| self.windows_at(now, out));
                 if let crate::window::Verdict::Closed { until, .. } = verdict {
                     self.queue.done(&host);
+                    // Outside the windows nothing is activated; builds run
+                    // ahead, so that the opening is spent on the hosts.
+                    if !self.built.contains(&item.desired)
+                        && self.prebuilt.insert(item.desired.clone())
+                    {
+                        if let Some(system) = self.desired.get(&host) {
+                            ahead.push(system.clone());
+                        }
+                    }
                     if let Some(until) = until {
                         let wait =
                             std::time::Duration::try_from(*until - now.wall).unwrap_or_default();
@@ -708,6 +725,9 @@ impl State {
                 }
             }
             out.push(Effect::Run(item));
+        }
+        if !ahead.is_empty() {
+            out.push(Effect::Prebuild(ahead));
         }
     }
 

@@ -18,6 +18,16 @@ fn outside_an_allow_window_no_host_runs_until_it_opens() {
     let mut rig = Rig::new();
     let effects = rig.deploy("r1", nine_to_ten(), &[]);
     assert!(runs(&effects).is_empty(), "{effects:?}");
+    // Builds run ahead of the opening, once.
+    let built_ahead: Vec<String> = effects
+        .iter()
+        .chain(&rig.send(Msg::Tick))
+        .flat_map(|e| match e {
+            Effect::Prebuild(systems) => systems.iter().map(|s| s.out.to_string()).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(built_ahead.len(), 2, "{built_ahead:?}");
     assert!(rig.tick().is_empty());
     assert_eq!(
         rig.reasons()
