@@ -73,10 +73,16 @@ pub struct Planner<B: Backend> {
     parallel: usize,
     turn: tokio::sync::Mutex<()>,
     known: Mutex<HashMap<PlanKey, HostPlan>>,
+    /// The last evaluations, by revision and configurations: a revision
+    /// is evaluated once however often it is planned.
+    evaluated: Mutex<Vec<(String, crate::driver::Evaluation)>>,
 }
 
 /// What a host plan compares: host, desired, current, with activation.
 type PlanKey = (String, String, Option<String>, bool);
+
+/// Evaluations remembered at most.
+const EVALUATIONS_KEPT: usize = 8;
 
 /// Host plans remembered at most.
 const KNOWN_LIMIT: usize = 20_000;
@@ -90,6 +96,7 @@ impl<B: Backend> Planner<B> {
             parallel: parallel.clamp(1, 64),
             turn: tokio::sync::Mutex::new(()),
             known: Mutex::new(HashMap::new()),
+            evaluated: Mutex::new(Vec::new()),
         }
     }
 
@@ -122,14 +129,32 @@ impl<B: Backend> Planner<B> {
         configurations.sort();
         configurations.dedup();
         let flake = crate::git::flake_ref(&self.mirror, &revision);
-        let evaluation = self
-            .backend
-            .evaluate(&flake, &configurations)
-            .await
-            .map_err(|source| PlanError::Evaluate {
-                revision: revision.to_string(),
-                source,
-            })?;
+        let key = format!("{revision} {}", configurations.join(" "));
+        let known = self
+            .evaluated
+            .lock()
+            .ok()
+            .and_then(|e| e.iter().find(|(k, _)| *k == key).map(|(_, e)| e.clone()));
+        let evaluation = match known {
+            Some(evaluation) => evaluation,
+            None => {
+                let evaluation = self
+                    .backend
+                    .evaluate(&flake, &configurations)
+                    .await
+                    .map_err(|source| PlanError::Evaluate {
+                        revision: revision.to_string(),
+                        source,
+                    })?;
+                if let Ok(mut evaluated) = self.evaluated.lock() {
+                    if evaluated.len() >= EVALUATIONS_KEPT {
+                        evaluated.remove(0);
+                    }
+                    evaluated.push((key, evaluation.clone()));
+                }
+                evaluation
+            }
+        };
         let mut systems: HashMap<String, Result<Toplevel, String>> = HashMap::new();
         for configuration in &configurations {
             let system = match evaluation.systems.get(configuration) {
