@@ -81,6 +81,8 @@ pub struct Metrics {
     revision_info: IntGaugeVec,
     rollout_hosts: IntGaugeVec,
     rollout_halted: IntGauge,
+    window_closed: IntGauge,
+    reboot_required: IntGauge,
     /// When each host's steps and runs started (event time, seconds).
     started: Mutex<HashMap<(String, &'static str), f64>>,
 }
@@ -174,6 +176,16 @@ impl Metrics {
                 "1 while the current revision's rollout is halted by its failure budget.",
             )
             .expect("valid metric options"),
+            window_closed: IntGauge::new(
+                "cim_window_closed",
+                "1 while the deployment windows keep hosts from being worked on.",
+            )
+            .expect("valid metric options"),
+            reboot_required: IntGauge::new(
+                "cim_hosts_reboot_required",
+                "Hosts running a system whose kernel, initrd or modules need a reboot.",
+            )
+            .expect("valid metric options"),
             started: Mutex::new(HashMap::new()),
             registry,
         };
@@ -190,6 +202,8 @@ impl Metrics {
             Box::new(metrics.revision_info.clone()),
             Box::new(metrics.rollout_hosts.clone()),
             Box::new(metrics.rollout_halted.clone()),
+            Box::new(metrics.window_closed.clone()),
+            Box::new(metrics.reboot_required.clone()),
         ] {
             // Names are distinct constants: registration cannot collide.
             let _ = metrics.registry.register(c);
@@ -285,6 +299,14 @@ impl Metrics {
             .with_label_values(&["pending"])
             .set(progress.pending as i64);
         self.rollout_halted.set(i64::from(progress.halted));
+        self.window_closed
+            .set(i64::from(status.repo.window.is_some()));
+        let rebooting = status
+            .hosts
+            .values()
+            .filter(|h| h.reboot_required.is_some())
+            .count();
+        self.reboot_required.set(rebooting as i64);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
