@@ -56,11 +56,11 @@ pub trait Backend: Send + Sync + 'static {
     /// the booted system's to tell whether it needs a reboot.
     fn boot_files(&self, system: &StorePath) -> impl Future<Output = Vec<String>> + Send;
 
-    /// `root`'s closure in the controller's store (paths, sizes,
-    /// references).
-    fn closure(
+    /// The closures of `roots` (valid in the controller's store), as one
+    /// list of paths with sizes and references.
+    fn closures(
         &self,
-        root: &StorePath,
+        roots: &[StorePath],
     ) -> impl Future<Output = Result<Vec<PathInfo>, BuildError>> + Send;
 }
 

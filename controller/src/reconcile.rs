@@ -327,11 +327,17 @@ async fn reconcile<B: Backend>(
         }
         // Said in the build's and the convergence's events; a host that
         // cannot say what it runs only leaves the summary out.
-        let changes =
-            crate::plan::run::closure_diff(backend, &session, current.as_deref(), &item.desired)
-                .await
-                .map(|d| d.summary())
-                .ok();
+        let mut roots = vec![item.desired.clone()];
+        roots.extend(current.as_deref().and_then(StorePath::parse));
+        let changes = match builds.closures(roots).await {
+            Ok(local) => {
+                crate::plan::run::closure_diff(&local, &session, current.as_deref(), &item.desired)
+                    .await
+                    .map(|d| d.summary())
+                    .ok()
+            }
+            Err(_) => None,
+        };
         match (&system, changes) {
             (Some(_), changes) => {
                 let _ = report(Step::BuildSucceeded { changes }).await;

@@ -360,16 +360,22 @@ pub async fn realise(cfg: &DriverConfig, systems: &[Toplevel]) -> Result<(), Bui
     }
 }
 
-/// Every path of `root`'s closure in the controller's store, with sizes
-/// and references (`nix path-info --json --recursive`): what a plan and a
-/// build's summary compare.
+/// Every path of the closures of `roots` in the controller's store, with
+/// sizes and references (one `nix path-info --json --recursive`): what a
+/// plan and a build's summary compare.
 pub async fn path_info(
     cfg: &DriverConfig,
-    root: &StorePath,
+    roots: &[StorePath],
 ) -> Result<Vec<crate::plan::PathInfo>, BuildError> {
     let mut nix = NixCommand::new(cfg, "path-info");
-    nix.cmd.arg("--json").arg("--recursive").arg(root.as_str());
-    let output = nix.run(root.to_string(), PATH_INFO_LIMIT).await?;
+    nix.cmd.arg("--json").arg("--recursive");
+    nix.cmd.args(roots.iter().map(StorePath::as_str));
+    let what = roots
+        .iter()
+        .map(StorePath::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let output = nix.run(what, PATH_INFO_LIMIT).await?;
     crate::plan::parse_path_info(&output.stdout).map_err(BuildError::Output)
 }
 

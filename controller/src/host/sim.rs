@@ -384,8 +384,8 @@ impl Backend for Sim {
         Ok(())
     }
 
-    async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
-        Ok(vec![sim_path_info(root.as_str())])
+    async fn closures(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, BuildError> {
+        Ok(roots.iter().map(|r| sim_path_info(r.as_str())).collect())
     }
 
     async fn boot_files(&self, system: &StorePath) -> Vec<String> {

@@ -47,8 +47,8 @@ impl Backend for DriverConfig {
         }
     }
 
-    async fn closure(&self, root: &StorePath) -> Result<Vec<PathInfo>, BuildError> {
-        driver::path_info(self, root).await
+    async fn closures(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, BuildError> {
+        driver::path_info(self, roots).await
     }
 
     async fn boot_files(&self, system: &StorePath) -> Vec<String> {

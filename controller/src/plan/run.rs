@@ -272,7 +272,8 @@ impl<B: Backend> Planner<B> {
         if !plan.changes {
             return Ok(());
         }
-        plan.diff = Some(closure_diff(&*self.backend, session, current.as_deref(), desired).await?);
+        let local = local_closures(&*self.backend, desired, current.as_deref()).await?;
+        plan.diff = Some(closure_diff(&local, session, current.as_deref(), desired).await?);
         if matches!(host.action, Action::Switch | Action::Test) {
             let new_files = self.backend.boot_files(desired).await;
             plan.reboot_for = super::reboot_for(&booted_files, &new_files);
@@ -302,31 +303,55 @@ impl<B: Backend> Planner<B> {
     }
 }
 
-/// How `desired` (in the controller's store) differs from `current` (on
-/// the host; `None`: the host runs no system yet).
-pub async fn closure_diff<B: Backend>(
-    backend: &B,
-    session: &B::Session,
+/// How `desired` differs from `current` (`None`: the host runs no system
+/// yet). `local` holds the controller store's closures (of `desired`, and
+/// of `current` when the store has it); what it lacks of `current` is read
+/// on the host.
+pub async fn closure_diff<H: Host>(
+    local: &[super::PathInfo],
+    session: &H,
     current: Option<&str>,
     desired: &StorePath,
 ) -> Result<super::ClosureDiff, String> {
-    let new = backend
-        .closure(desired)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    let new = closure_of(desired.as_str(), &new)
+    let new = closure_of(desired.as_str(), local)
         .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
     let old = match current {
-        Some(current) => {
-            let infos = session
-                .closure(current)
-                .await
-                .map_err(|e| error_chain(&e))?;
-            closure_of(current, &infos)
-                .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
-        }
+        Some(current) => match closure_of(current, local) {
+            Some(old) => old,
+            None => {
+                let infos = session
+                    .closure(current)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                closure_of(current, &infos)
+                    .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
+            }
+        },
         None => Closure::new(),
     };
     let roots: Vec<&str> = current.into_iter().chain([desired.as_str()]).collect();
     Ok(diff(&old, &new, &roots))
+}
+
+/// The controller store's closures of `desired` and, if the store holds
+/// it, `current`, in one `nix path-info`.
+async fn local_closures<B: Backend>(
+    backend: &B,
+    desired: &StorePath,
+    current: Option<&str>,
+) -> Result<Vec<super::PathInfo>, String> {
+    let mut roots = vec![desired.clone()];
+    roots.extend(
+        current
+            .filter(|c| std::path::Path::new(c).exists())
+            .and_then(StorePath::parse),
+    );
+    match backend.closures(&roots).await {
+        Ok(infos) => Ok(infos),
+        Err(_) if roots.len() > 1 => backend
+            .closures(&roots[..1])
+            .await
+            .map_err(|e| error_chain(&e)),
+        Err(e) => Err(error_chain(&e)),
+    }
 }

@@ -1,4 +1,5 @@
-//! Builds that workers ask for, batched: every request that arrives within
+//! Builds that workers ask for, and the closures they compare, batched:
+//! every request that arrives within
 //! a few milliseconds of the first (workers dispatched together ask
 //! together) is realised by one `nix-store --realise`. Each nix process
 //! costs tens of milliseconds of CPU before it builds anything, which across
@@ -7,7 +8,9 @@
 //! concurrently: a request never waits for an unrelated batch. If a batch
 //! fails, its systems are realised one by one so that an error fails only
 //! the hosts it concerns (and a builder killed by a signal gets one more
-//! attempt).
+//! attempt). Closures (`nix path-info --recursive`, for the summary of
+//! what a new system changes) are asked for the same way: one process for
+//! every root asked for together.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,18 +33,42 @@ struct Request {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
+type Infos = Arc<Vec<crate::plan::PathInfo>>;
+
+struct ClosureRequest {
+    /// The first root must be valid in the store; the others are read
+    /// only if they are.
+    roots: Vec<StorePath>,
+    reply: oneshot::Sender<Result<Infos, String>>,
+}
+
 /// A handle to the batching build task; cheap to clone.
 #[derive(Clone)]
 pub struct Builds {
     tx: mpsc::Sender<Request>,
+    closures: mpsc::Sender<ClosureRequest>,
 }
 
 impl Builds {
     /// Starts the build task. It ends when every handle is dropped.
     pub fn spawn<B: Backend>(cfg: Arc<B>) -> Builds {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(serve(cfg, rx));
-        Builds { tx }
+        tokio::spawn(serve(Arc::clone(&cfg), rx));
+        let (closures, rx) = mpsc::channel(1024);
+        tokio::spawn(serve_closures(cfg, rx));
+        Builds { tx, closures }
+    }
+
+    /// The closures of `roots` in the controller's store, in one list:
+    /// the first root's always, the others' if the store holds them.
+    pub async fn closures(&self, roots: Vec<StorePath>) -> Result<Infos, String> {
+        let (reply, rx) = oneshot::channel();
+        self.closures
+            .send(ClosureRequest { roots, reply })
+            .await
+            .map_err(|_| "the build task has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the build task has stopped".to_string())?
     }
 
     /// Builds `system`; the error is nix's message.
@@ -68,6 +95,63 @@ async fn serve<B: Backend>(cfg: Arc<B>, mut rx: mpsc::Receiver<Request>) {
         while batches.try_join_next().is_some() {}
     }
     while batches.join_next().await.is_some() {}
+}
+
+async fn serve_closures<B: Backend>(cfg: Arc<B>, mut rx: mpsc::Receiver<ClosureRequest>) {
+    let mut batches = tokio::task::JoinSet::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + BATCH_WINDOW;
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            batch.push(more);
+        }
+        batches.spawn(closures_batch(Arc::clone(&cfg), batch));
+        while batches.try_join_next().is_some() {}
+    }
+    while batches.join_next().await.is_some() {}
+}
+
+async fn closures_batch<B: Backend>(cfg: Arc<B>, batch: Vec<ClosureRequest>) {
+    // Only paths the store holds: nix would try to substitute any other
+    // (and fail the whole call).
+    let mut roots: Vec<StorePath> = batch
+        .iter()
+        .flat_map(|r| {
+            let (first, rest) = r
+                .roots
+                .split_first()
+                .map_or((None, &[][..]), |(f, r)| (Some(f), r));
+            first.into_iter().chain(
+                rest.iter()
+                    .filter(|p| std::path::Path::new(p.as_str()).exists()),
+            )
+        })
+        .cloned()
+        .collect();
+    roots.sort();
+    roots.dedup();
+    match cfg.closures(&roots).await {
+        Ok(infos) => {
+            let infos = Arc::new(infos);
+            for r in batch {
+                let _ = r.reply.send(Ok(Arc::clone(&infos)));
+            }
+        }
+        // One by one, each with its first root alone.
+        Err(_) => {
+            for r in batch {
+                let result = match r.roots.first() {
+                    Some(root) => cfg
+                        .closures(std::slice::from_ref(root))
+                        .await
+                        .map(Arc::new)
+                        .map_err(|e| crate::error::error_chain(&e)),
+                    None => Ok(Arc::default()),
+                };
+                let _ = r.reply.send(result);
+            }
+        }
+    }
 }
 
 async fn run_batch<B: Backend>(cfg: Arc<B>, batch: Vec<Request>) {
