@@ -90,3 +90,26 @@ fn an_auto_reboot_is_said_before_the_convergence() {
     assert_eq!(tail, ["Rebooted", "Converged"]);
     assert_eq!(rig.phase("web-1"), Some(Phase::Converged));
 }
+
+#[test]
+fn a_host_that_never_came_back_spends_the_failure_budget() {
+    let policy = "  maxParallel: 1\n  maxFailures: 1\n  reboot: auto\n";
+    let mut rig = Rig::new();
+    rig.deploy("r1", fleet(policy, &[("web-1", ""), ("web-2", "")]), &[]);
+    assert_eq!(rig.tick(), ["web-1"], "one reboot at a time (maxParallel)");
+    rig.send(Msg::Report(Report::Step {
+        host: HostName::parse("web-1").unwrap(),
+        revision: rev("r1"),
+        step: Step::Rebooting,
+    }));
+    rig.done(
+        "web-1",
+        Outcome::Failed {
+            reason: Reason::RebootTimedOut,
+            message: "web-1 did not come back within 600s of rebooting".into(),
+        },
+    );
+    assert_eq!(rig.phase("web-1"), Some(Phase::Failed));
+    assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
+    assert!(rig.tick().is_empty(), "web-2 is not rebooted too");
+}
