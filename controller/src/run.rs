@@ -215,7 +215,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, repo = %args.repo, branch = %args.branch, "cim controller started");
-    let api = tokio::spawn(api::serve::serve(listener, app, tls, cancel.clone()));
+    let api = api::serve::serve_apart(listener, app, tls, cancel.clone())
+        .context("cannot start the API's thread")?;
     tokio::spawn({
         let cancel = cancel.clone();
         async move {

@@ -153,12 +153,13 @@ pub async fn simulate(
             source,
         })?;
     let cancel = CancellationToken::new();
-    let api = tokio::spawn(crate::api::serve::serve(
-        listener,
-        app,
-        None,
-        cancel.clone(),
-    ));
+    let api =
+        crate::api::serve::serve_apart(listener, app, None, cancel.clone()).map_err(|source| {
+            SimulateError::Listen {
+                addr: opts.listen,
+                source,
+            }
+        })?;
     let (found_tx, found_rx) = mpsc::channel(4);
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
     listening(addr);

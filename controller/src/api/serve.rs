@@ -2,7 +2,9 @@
 //! at most [`MAX_CONNECTIONS`] connections at once (further ones wait in
 //! the listen backlog), a deadline for a request's headers (and a TLS
 //! handshake), so that clients that connect and say nothing cannot use the
-//! slots up, and TLS (`--tls-cert`, `--tls-key`).
+//! slots up, and TLS (`--tls-cert`, `--tls-key`). The API runs on a
+//! runtime and a thread of its own ([`serve_apart`]): a controller busy
+//! with thousands of hosts does not make readers wait for a worker thread.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,36 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`serve`] on a runtime of its own, on a thread of its own, so that the
+/// kernel schedules the API beside the controller's runtime instead of
+/// behind its tasks. The future ends when the server has stopped.
+pub fn serve_apart(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("cim-api".to_string())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, app, tls, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "the API cannot listen"),
+                }
+            });
+            drop(done);
+        })?;
+    Ok(async move {
+        let _ = stopped.await;
+    })
+}
 
 /// Serves `app` on `listener` until `shutdown` fires; over TLS when `tls`
 /// is given (the handshake has the headers' deadline too).
