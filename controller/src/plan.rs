@@ -82,10 +82,37 @@ pub fn parse_path_info(json: &str) -> Result<Vec<PathInfo>, String> {
     Ok(infos)
 }
 
+/// Paths' information by path: what `nix path-info --recursive` of
+/// several roots said, indexed once for every closure taken from it.
+#[derive(Debug, Clone, Default)]
+pub struct Closures {
+    by_path: HashMap<String, PathInfo>,
+}
+
+impl From<Vec<PathInfo>> for Closures {
+    fn from(infos: Vec<PathInfo>) -> Closures {
+        Closures {
+            by_path: infos.into_iter().map(|i| (i.path.clone(), i)).collect(),
+        }
+    }
+}
+
+impl Closures {
+    /// The closure of `root`, if `root` is listed.
+    pub fn of(&self, root: &str) -> Option<Closure> {
+        closure_in(root, &self.by_path)
+    }
+}
+
 /// The closure of `root` among `infos` (which must hold it: `nix path-info
 /// --recursive` of several roots gives their union).
 pub fn closure_of(root: &str, infos: &[PathInfo]) -> Option<Closure> {
-    let by_path: HashMap<&str, &PathInfo> = infos.iter().map(|i| (i.path.as_str(), i)).collect();
+    let by_path: HashMap<String, PathInfo> =
+        infos.iter().map(|i| (i.path.clone(), i.clone())).collect();
+    closure_in(root, &by_path)
+}
+
+fn closure_in(root: &str, by_path: &HashMap<String, PathInfo>) -> Option<Closure> {
     by_path.get(root)?;
     let mut closure = Closure::new();
     let mut todo = vec![root];

@@ -69,10 +69,14 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// One host's reconcile when it needs a change and nothing fails: its
-    /// build (while connecting and looking), the copy, a confirmed
+    /// build (while connecting and looking), the closure it runs (for the
+    /// summary), the copy, a confirmed
     /// activation (start, switch, confirm over a new connection).
     pub fn reconcile_time(&self) -> Duration {
         (self.connect + self.command).max(self.build)
+            // What it runs, asked of the host for the build's summary
+            // (the controller's store does not hold simulated systems).
+            + self.command
             + self.copy
             + self.command
             + self.activate

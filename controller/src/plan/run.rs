@@ -308,15 +308,16 @@ impl<B: Backend> Planner<B> {
 /// of `current` when the store has it); what it lacks of `current` is read
 /// on the host.
 pub async fn closure_diff<H: Host>(
-    local: &[super::PathInfo],
+    local: &super::Closures,
     session: &H,
     current: Option<&str>,
     desired: &StorePath,
 ) -> Result<super::ClosureDiff, String> {
-    let new = closure_of(desired.as_str(), local)
+    let new = local
+        .of(desired.as_str())
         .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
     let old = match current {
-        Some(current) => match closure_of(current, local) {
+        Some(current) => match local.of(current) {
             Some(old) => old,
             None => {
                 let infos = session
@@ -339,7 +340,7 @@ async fn local_closures<B: Backend>(
     backend: &B,
     desired: &StorePath,
     current: Option<&str>,
-) -> Result<Vec<super::PathInfo>, String> {
+) -> Result<super::Closures, String> {
     let mut roots = vec![desired.clone()];
     roots.extend(
         current
@@ -347,10 +348,11 @@ async fn local_closures<B: Backend>(
             .and_then(StorePath::parse),
     );
     match backend.closures(&roots).await {
-        Ok(infos) => Ok(infos),
+        Ok(infos) => Ok(infos.into()),
         Err(_) if roots.len() > 1 => backend
             .closures(&roots[..1])
             .await
+            .map(Into::into)
             .map_err(|e| error_chain(&e)),
         Err(e) => Err(error_chain(&e)),
     }

@@ -33,7 +33,7 @@ struct Request {
     reply: oneshot::Sender<Result<(), String>>,
 }
 
-type Infos = Arc<Vec<crate::plan::PathInfo>>;
+type Infos = Arc<crate::plan::Closures>;
 
 struct ClosureRequest {
     /// The first root must be valid in the store; the others are read
@@ -132,7 +132,7 @@ async fn closures_batch<B: Backend>(cfg: Arc<B>, batch: Vec<ClosureRequest>) {
     roots.dedup();
     match cfg.closures(&roots).await {
         Ok(infos) => {
-            let infos = Arc::new(infos);
+            let infos = Arc::new(crate::plan::Closures::from(infos));
             for r in batch {
                 let _ = r.reply.send(Ok(Arc::clone(&infos)));
             }
@@ -144,7 +144,7 @@ async fn closures_batch<B: Backend>(cfg: Arc<B>, batch: Vec<ClosureRequest>) {
                     Some(root) => cfg
                         .closures(std::slice::from_ref(root))
                         .await
-                        .map(Arc::new)
+                        .map(|infos| Arc::new(infos.into()))
                         .map_err(|e| crate::error::error_chain(&e)),
                     None => Ok(Arc::default()),
                 };
