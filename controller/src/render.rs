@@ -90,9 +90,13 @@ fn host_row(h: &HostStatus, now: OffsetDateTime) -> Vec<String> {
         (n, None, Some(_)) => format!("{n} (held)"),
         (n, None, None) => n.to_string(),
     };
+    let phase = match &h.reboot_required {
+        Some(_) => format!("{} (reboot)", h.phase),
+        None => h.phase.to_string(),
+    };
     vec![
         h.name.clone(),
-        h.phase.to_string(),
+        phase,
         short_rev(h.observed_revision.as_deref()),
         short_system(h.current_system.as_deref()),
         retry,
@@ -495,5 +499,75 @@ mod tests {
         assert_eq!(age(NOW - time::Duration::hours(5), NOW), "5h");
         assert_eq!(age(NOW - time::Duration::days(3), NOW), "3d");
         assert_eq!(age(NOW + time::Duration::seconds(30), NOW), "in 30s");
+    }
+
+    #[test]
+    fn a_host_that_needs_a_reboot_says_so() {
+        let mut h = host("web-3", Phase::Converged, 0, "switched");
+        h.reboot_required = Some("kernel changed: switched, but …".into());
+        assert!(host_row(&h, NOW)[1].ends_with("(reboot)"));
+        assert!(super::host(&h, NOW).contains("Reboot required:    kernel changed"));
+    }
+
+    #[test]
+    fn plan_table() {
+        use crate::plan::{Activation, ClosureDiff, HostPlan, PackageChange, Plan};
+        let change = |name: &str, from: &[&str], to: &[&str], size_delta| PackageChange {
+            name: name.into(),
+            from: from.iter().map(|v| v.to_string()).collect(),
+            to: to.iter().map(|v| v.to_string()).collect(),
+            size_delta,
+        };
+        let plan = Plan {
+            revision: "0123456789abcdef0123456789abcdef01234567".into(),
+            hosts: vec![
+                HostPlan {
+                    host: "web-1".into(),
+                    desired: Some(SYS.replace("web-1-2", "web-1-3")),
+                    current: Some(SYS.into()),
+                    changes: true,
+                    diff: Some(ClosureDiff {
+                        packages: vec![
+                            change("curl", &["8.0"], &[], -317_440),
+                            change("hello", &["2.10"], &["2.12"], 12_288),
+                            change("jq", &[], &["1.7"], 1_572_864),
+                        ],
+                        old_size: 100 << 20,
+                        new_size: (100 << 20) + 1_267_712,
+                        new_paths: 3,
+                    }),
+                    activation: Some(Activation {
+                        stop: vec!["cron.service".into()],
+                        restart: vec!["nginx.service".into()],
+                        start: vec!["metrics.service".into()],
+                        reload: vec![],
+                        other: vec!["would activate the configuration...".into()],
+                    }),
+                    reboot_for: vec!["kernel".into(), "initrd".into()],
+                    error: None,
+                },
+                HostPlan {
+                    host: "web-2".into(),
+                    desired: Some(SYS.into()),
+                    current: Some(SYS.into()),
+                    changes: false,
+                    diff: None,
+                    activation: None,
+                    reboot_for: vec![],
+                    error: None,
+                },
+                HostPlan {
+                    host: "web-3".into(),
+                    desired: Some(SYS.into()),
+                    current: None,
+                    changes: false,
+                    diff: None,
+                    activation: None,
+                    reboot_for: vec![],
+                    error: Some("cannot connect to root@10.0.0.4: Connection refused".into()),
+                },
+            ],
+        };
+        insta::assert_snapshot!(super::plan(&plan));
     }
 }
