@@ -194,7 +194,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         Arc::clone(&fetch_now),
         cancel.clone(),
     );
-    let app = api::router(api::ApiContext {
+    let api_context = api::ApiContext {
         state_dir: state_dir.clone(),
         requests: req_tx,
         events: controller.events(),
@@ -210,13 +210,18 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             .map(|s| api::webhook::WebhookSecret::new(&s)),
         fetch_now: Arc::clone(&fetch_now),
         planner: Some(cim::plan::run::service(planner)),
-    });
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, repo = %args.repo, branch = %args.branch, "cim controller started");
-    let api = api::serve::serve_apart(listener, app, tls, cancel.clone())
-        .context("cannot start the API's thread")?;
+    let api = api::serve::serve_apart(
+        listener,
+        move || api::router(api_context),
+        tls,
+        cancel.clone(),
+    )
+    .context("cannot start the API's thread")?;
     tokio::spawn({
         let cancel = cancel.clone();
         async move {

@@ -121,7 +121,7 @@ pub async fn simulate(
     let controller = Controller::new(cfg, sim.clone(), store, fetch_now)?;
     let events = controller.events();
     let (req_tx, req_rx) = mpsc::channel(64);
-    let app = crate::api::router(crate::api::ApiContext {
+    let api_context = crate::api::ApiContext {
         state_dir: opts.state_dir.clone(),
         requests: req_tx,
         events,
@@ -139,7 +139,7 @@ pub async fn simulate(
         webhook: None,
         planner: None,
         fetch_now: hooks,
-    });
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| SimulateError::Listen {
@@ -153,13 +153,16 @@ pub async fn simulate(
             source,
         })?;
     let cancel = CancellationToken::new();
-    let api =
-        crate::api::serve::serve_apart(listener, app, None, cancel.clone()).map_err(|source| {
-            SimulateError::Listen {
-                addr: opts.listen,
-                source,
-            }
-        })?;
+    let api = crate::api::serve::serve_apart(
+        listener,
+        move || crate::api::router(api_context),
+        None,
+        cancel.clone(),
+    )
+    .map_err(|source| SimulateError::Listen {
+        addr: opts.listen,
+        source,
+    })?;
     let (found_tx, found_rx) = mpsc::channel(4);
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
     listening(addr);

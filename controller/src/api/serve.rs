@@ -23,10 +23,12 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// [`serve`] on a runtime of its own, on a thread of its own, so that the
 /// kernel schedules the API beside the controller's runtime instead of
-/// behind its tasks. The future ends when the server has stopped.
+/// behind its tasks. `app` is made there, so that what the router keeps
+/// up to date in the background (the status snapshot) runs there too.
+/// The future ends when the server has stopped.
 pub fn serve_apart(
     listener: TcpListener,
-    app: Router,
+    app: impl FnOnce() -> Router + Send + 'static,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
@@ -40,7 +42,7 @@ pub fn serve_apart(
         .spawn(move || {
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, app, tls, shutdown).await,
+                    Ok(listener) => serve(listener, app(), tls, shutdown).await,
                     Err(e) => tracing::error!(error = %e, "the API cannot listen"),
                 }
             });
