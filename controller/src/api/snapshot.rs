@@ -18,7 +18,7 @@ use crate::store::{EventQuery, Store, StoreError};
 const PAGE: u32 = 10_000;
 /// Hosts per block of the body: a changed host re-renders its block, not
 /// the whole body.
-const BLOCK: usize = 32;
+const BLOCK: usize = 256;
 
 pub(super) struct Snapshot {
     status: FleetStatus,
