@@ -45,6 +45,7 @@ fn failure(reason: Reason) -> bool {
             | Reason::HostKeyMismatch
             | Reason::WorkerCrashed
             | Reason::RollbackFailed
+            | Reason::RebootTimedOut
     )
 }
 
@@ -59,6 +60,11 @@ impl Tracker {
     /// Takes in one event; returns the line to show for it, if it is about
     /// a host waited for.
     pub fn observe(&mut self, ev: &Event) -> Option<String> {
+        // What holds every host up is said too.
+        if ev.host.is_none() && matches!(ev.reason, Reason::WindowClosed | Reason::WindowOpened) {
+            let first = ev.message.lines().next().unwrap_or("");
+            return Some(format!("{} — {first}", ev.reason));
+        }
         let host = ev.host.as_ref()?;
         let state = self.hosts.get_mut(host)?;
         if ev.reason == Reason::ReconcileRequested {
@@ -193,5 +199,32 @@ mod tests {
         assert!(t.done());
         lines.push(t.summary(Duration::from_millis(2100)));
         insta::assert_snapshot!(lines.join("\n"));
+    }
+
+    #[test]
+    fn closed_windows_and_hosts_that_never_came_back_are_said() {
+        let mut t = Tracker::new(["web-1".to_string()]);
+        let ev = |seq, ev: NewEvent| ev.into_event(seq, OffsetDateTime::UNIX_EPOCH, None);
+        t.observe(&ev(
+            1,
+            NewEvent::host("web-1", Reason::ReconcileRequested, Some("r1"), "asked"),
+        ));
+        let closed = t.observe(&ev(
+            2,
+            NewEvent::repo(Reason::WindowClosed, Some("r1"), "outside allow window …"),
+        ));
+        assert_eq!(
+            closed.as_deref(),
+            Some("WindowClosed — outside allow window …")
+        );
+        t.observe(&ev(
+            3,
+            NewEvent::host("web-1", Reason::RebootTimedOut, Some("r1"), "gone"),
+        ));
+        assert_eq!(
+            t.state("web-1"),
+            Some(&HostState::Failed(Reason::RebootTimedOut))
+        );
+        assert!(t.done());
     }
 }
