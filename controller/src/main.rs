@@ -55,11 +55,12 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
-    /// What a revision (default: the branch head) would do to every host
-    /// before it lands: packages added, removed and upgraded, the closure
-    /// size delta, what activation would start, stop and restart, and
-    /// whether a reboot is needed. Copies the new closures to the hosts to
-    /// ask them (`dry-activate`); changes nothing they run.
+    /// Show what a revision would change on every host, before it lands.
+    ///
+    /// For the branch head (or REVISION): packages added, removed and
+    /// upgraded, the closure size delta, what activation would start, stop
+    /// and restart, and whether a reboot is needed. Copies the new closures
+    /// to the hosts to ask them (`dry-activate`); changes nothing they run.
     Plan {
         /// A commit (or a unique prefix), branch or tag.
         revision: Option<String>,
@@ -130,8 +131,11 @@ enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
-    /// Reboot a host now and wait for it to come back (within its
-    /// `rebootTimeout`); `cim status HOST` shows when it is.
+    /// Reboot a host now; the controller waits for it to come back.
+    ///
+    /// Within the host's `rebootTimeout`; `cim status HOST` and `cim
+    /// events` show when it is back (`Rebooted`) or that it is not
+    /// (`RebootTimedOut`).
     Reboot {
         host: String,
         #[command(flatten)]
