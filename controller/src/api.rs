@@ -154,7 +154,7 @@ struct AppState {
     metrics: Arc<crate::metrics::Metrics>,
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<Event>,
-    planner: Option<crate::plan::run::PlanService>,
+    planner: Option<crate::planner::PlanService>,
 }
 
 /// What the API needs of the controller it serves.
@@ -178,7 +178,7 @@ pub struct ApiContext {
     /// What `/metrics` shows.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Makes plans (`GET /api/v1/plan`); `None`: this controller cannot.
-    pub planner: Option<crate::plan::run::PlanService>,
+    pub planner: Option<crate::planner::PlanService>,
 }
 
 pub fn router(ctx: ApiContext) -> Router {
@@ -626,7 +626,7 @@ struct PlanParams {
 
 /// What a revision would do to every host (or one): see `plan`.
 async fn plan(State(app): State<AppState>, Query(p): Query<PlanParams>) -> Response {
-    use crate::plan::run::{PlanError, PlanRequest};
+    use crate::planner::{PlanError, PlanRequest};
     let Some(planner) = app.planner.clone() else {
         return error(
             StatusCode::NOT_IMPLEMENTED,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod notes;
 pub mod notify;
 pub mod plan;
+pub mod planner;
 pub mod queue;
 pub mod reconcile;
 pub mod render;

@@ -4,14 +4,12 @@
 //! downgraded with their versions, and the closure's size delta), what
 //! `switch-to-configuration dry-activate` says activation would do, and
 //! whether the new system needs a reboot. Pure: the closures and the
-//! host's answers come in as text, `plan/run.rs` fetches them.
+//! host's answers come in as text; `planner` and the reconcile fetch them.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-
-pub mod run;
 
 /// Every path of a closure with its NAR size in bytes.
 pub type Closure = BTreeMap<String, u64>;

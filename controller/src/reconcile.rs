@@ -330,12 +330,10 @@ async fn reconcile<B: Backend>(
         let mut roots = vec![item.desired.clone()];
         roots.extend(current.as_deref().and_then(StorePath::parse));
         let changes = match builds.closures(roots).await {
-            Ok(local) => {
-                crate::plan::run::closure_diff(&local, &session, current.as_deref(), &item.desired)
-                    .await
-                    .map(|d| d.summary())
-                    .ok()
-            }
+            Ok(local) => closure_diff(&local, &session, current.as_deref(), &item.desired)
+                .await
+                .map(|d| d.summary())
+                .ok(),
             Err(_) => None,
         };
         match (&system, changes) {
@@ -418,6 +416,37 @@ async fn reconcile<B: Backend>(
     // A host that cut its network leaves this connection hanging.
     let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
     outcome
+}
+
+/// How `desired` differs from `current` (`None`: the host runs no system
+/// yet). `local` holds the controller store's closures (of `desired`, and
+/// of `current` when the store has it); what it lacks of `current` is read
+/// on the host.
+pub async fn closure_diff<H: Host>(
+    local: &crate::plan::Closures,
+    session: &H,
+    current: Option<&str>,
+    desired: &StorePath,
+) -> Result<crate::plan::ClosureDiff, String> {
+    let new = local
+        .of(desired.as_str())
+        .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
+    let old = match current {
+        Some(current) => match local.of(current) {
+            Some(old) => old,
+            None => {
+                let infos = session
+                    .closure(current)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                crate::plan::closure_of(current, &infos)
+                    .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
+            }
+        },
+        None => crate::plan::Closure::new(),
+    };
+    let roots: Vec<&str> = current.into_iter().chain([desired.as_str()]).collect();
+    Ok(crate::plan::diff(&old, &new, &roots))
 }
 
 /// Deletes old system generations after a successful activation.

@@ -110,7 +110,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
     };
     let mirror = Mirror::open(&state_dir, &args.repo, &driver.git_ssh_command())?;
     let driver_for_notes = driver.clone();
-    let planner = Arc::new(cim::plan::run::Planner::new(
+    let planner = Arc::new(cim::planner::Planner::new(
         Arc::new(driver.clone()),
         mirror.path().to_path_buf(),
         args.branch.clone(),
@@ -209,7 +209,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             .transpose()?
             .map(|s| api::webhook::WebhookSecret::new(&s)),
         fetch_now: Arc::clone(&fetch_now),
-        planner: Some(cim::plan::run::service(planner)),
+        planner: Some(cim::planner::service(planner)),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

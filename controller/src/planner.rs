@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 
-use super::{closure_of, diff, parse_dry_activate, Closure, HostPlan, Plan};
 use crate::driver::Toplevel;
 use crate::error::error_chain;
 use crate::host::{Backend, Host};
+use crate::plan::{parse_dry_activate, Closures, HostPlan, Plan};
+use crate::reconcile::closure_diff;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
 
@@ -276,7 +277,7 @@ impl<B: Backend> Planner<B> {
         plan.diff = Some(closure_diff(&local, session, current.as_deref(), desired).await?);
         if matches!(host.action, Action::Switch | Action::Test) {
             let new_files = self.backend.boot_files(desired).await;
-            plan.reboot_for = super::reboot_for(&booted_files, &new_files);
+            plan.reboot_for = crate::plan::reboot_for(&booted_files, &new_files);
         }
         if activation && matches!(host.action, Action::Switch | Action::Test) {
             let substitute = host.substitute_on_destination.unwrap_or(false);
@@ -303,44 +304,13 @@ impl<B: Backend> Planner<B> {
     }
 }
 
-/// How `desired` differs from `current` (`None`: the host runs no system
-/// yet). `local` holds the controller store's closures (of `desired`, and
-/// of `current` when the store has it); what it lacks of `current` is read
-/// on the host.
-pub async fn closure_diff<H: Host>(
-    local: &super::Closures,
-    session: &H,
-    current: Option<&str>,
-    desired: &StorePath,
-) -> Result<super::ClosureDiff, String> {
-    let new = local
-        .of(desired.as_str())
-        .ok_or_else(|| format!("nix path-info did not list {desired}"))?;
-    let old = match current {
-        Some(current) => match local.of(current) {
-            Some(old) => old,
-            None => {
-                let infos = session
-                    .closure(current)
-                    .await
-                    .map_err(|e| error_chain(&e))?;
-                closure_of(current, &infos)
-                    .ok_or_else(|| format!("nix path-info on the host did not list {current}"))?
-            }
-        },
-        None => Closure::new(),
-    };
-    let roots: Vec<&str> = current.into_iter().chain([desired.as_str()]).collect();
-    Ok(diff(&old, &new, &roots))
-}
-
 /// The controller store's closures of `desired` and, if the store holds
 /// it, `current`, in one `nix path-info`.
 async fn local_closures<B: Backend>(
     backend: &B,
     desired: &StorePath,
     current: Option<&str>,
-) -> Result<super::Closures, String> {
+) -> Result<Closures, String> {
     let mut roots = vec![desired.clone()];
     roots.extend(
         current
