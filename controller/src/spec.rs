@@ -543,6 +543,7 @@ impl<'a> FileContext<'a> {
                     ("user", spec.user.as_ref().map(Loc::from)),
                     ("configuration", spec.configuration.as_ref().map(Loc::from)),
                     ("dependsOn", spec.depends_on.first().map(Loc::from)),
+                    ("hostKey", spec.host_key.as_ref().map(Loc::from)),
                 ];
                 for (field, loc) in host_only.into_iter().filter_map(|(f, l)| l.map(|l| (f, l))) {
                     errs.push(
@@ -553,6 +554,7 @@ impl<'a> FileContext<'a> {
                     ("action", spec.action.is_some()),
                     ("suspend", spec.suspend.is_some()),
                     ("rollout", spec.rollout.is_some()),
+                    ("sudo", spec.sudo.is_some()),
                 ] {
                     if present {
                         let loc = (&doc.metadata.name).into();

@@ -309,3 +309,27 @@ spec:
     let host = format!("{WEB}  windows: []\n  reboot: sometimes\n");
     assert!(parse_fleet(&[file("specs/h.yaml", &host)]).is_err());
 }
+
+#[test]
+fn host_only_fields_in_a_fleet_document_are_refused_not_ignored() {
+    let text = "apiVersion: cim/v1
+kind: Fleet
+metadata: {name: fleet}
+spec:
+  sudo: true
+  hostKey: ssh-ed25519 AAAA
+";
+    let errors = errors_of(&[file("specs/f.yaml", text)]);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("`sudo` belongs in a `kind: Host` document")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("specs/f.yaml:6:") && e.contains("`hostKey` belongs")),
+        "{errors:?}"
+    );
+}
