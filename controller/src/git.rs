@@ -49,6 +49,8 @@ pub enum GitError {
     },
     #[error("`{0}` is not a full commit id")]
     BadRevision(String),
+    #[error("`{0}` is not a branch name cim fetches (letters, digits, `.`, `_`, `-`, `/`)")]
+    BadBranch(String),
     #[error("cannot set the mirror's ssh command: {0}")]
     SshCommand(String),
     #[error("`{0}` is not a git repository with a `specs/` directory")]
@@ -113,12 +115,33 @@ impl Mirror {
     /// Fetches `branch` (force-updating it: a rewritten history simply
     /// becomes the new desired state) and returns its head commit.
     pub fn fetch(&self, branch: &str, interrupt: &AtomicBool) -> Result<Revision, GitError> {
+        self.fetch_into(branch, &format!("refs/heads/{branch}"), interrupt)
+    }
+
+    /// Fetches another `branch` of the watched repository for `cim plan`,
+    /// into `refs/cim-plan/<branch>`: the watched branch's ref is never
+    /// touched. Returns its head.
+    pub fn fetch_for_plan(
+        &self,
+        branch: &str,
+        interrupt: &AtomicBool,
+    ) -> Result<Revision, GitError> {
+        check_branch_name(branch)?;
+        self.fetch_into(branch, &format!("refs/cim-plan/{branch}"), interrupt)
+    }
+
+    fn fetch_into(
+        &self,
+        branch: &str,
+        dest: &str,
+        interrupt: &AtomicBool,
+    ) -> Result<Revision, GitError> {
         let fetch_err = |source| GitError::Fetch {
             url: self.url.clone(),
             branch: branch.to_string(),
             source,
         };
-        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        let refspec = format!("+refs/heads/{branch}:{dest}");
         let remote = self
             .repo
             .remote_at(self.url.as_str())
@@ -133,7 +156,7 @@ impl Mirror {
             .map_err(fetch_err)?
             .receive(gix::progress::Discard, interrupt)
             .map_err(fetch_err)?;
-        self.head(branch)?.ok_or_else(|| GitError::NoBranch {
+        ref_head(&self.repo, dest)?.ok_or_else(|| GitError::NoBranch {
             url: self.url.clone(),
             branch: branch.to_string(),
         })
@@ -253,7 +276,12 @@ impl LocalSource {
 }
 
 fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<Revision>, GitError> {
-    let name = format!("refs/heads/{branch}");
+    ref_head(repo, &format!("refs/heads/{branch}"))
+}
+
+/// The commit the reference `name` points at, if it exists.
+fn ref_head(repo: &gix::Repository, name: &str) -> Result<Option<Revision>, GitError> {
+    let name = name.to_string();
     match repo.try_find_reference(name.as_str()) {
         Ok(Some(mut r)) => {
             let id = r.peel_to_id().map_err(|source| GitError::Read {
@@ -329,6 +357,27 @@ pub fn revision_for_plan(
     })?;
     let specs = read_specs_at(&repo, &revision)?;
     Ok((revision, specs))
+}
+
+/// A branch name safe in a refspec: letters, digits, `.`, `_`, `-` and
+/// `/` between components, none empty or starting with `.` or `-`.
+fn check_branch_name(branch: &str) -> Result<(), GitError> {
+    let ok = !branch.is_empty()
+        && branch.len() <= 200
+        && branch.split('/').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('.')
+                && !c.starts_with('-')
+                && !c.ends_with(".lock")
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        && !branch.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(GitError::BadBranch(branch.to_string()))
+    }
 }
 
 /// How far back [`Mirror::descends_from`] looks.
@@ -414,6 +463,30 @@ pub fn specs_for_validation(path: &Path) -> Result<Vec<SpecFile>, GitError> {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn only_plain_branch_names_reach_a_refspec() {
+        for ok in ["next", "feature/web-2", "release-1.2", "a_b"] {
+            assert!(check_branch_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a:b",
+            "a*",
+            "../x",
+            "a..b",
+            "-x",
+            ".x",
+            "a//b",
+            "x.lock",
+            "a b",
+            "a\nb",
+            "refs/heads/x:refs/heads/main",
+            "+x",
+        ] {
+            assert!(check_branch_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     fn ssh() -> Vec<String> {
         crate::driver::DriverConfig::default().git_ssh_command()

@@ -71,12 +71,27 @@ pub struct Planner<B: Backend> {
     backend: Arc<B>,
     mirror: PathBuf,
     branch: String,
+    /// Where other branches are fetched from, for plans of them.
+    source: Option<PlanSource>,
     parallel: usize,
     turn: tokio::sync::Mutex<()>,
     known: Mutex<HashMap<PlanKey, HostPlan>>,
     /// The last evaluations, by revision and configurations: a revision
     /// is evaluated once however often it is planned.
     evaluated: Mutex<Vec<(String, crate::driver::Evaluation)>>,
+}
+
+/// The watched repository, to fetch a branch a plan names that the mirror
+/// does not hold (a pull request's, before it is merged).
+#[derive(Debug, Clone)]
+pub struct PlanSource {
+    pub state_dir: PathBuf,
+    /// `--repo`.
+    pub url: String,
+    /// The ssh command line of every other fetch.
+    pub ssh: Vec<String>,
+    /// `--fetch-timeout`.
+    pub timeout: std::time::Duration,
 }
 
 /// What a host plan compares: host, desired, current, with activation.
@@ -89,11 +104,18 @@ const EVALUATIONS_KEPT: usize = 8;
 const KNOWN_LIMIT: usize = 20_000;
 
 impl<B: Backend> Planner<B> {
-    pub fn new(backend: Arc<B>, mirror: PathBuf, branch: String, parallel: usize) -> Planner<B> {
+    pub fn new(
+        backend: Arc<B>,
+        mirror: PathBuf,
+        branch: String,
+        source: Option<PlanSource>,
+        parallel: usize,
+    ) -> Planner<B> {
         Planner {
             backend,
             mirror,
             branch,
+            source,
             parallel: parallel.clamp(1, 64),
             turn: tokio::sync::Mutex::new(()),
             known: Mutex::new(HashMap::new()),
@@ -108,11 +130,30 @@ impl<B: Backend> Planner<B> {
             self.branch.clone(),
             request.revision.clone(),
         );
-        let (revision, files) = tokio::task::spawn_blocking(move || {
-            crate::git::revision_for_plan(&mirror, &branch, spec.as_deref())
-        })
-        .await
-        .map_err(|e| PlanError::Interrupted(e.to_string()))??;
+        let resolved = {
+            let (mirror, branch, spec) = (mirror.clone(), branch.clone(), spec.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::git::revision_for_plan(&mirror, &branch, spec.as_deref())
+            })
+            .await
+            .map_err(|e| PlanError::Interrupted(e.to_string()))?
+        };
+        let (revision, files) = match (resolved, &spec, &self.source) {
+            (Ok(found), _, _) => found,
+            // Not in the mirror: another branch of the watched repository.
+            (Err(e), Some(name), Some(source)) if name.as_str() != branch => {
+                let fetched = self.fetch_branch(source, name).await.map_err(|fetch| {
+                    tracing::debug!(error = %fetch, "no branch to plan");
+                    PlanError::Git(e)
+                })?;
+                tokio::task::spawn_blocking(move || {
+                    crate::git::revision_for_plan(&mirror, &branch, Some(fetched.as_str()))
+                })
+                .await
+                .map_err(|e| PlanError::Interrupted(e.to_string()))??
+            }
+            (Err(e), _, _) => return Err(PlanError::Git(e)),
+        };
         let fleet = crate::spec::parse_fleet(&files).map_err(|errors| PlanError::Specs {
             revision: revision.to_string(),
             errors: errors.to_string(),
@@ -181,6 +222,35 @@ impl<B: Backend> Planner<B> {
             revision: revision.to_string(),
             hosts: plans,
         })
+    }
+
+    /// Fetches `name` of the watched repository into the mirror (beside,
+    /// never onto, the watched branch), within `--fetch-timeout`.
+    async fn fetch_branch(
+        &self,
+        source: &PlanSource,
+        name: &str,
+    ) -> Result<crate::types::Revision, String> {
+        let interrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::clone(&interrupt);
+        let (source_, name_) = (source.clone(), name.to_string());
+        let fetch = tokio::task::spawn_blocking(move || {
+            let mirror = crate::git::Mirror::open(&source_.state_dir, &source_.url, &source_.ssh)
+                .map_err(|e| error_chain(&e))?;
+            mirror
+                .fetch_for_plan(&name_, &stop)
+                .map_err(|e| error_chain(&e))
+        });
+        match tokio::time::timeout(source.timeout, fetch).await {
+            Ok(joined) => joined.map_err(|e| e.to_string())?,
+            Err(_) => {
+                interrupt.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(format!(
+                    "fetching `{name}` did not finish within {}s",
+                    source.timeout.as_secs()
+                ))
+            }
+        }
     }
 
     /// Builds every evaluated system in one realise; if that fails, one by

@@ -114,6 +114,12 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         Arc::new(driver.clone()),
         mirror.path().to_path_buf(),
         args.branch.clone(),
+        Some(cim::planner::PlanSource {
+            state_dir: state_dir.clone(),
+            url: args.repo.clone(),
+            ssh: driver.git_ssh_command(),
+            timeout: args.fetch_timeout,
+        }),
         args.max_parallel,
     ));
     let fetch_now = Arc::new(Notify::new());

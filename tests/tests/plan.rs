@@ -130,3 +130,40 @@ fn a_plan_lists_upgraded_packages_and_what_activation_would_do() {
         "{built:?}"
     );
 }
+
+#[test]
+fn a_branch_not_yet_merged_is_planned_and_nothing_lands() {
+    let (fleet, dir) = fleet(1);
+    fleet.set_host_config("web-1", V1).unwrap();
+    let main = fleet.commit("web-1 runs hello and curl").unwrap();
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1"], Some(&main));
+    let running = fleet.current_system("web-1").unwrap();
+
+    // A pull request's branch: proposed, not merged.
+    fleet.git(&["checkout", "-q", "-b", "next"]).unwrap();
+    fleet.set_host_config("web-1", V2).unwrap();
+    let proposed = fleet.commit("web-1: hello 2.12").unwrap();
+    fleet.git(&["checkout", "-q", "main"]).unwrap();
+
+    let out = cim.cli(&["plan", "next", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["revision"], proposed.as_str());
+    let web1 = &plan["hosts"][0];
+    assert_eq!(web1["changes"], true, "{web1:#}");
+    assert_eq!(change(web1, "hello")["to"], serde_json::json!(["2.12"]));
+
+    // Nothing landed: the watched branch and the host are as they were.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(fleet.current_system("web-1").unwrap(), running);
+    assert_eq!(cim.status()["revision"], main.as_str());
+    let out = cim.cli(&["plan", "no-such-branch"]);
+    assert!(!out.status.success());
+    let out = cim.cli(&["plan", "a:b"]);
+    assert!(!out.status.success());
+}
