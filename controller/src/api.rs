@@ -643,7 +643,7 @@ async fn plan(State(app): State<AppState>, Query(p): Query<PlanParams>) -> Respo
         Err(e @ PlanError::NoSuchHost(_)) => {
             error(StatusCode::NOT_FOUND, crate::error::error_chain(&e))
         }
-        Err(e @ (PlanError::Git(_) | PlanError::Specs { .. })) => {
+        Err(e @ (PlanError::Git(_) | PlanError::NoRevision { .. } | PlanError::Specs { .. })) => {
             error(StatusCode::BAD_REQUEST, crate::error::error_chain(&e))
         }
         Err(e) => error(

@@ -407,26 +407,10 @@ impl<B: Backend> Controller<B> {
                 self.spawn_worker(&host, &revision, work);
             }
             Effect::RollBack { host, revision } => {
-                let name = host.name.clone();
-                let work = reconcile::run_rollback(
-                    Arc::clone(&self.backend),
-                    host,
-                    revision.clone(),
-                    self.report_tx.clone(),
-                    self.worker_cancel.child_token(),
-                );
-                self.spawn_worker(&name, &revision, work);
+                self.spawn_operator_worker(host, revision, reconcile::run_rollback)
             }
             Effect::Reboot { host, revision } => {
-                let name = host.name.clone();
-                let work = reconcile::run_reboot(
-                    Arc::clone(&self.backend),
-                    host,
-                    revision.clone(),
-                    self.report_tx.clone(),
-                    self.worker_cancel.child_token(),
-                );
-                self.spawn_worker(&name, &revision, work);
+                self.spawn_operator_worker(host, revision, reconcile::run_reboot)
             }
             Effect::Prebuild(systems) => {
                 for system in systems {
@@ -540,6 +524,35 @@ impl<B: Backend> Controller<B> {
     }
 
     /// Starts a worker task for `host`; see [`Controller::worker_ended`].
+    /// Starts an operator's worker on `host` (`cim rollback`, `cim
+    /// reboot`): `work` is its function, with the backend, the host, the
+    /// revision, the report channel and its cancellation.
+    fn spawn_operator_worker<F, Fut>(
+        &mut self,
+        host: crate::spec::HostSpec,
+        revision: crate::types::Revision,
+        work: F,
+    ) where
+        F: FnOnce(
+            Arc<B>,
+            crate::spec::HostSpec,
+            crate::types::Revision,
+            mpsc::Sender<Report>,
+            CancellationToken,
+        ) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let name = host.name.clone();
+        let work = work(
+            Arc::clone(&self.backend),
+            host,
+            revision.clone(),
+            self.report_tx.clone(),
+            self.worker_cancel.child_token(),
+        );
+        self.spawn_worker(&name, &revision, work);
+    }
+
     fn spawn_worker(
         &mut self,
         host: &crate::types::HostName,

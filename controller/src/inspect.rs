@@ -63,11 +63,8 @@ pub fn watch_status(host: Option<String>, selector: Option<&str>, args: &SourceA
         let since = follow.newest_seq().unwrap_or(0);
         let _ = follow.follow(
             &EventQuery {
-                hosts: None,
-                selector: None,
-                host: None,
                 since: Some(since),
-                limit: None,
+                ..EventQuery::default()
             },
             |_| tx.send(()).is_ok(),
         );

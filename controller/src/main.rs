@@ -622,11 +622,8 @@ fn reconcile_and_wait(request: &ReconcileRequest, timeout: Duration, args: &Sour
     std::thread::spawn(move || {
         let _ = src.follow(
             &EventQuery {
-                hosts: None,
-                selector: None,
-                host: None,
                 since: Some(since),
-                limit: None,
+                ..EventQuery::default()
             },
             |ev| tx.send(ev.clone()).is_ok(),
         );

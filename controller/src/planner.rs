@@ -36,6 +36,13 @@ pub struct PlanRequest {
 pub enum PlanError {
     #[error("cannot read the revision to plan")]
     Git(#[from] crate::git::GitError),
+    #[error("`{name}` is no revision the mirror holds, and fetching it as a branch of the watched repository failed: {fetch}")]
+    NoRevision {
+        name: String,
+        fetch: String,
+        #[source]
+        source: crate::git::GitError,
+    },
     #[error("the specs of revision {revision} are invalid:\n{errors}")]
     Specs { revision: String, errors: String },
     #[error("no host named {0} in the revision's specs")]
@@ -143,8 +150,11 @@ impl<B: Backend> Planner<B> {
             // Not in the mirror: another branch of the watched repository.
             (Err(e), Some(name), Some(source)) if name.as_str() != branch => {
                 let fetched = self.fetch_branch(source, name).await.map_err(|fetch| {
-                    tracing::debug!(error = %fetch, "no branch to plan");
-                    PlanError::Git(e)
+                    PlanError::NoRevision {
+                        name: name.clone(),
+                        fetch,
+                        source: e,
+                    }
                 })?;
                 tokio::task::spawn_blocking(move || {
                     crate::git::revision_for_plan(&mirror, &branch, Some(fetched.as_str()))

@@ -168,6 +168,46 @@ pub enum Report {
     },
 }
 
+/// Reports a step of `host`'s run at `revision`. The controller may be
+/// gone during shutdown; nothing to do then.
+pub(crate) async fn report_step(
+    tx: &mpsc::Sender<Report>,
+    host: &HostName,
+    revision: &Revision,
+    step: Step,
+) {
+    let _ = tx
+        .send(Report::Step {
+            host: host.clone(),
+            revision: revision.clone(),
+            step,
+        })
+        .await;
+}
+
+/// Runs `work` for `host` unless `cancel` fires first (then the outcome is
+/// `Cancelled`: the in-flight command is dropped, nix children killed), and
+/// reports the outcome.
+async fn finish(
+    work: impl std::future::Future<Output = Outcome>,
+    cancel: CancellationToken,
+    tx: &mpsc::Sender<Report>,
+    host: HostName,
+    revision: Revision,
+) {
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        () = cancel.cancelled() => Outcome::Cancelled,
+    };
+    let _ = tx
+        .send(Report::Done {
+            host,
+            revision,
+            outcome,
+        })
+        .await;
+}
+
 /// Runs one reconcile of `item.host` and reports to `tx`. Cancellation drops
 /// the in-flight command (nix children are killed on drop).
 pub async fn run<B: Backend>(
@@ -177,20 +217,9 @@ pub async fn run<B: Backend>(
     tx: mpsc::Sender<Report>,
     cancel: CancellationToken,
 ) {
-    let host = item.host.name.clone();
-    let revision = item.revision.clone();
-    let outcome = tokio::select! {
-        outcome = reconcile(&*backend, &builds, &item, &tx) => outcome,
-        () = cancel.cancelled() => Outcome::Cancelled,
-    };
-    // The controller may be gone during shutdown; nothing to do then.
-    let _ = tx
-        .send(Report::Done {
-            host,
-            revision,
-            outcome,
-        })
-        .await;
+    let (host, revision) = (item.host.name.clone(), item.revision.clone());
+    let work = reconcile(&*backend, &builds, &item, &tx);
+    finish(work, cancel, &tx, host, revision).await;
 }
 
 /// Connects to `host`, within the backend's connect timeout (plus a grace
@@ -230,13 +259,7 @@ async fn reconcile<B: Backend>(
     item: &WorkItem,
     tx: &mpsc::Sender<Report>,
 ) -> Outcome {
-    let report = |step| {
-        tx.send(Report::Step {
-            host: item.host.name.clone(),
-            revision: item.revision.clone(),
-            step,
-        })
-    };
+    let report = |step| report_step(tx, &item.host.name, &item.revision, step);
     let system = item.build.as_ref().map(|drv| Toplevel {
         drv: drv.clone(),
         out: item.desired.clone(),
@@ -461,13 +484,8 @@ pub(crate) async fn prune<H: Host>(session: &H, item: &WorkItem, tx: &mpsc::Send
         .prune_generations(keep)
         .await
         .map_err(|e| error_chain(&e));
-    let _ = tx
-        .send(Report::Step {
-            host: item.host.name.clone(),
-            revision: item.revision.clone(),
-            step: Step::Pruned { keep, result },
-        })
-        .await;
+    let step = Step::Pruned { keep, result };
+    report_step(tx, &item.host.name, &item.revision, step).await;
 }
 
 /// Runs an operator's rollback of `host` (see [`HostSession::roll_back_generation`])
@@ -484,9 +502,11 @@ pub async fn run_rollback<B: Backend>(
         let session = match connect(&*backend, &host).await {
             Ok(s) => s,
             Err(e) => {
-                return Rollback::Failed {
-                    to: None,
-                    message: error_chain(&e),
+                return Outcome::ManualRollback {
+                    rollback: Rollback::Failed {
+                        to: None,
+                        message: error_chain(&e),
+                    },
                 }
             }
         };
@@ -508,19 +528,9 @@ pub async fn run_rollback<B: Backend>(
             },
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
-        result
+        Outcome::ManualRollback { rollback: result }
     };
-    let outcome = tokio::select! {
-        rollback = work => Outcome::ManualRollback { rollback },
-        () = cancel.cancelled() => Outcome::Cancelled,
-    };
-    let _ = tx
-        .send(Report::Done {
-            host: name,
-            revision,
-            outcome,
-        })
-        .await;
+    finish(work, cancel, &tx, name, revision).await;
 }
 
 /// What a host ran before an activation, to go back to.

@@ -164,6 +164,8 @@ fn a_branch_not_yet_merged_is_planned_and_nothing_lands() {
     assert_eq!(cim.status()["revision"], main.as_str());
     let out = cim.cli(&["plan", "no-such-branch"]);
     assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("fetching it as a branch"), "{said}");
     let out = cim.cli(&["plan", "a:b"]);
     assert!(!out.status.success());
 }

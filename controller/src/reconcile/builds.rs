@@ -53,9 +53,14 @@ impl Builds {
     /// Starts the build task. It ends when every handle is dropped.
     pub fn spawn<B: Backend>(cfg: Arc<B>) -> Builds {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(serve(Arc::clone(&cfg), rx));
+        let builder = Arc::clone(&cfg);
+        tokio::spawn(batches(rx, move |batch| {
+            run_batch(Arc::clone(&builder), batch)
+        }));
         let (closures, rx) = mpsc::channel(1024);
-        tokio::spawn(serve_closures(cfg, rx));
+        tokio::spawn(batches(rx, move |batch| {
+            closures_batch(Arc::clone(&cfg), batch)
+        }));
         Builds { tx, closures }
     }
 
@@ -83,32 +88,26 @@ impl Builds {
     }
 }
 
-async fn serve<B: Backend>(cfg: Arc<B>, mut rx: mpsc::Receiver<Request>) {
-    let mut batches = tokio::task::JoinSet::new();
+/// Takes requests as they come, in batches of those that arrive within
+/// [`BATCH_WINDOW`] of the first, and runs each batch as a task of its
+/// own: a request never waits for an unrelated batch.
+async fn batches<R, F, Fut>(mut rx: mpsc::Receiver<R>, run: F)
+where
+    R: Send + 'static,
+    F: Fn(Vec<R>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let until = tokio::time::Instant::now() + BATCH_WINDOW;
         while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
             batch.push(more);
         }
-        batches.spawn(run_batch(Arc::clone(&cfg), batch));
-        while batches.try_join_next().is_some() {}
+        running.spawn(run(batch));
+        while running.try_join_next().is_some() {}
     }
-    while batches.join_next().await.is_some() {}
-}
-
-async fn serve_closures<B: Backend>(cfg: Arc<B>, mut rx: mpsc::Receiver<ClosureRequest>) {
-    let mut batches = tokio::task::JoinSet::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + BATCH_WINDOW;
-        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
-            batch.push(more);
-        }
-        batches.spawn(closures_batch(Arc::clone(&cfg), batch));
-        while batches.try_join_next().is_some() {}
-    }
-    while batches.join_next().await.is_some() {}
+    while running.join_next().await.is_some() {}
 }
 
 async fn closures_batch<B: Backend>(cfg: Arc<B>, batch: Vec<ClosureRequest>) {

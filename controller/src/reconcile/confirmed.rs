@@ -89,13 +89,8 @@ pub(super) async fn activate<B: Backend>(
         item.desired,
         timeout.as_secs()
     );
-    let _ = tx
-        .send(Report::Step {
-            host: item.host.name.clone(),
-            revision: item.revision.clone(),
-            step: Step::ConfirmationTimedOut { message },
-        })
-        .await;
+    let step = Step::ConfirmationTimedOut { message };
+    super::report_step(tx, &item.host.name, &item.revision, step).await;
     let rollback = verify_reverted(backend, item, previous, started + timeout).await;
     Outcome::NotConfirmed { rollback }
 }

@@ -26,13 +26,7 @@ pub(super) async fn after_activation<H: Host>(
     if !activated_now || checks.is_empty() || item.host.action == Action::DryActivate {
         return activated;
     }
-    let _ = tx
-        .send(Report::Step {
-            host: item.host.name.clone(),
-            revision: item.revision.clone(),
-            step: Step::Verifying,
-        })
-        .await;
+    super::report_step(tx, &item.host.name, &item.revision, Step::Verifying).await;
     for check in checks {
         if let Err(why) = run(session, check).await {
             return Outcome::HealthCheckFailed {

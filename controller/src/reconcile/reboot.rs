@@ -34,13 +34,7 @@ pub(super) async fn boot_into<B: Backend>(
     previous: Previous<'_>,
     tx: &mpsc::Sender<Report>,
 ) -> Outcome {
-    let report = |step| {
-        tx.send(Report::Step {
-            host: item.host.name.clone(),
-            revision: item.revision.clone(),
-            step,
-        })
-    };
+    let report = |step| super::report_step(tx, &item.host.name, &item.revision, step);
     let _ = report(Step::ActivationStarted {
         action: Action::Boot,
     })
@@ -163,13 +157,7 @@ pub async fn run_reboot<B: Backend>(
             Ok(s) => s,
             Err(e) => return super::failed(Reason::HostUnreachable, &e),
         };
-        let _ = tx
-            .send(Report::Step {
-                host: name.clone(),
-                revision: revision.clone(),
-                step: Step::Rebooting,
-            })
-            .await;
+        super::report_step(&tx, &name, &revision, Step::Rebooting).await;
         let profile = match session.boot_system().await {
             Ok(p) => p,
             Err(e) => return super::failed(Reason::HostUnreachable, &e),
@@ -192,15 +180,5 @@ pub async fn run_reboot<B: Backend>(
         let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
         outcome
     };
-    let outcome = tokio::select! {
-        outcome = work => outcome,
-        () = cancel.cancelled() => Outcome::Cancelled,
-    };
-    let _ = tx
-        .send(Report::Done {
-            host: name,
-            revision,
-            outcome,
-        })
-        .await;
+    super::finish(work, cancel, &tx, name.clone(), revision.clone()).await;
 }
