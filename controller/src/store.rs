@@ -298,7 +298,7 @@ impl Store {
         }
         if let Err(e) = self.run_cached("COMMIT") {
             let _ = self.run_cached("ROLLBACK");
-            return Err(e.into());
+            return Err(e);
         }
         Ok(())
     }
