@@ -187,9 +187,11 @@ pub(crate) async fn report_step(
 
 /// Runs `work` for `host` unless `cancel` fires first (then the outcome is
 /// `Cancelled`: the in-flight command is dropped, nix children killed), and
-/// reports the outcome.
+/// reports the outcome. `work` comes boxed: held by value, a worker's
+/// future would hold it twice (the argument and the `select!` polling it),
+/// and 10,000 workers at once are 10,000 of them.
 async fn finish(
-    work: impl std::future::Future<Output = Outcome>,
+    work: futures::future::BoxFuture<'_, Outcome>,
     cancel: CancellationToken,
     tx: &mpsc::Sender<Report>,
     host: HostName,
@@ -218,7 +220,7 @@ pub async fn run<B: Backend>(
     cancel: CancellationToken,
 ) {
     let (host, revision) = (item.host.name.clone(), item.revision.clone());
-    let work = reconcile(&*backend, &builds, &item, &tx);
+    let work = Box::pin(reconcile(&*backend, &builds, &item, &tx));
     finish(work, cancel, &tx, host, revision).await;
 }
 
@@ -530,7 +532,7 @@ pub async fn run_rollback<B: Backend>(
         let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
         Outcome::ManualRollback { rollback: result }
     };
-    finish(work, cancel, &tx, name, revision).await;
+    finish(Box::pin(work), cancel, &tx, name, revision).await;
 }
 
 /// What a host ran before an activation, to go back to.

@@ -180,5 +180,5 @@ pub async fn run_reboot<B: Backend>(
         let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
         outcome
     };
-    super::finish(work, cancel, &tx, name.clone(), revision.clone()).await;
+    super::finish(Box::pin(work), cancel, &tx, name.clone(), revision.clone()).await;
 }
