@@ -159,10 +159,11 @@ impl<B: Backend> Controller<B> {
     pub fn new(
         cfg: ControllerConfig,
         backend: B,
-        store: Store,
+        mut store: Store,
         fetch_now: Arc<Notify>,
     ) -> Result<Controller<B>, StoreError> {
         let status = store.load_status()?;
+        store.checkpoint_apart(&cfg.state_dir)?;
         let backend = Arc::new(backend);
         let state = State::new(
             decide::Config {

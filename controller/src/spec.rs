@@ -335,10 +335,13 @@ struct RawRollout {
 /// Checks every host's `configuration` against the flake's
 /// `nixosConfigurations` names.
 pub fn check_configurations(fleet: &FleetSpec, available: &[String]) -> Result<(), SpecErrors> {
+    // A set: 10,000 hosts against a list of 10,000 configurations took
+    // 100 ms of the controller's time, between an evaluation and the work.
+    let known: std::collections::HashSet<&str> = available.iter().map(String::as_str).collect();
     let errors: Vec<SpecError> = fleet
         .hosts
         .values()
-        .filter(|h| !available.contains(&h.configuration))
+        .filter(|h| !known.contains(h.configuration.as_str()))
         .map(|h| {
             SpecError::located(
                 &h.configuration_at,

@@ -6,6 +6,8 @@
 //! CLI with `--state-dir`) open their own connections; WAL lets them read while
 //! the controller writes.
 
+mod checkpoint;
+
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -33,6 +35,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("a stored record does not parse")]
     Corrupt(#[from] serde_json::Error),
+    #[error("cannot start the store's checkpoint thread: {0}")]
+    Thread(String),
 }
 
 /// Which events to read.
@@ -55,6 +59,8 @@ pub struct Store {
     /// Between [`Store::begin_group`] and [`Store::commit_group`]: appends
     /// share one transaction (and one disk sync).
     grouped: bool,
+    /// Set by [`Store::checkpoint_apart`].
+    checkpointer: Option<checkpoint::Checkpointer>,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -124,7 +130,21 @@ impl Store {
         Ok(Store {
             conn,
             grouped: false,
+            checkpointer: None,
         })
+    }
+
+    /// Checkpoints the log on a thread of its own from now on, never in
+    /// this connection's commits: for the controller, whose commits
+    /// everything waits for.
+    pub fn checkpoint_apart(&mut self, state_dir: &Path) -> Result<(), StoreError> {
+        self.checkpointer = Some(checkpoint::Checkpointer::start(
+            state_dir,
+            checkpoint::INTERVAL,
+        )?);
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(StoreError::Sql)
     }
 
     /// Opens an existing store read-only, for the CLI and the API.
@@ -145,6 +165,7 @@ impl Store {
         Ok(Store {
             conn,
             grouped: false,
+            checkpointer: None,
         })
     }
 
@@ -658,6 +679,44 @@ mod tests {
         assert_eq!(log.len(), 7);
         assert_eq!(store.load_status().unwrap(), status);
         assert_eq!(FleetStatus::replay(&log), status);
+    }
+
+    #[test]
+    fn the_log_is_checkpointed_apart_from_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store
+            .conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .unwrap();
+        let size = || std::fs::metadata(dir.path().join(DB_FILE)).unwrap().len();
+        let before = size();
+        let mut status = FleetStatus::default();
+        let news = (0..500)
+            .map(|i| {
+                NewEvent::host(
+                    &format!("h{i}"),
+                    Reason::Suspended,
+                    Some("r1"),
+                    &"x".repeat(200),
+                )
+            })
+            .collect();
+        store.append_all(&mut status, news, t(0)).unwrap();
+        assert_eq!(size(), before, "nothing is checkpointed by the writer");
+        store.checkpointer = Some(
+            checkpoint::Checkpointer::start(dir.path(), std::time::Duration::from_millis(10))
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            size() > before,
+            "the checkpoint thread copied the log into the database"
+        );
+        drop(store); // stops and joins the thread
     }
 
     #[test]
