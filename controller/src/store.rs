@@ -698,7 +698,7 @@ mod tests {
                     &format!("h{i}"),
                     Reason::Suspended,
                     Some("r1"),
-                    &"x".repeat(200),
+                    "x".repeat(200),
                 )
             })
             .collect();
