@@ -147,8 +147,11 @@ const CHANNEL_CAPACITY: usize = 256;
 /// behind before it must read the store instead: a wave of 1,000 hosts
 /// finishing together makes a few thousand events within milliseconds.
 const EVENT_BROADCAST_CAPACITY: usize = 16_384;
-/// The most messages handled in one group commit.
-const GROUP_LIMIT: usize = 1024;
+/// The most messages handled in one group commit (about 40 ms of the
+/// controller's time at most). Workers' reports queue up to as many: with
+/// a quarter of it, groups were cut at the channel's size and 10,000
+/// simulated hosts took 8% longer (more commits, each a disk sync).
+const GROUP_LIMIT: usize = 4096;
 /// When `--event-retention` first runs after a start, and how often after.
 const RETENTION_FIRST: Duration = Duration::from_secs(30);
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
@@ -178,7 +181,7 @@ impl<B: Backend> Controller<B> {
         );
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         let (msg_tx, msg_rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let (report_tx, report_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (report_tx, report_rx) = mpsc::channel(GROUP_LIMIT);
         Ok(Controller {
             msg_tx,
             msg_rx: Some(msg_rx),
