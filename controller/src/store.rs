@@ -61,6 +61,9 @@ pub struct Store {
     grouped: bool,
     /// Set by [`Store::checkpoint_apart`].
     checkpointer: Option<checkpoint::Checkpointer>,
+    /// The repository row as the group's appends leave it, written once
+    /// by [`Store::commit_group`] rather than by each append.
+    group_repo: Option<RepoStatus>,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -131,6 +134,7 @@ impl Store {
             conn,
             grouped: false,
             checkpointer: None,
+            group_repo: None,
         })
     }
 
@@ -166,6 +170,7 @@ impl Store {
             conn,
             grouped: false,
             checkpointer: None,
+            group_repo: None,
         })
     }
 
@@ -236,12 +241,19 @@ impl Store {
         // group's that can fail alone inside one.
         self.run_cached("SAVEPOINT append")?;
         let written = self
-            .write_appended(&events, &touched, &repo)
+            .write_appended(&events, &touched)
+            .and_then(|()| match self.grouped {
+                true => Ok(()),
+                false => self.write_repo(&repo),
+            })
             .and_then(|()| self.run_cached("RELEASE append"));
         if let Err(e) = written {
             let _ = self.run_cached("ROLLBACK TO append");
             let _ = self.run_cached("RELEASE append");
             return Err(e);
+        }
+        if self.grouped {
+            self.group_repo = Some(repo.clone());
         }
         status.repo = repo;
         for (name, row) in touched {
@@ -258,7 +270,6 @@ impl Store {
         &self,
         events: &[Event],
         touched: &std::collections::BTreeMap<String, Option<HostStatus>>,
-        repo: &crate::status::RepoStatus,
     ) -> Result<(), StoreError> {
         let mut insert = self.conn.prepare_cached(
             "INSERT INTO events (seq, host, reason, body) VALUES (?1, ?2, ?3, ?4)",
@@ -284,6 +295,10 @@ impl Store {
                 None => delete.execute(params![name])?,
             };
         }
+        Ok(())
+    }
+
+    fn write_repo(&self, repo: &RepoStatus) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
                 "INSERT INTO repo (id, body) VALUES (1, ?1)
@@ -314,10 +329,15 @@ impl Store {
     /// ahead of the store and must be rebuilt from it.
     pub fn commit_group(&mut self) -> Result<(), StoreError> {
         self.grouped = false;
+        let repo = self.group_repo.take();
         if self.conn.is_autocommit() {
             return Ok(());
         }
-        if let Err(e) = self.run_cached("COMMIT") {
+        let repo_written = match &repo {
+            Some(repo) => self.write_repo(repo),
+            None => Ok(()),
+        };
+        if let Err(e) = repo_written.and_then(|()| self.run_cached("COMMIT")) {
             let _ = self.run_cached("ROLLBACK");
             return Err(e);
         }
