@@ -22,24 +22,35 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
     let n = opts.sim_hosts;
     println!("## Simulated fleet: {n} hosts, one whole-fleet change (`cim simulate`)\n");
     println!("Simulated latencies: connect 50 ms, command 10 ms, copy 500 ms, activation 1 s, evaluation 1 s, build 200 ms. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms.\n", opts.rounds, THINK.as_millis());
-    println!("| max parallel | wall (s) | critical path (s) | ratio | events | events/s | CPU per event (µs) | status p99 (ms) | peak RSS (MB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    // With --baseline, both controllers run in every round, alternating
+    // (the order rotates), and each gets its own row.
+    let mut binaries = vec![("cim", opts.cim.clone())];
+    if let Some(baseline) = &opts.baseline {
+        binaries.push(("cim (baseline)", baseline.clone()));
+    }
+    println!("| max parallel | controller | wall (s) | critical path (s) | ratio | events | events/s | CPU per event (µs) | status p99 (ms) | peak RSS (MB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &parallel in &opts.sim_parallel {
-        let mut runs = Vec::new();
-        for _ in 0..opts.rounds {
-            runs.push(run(opts, n, parallel)?);
+        let mut runs = vec![Vec::new(); binaries.len()];
+        for round in 0..opts.rounds {
+            for i in 0..binaries.len() {
+                let which = (i + round) % binaries.len();
+                runs[which].push(run(&binaries[which].1, n, parallel)?);
+            }
         }
-        let col = |k: &str| median(runs.iter().map(|r| r[k]).collect());
-        println!(
-            "| {parallel} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",
-            col("wallSeconds"),
-            col("criticalPathSeconds"),
-            col("ratio"),
-            col("events"),
-            col("eventsPerSecond"),
-            col("cpuMicrosPerEvent"),
-            col("statusP99"),
-            col("peakRssMb"),
-        );
+        for ((label, _), runs) in binaries.iter().zip(&runs) {
+            let col = |k: &str| median(runs.iter().map(|r| r[k]).collect());
+            println!(
+                "| {parallel} | {label} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                col("wallSeconds"),
+                col("criticalPathSeconds"),
+                col("ratio"),
+                col("events"),
+                col("eventsPerSecond"),
+                col("cpuMicrosPerEvent"),
+                col("statusP99"),
+                col("peakRssMb"),
+            );
+        }
     }
     println!();
     Ok(())
@@ -47,11 +58,11 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
 
 /// One simulation; its report with the status p99 added.
 fn run(
-    opts: &Options,
+    cim: &std::path::Path,
     hosts: usize,
     parallel: usize,
 ) -> Result<std::collections::HashMap<String, f64>> {
-    let mut child = Command::new(&opts.cim)
+    let mut child = Command::new(cim)
         .args([
             "simulate",
             "--hosts",
@@ -62,7 +73,7 @@ fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot run {}", opts.cim.display()))?;
+        .with_context(|| format!("cannot run {}", cim.display()))?;
     let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
     let first = lines.next().context("cim simulate printed nothing")??;
     let addr = first
