@@ -127,6 +127,13 @@ pub struct ErrorResponse {
 }
 
 #[derive(Debug, Deserialize)]
+struct StatusParams {
+    /// `false`: the fleet's part only, no hosts (what `cim status HOST`
+    /// needs of it: the revision; 5.5 MB less with 10,000 hosts).
+    hosts: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
 struct EventsParams {
     host: Option<String>,
     since: Option<u64>,
@@ -282,8 +289,14 @@ impl AppState {
     }
 }
 
-async fn status(State(app): State<AppState>) -> Response {
-    match with_snapshot(&app, |s| s.parts()).await {
+async fn status(State(app): State<AppState>, Query(p): Query<StatusParams>) -> Response {
+    let hosts = p.hosts.unwrap_or(true);
+    match with_snapshot(
+        &app,
+        move |s| if hosts { s.parts() } else { s.fleet_part() },
+    )
+    .await
+    {
         Ok(parts) => json_parts(parts),
         Err(r) => r,
     }

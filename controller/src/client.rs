@@ -103,13 +103,23 @@ impl Source {
         }
     }
 
+    /// The fleet's status without its hosts (`hosts` is empty).
+    pub fn fleet_status(&self) -> Result<StatusResponse, ClientError> {
+        match self {
+            Source::Api(api) => Self::get(api, "/api/v1/status?hosts=false"),
+            Source::Store(dir) => {
+                let mut status = Store::open_read_only(dir)?.load_status()?;
+                status.hosts.clear();
+                Ok(status.into())
+            }
+        }
+    }
+
     pub fn host(&self, name: &str) -> Result<HostStatus, ClientError> {
         match self {
             Source::Api(api) => Self::get(api, &format!("/api/v1/hosts/{name}")),
             Source::Store(dir) => Store::open_read_only(dir)?
-                .load_status()?
-                .hosts
-                .remove(name)
+                .host(name)?
                 .ok_or_else(|| ClientError::NoHost(name.to_string())),
         }
     }

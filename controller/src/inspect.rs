@@ -95,7 +95,7 @@ fn waiting(src: &cim::client::Source, h: &HostStatus) -> Option<String> {
     if !matches!(src, cim::client::Source::Api(_)) {
         return None;
     }
-    let fleet = src.status().ok()?.revision?;
+    let fleet = src.fleet_status().ok()?.revision?;
     let behind = h.observed_revision.as_deref() != Some(fleet.as_str())
         || h.current_system.is_none()
         || h.current_system != h.desired_system;

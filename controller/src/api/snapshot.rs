@@ -176,6 +176,11 @@ impl Snapshot {
         Ok(parts)
     }
 
+    /// The response without its hosts (an empty list).
+    pub(super) fn fleet_part(&mut self) -> Result<Vec<Bytes>, StoreError> {
+        Ok(vec![self.render_head()?, Bytes::from_static(b"]}")])
+    }
+
     /// Splits the hosts into blocks again (a host came or went).
     fn lay_out(&mut self) {
         let names: Vec<String> = self.fragments.keys().cloned().collect();
@@ -258,6 +263,12 @@ mod tests {
         let loaded = StatusResponse::from(reader.load_status().unwrap());
         assert_eq!(served, loaded);
         assert_eq!(served.hosts.len(), 3);
+
+        let fleet: StatusResponse =
+            serde_json::from_slice(&snapshot.fleet_part().unwrap().concat()).unwrap();
+        assert!(fleet.hosts.is_empty());
+        assert_eq!(fleet.revision, loaded.revision);
+        assert_eq!(fleet.rollout, loaded.rollout);
     }
 
     #[test]
