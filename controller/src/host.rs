@@ -145,3 +145,12 @@ pub trait Host: Send + Sync + 'static {
     /// Closes the connection.
     fn close(self) -> impl Future<Output = ()> + Send;
 }
+
+/// How long closing a session may take: the work is done by then, and a
+/// host that does not answer the goodbye must not hold a worker.
+const CLOSE_LIMIT: Duration = Duration::from_secs(3);
+
+/// Closes `session` within [`CLOSE_LIMIT`].
+pub async fn close<H: Host>(session: H) {
+    let _ = tokio::time::timeout(CLOSE_LIMIT, session.close()).await;
+}

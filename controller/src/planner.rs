@@ -317,7 +317,7 @@ impl<B: Backend> Planner<B> {
         let result = self
             .compare(&session, &host, &toplevel.out, activation, &mut plan)
             .await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), session.close()).await;
+        crate::host::close(session).await;
         if let Err(message) = result {
             plan.error = Some(message);
         }

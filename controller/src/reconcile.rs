@@ -279,7 +279,7 @@ async fn reconcile<B: Backend>(
         let found = match session.look().await {
             Ok(found) => found,
             Err(e) => {
-                let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+                crate::host::close(session).await;
                 return Err(e);
             }
         };
@@ -439,7 +439,7 @@ async fn reconcile<B: Backend>(
     }
     .await;
     // A host that cut its network leaves this connection hanging.
-    let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+    crate::host::close(session).await;
     outcome
 }
 
@@ -529,7 +529,7 @@ pub async fn run_rollback<B: Backend>(
                 },
             },
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+        crate::host::close(session).await;
         Outcome::ManualRollback { rollback: result }
     };
     finish(Box::pin(work), cancel, &tx, name, revision).await;

@@ -181,7 +181,7 @@ async fn confirm_over_new_connection<B: Backend>(
             Ok(None) => None,
             Err(e) => Some(failed(Reason::HostUnreachable, &e)),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), fresh.close()).await;
+        crate::host::close(fresh).await;
         outcome
     };
     tokio::time::timeout(backend.connect_timeout() + COMMAND_LIMIT, attempt)
@@ -212,7 +212,7 @@ async fn verify_reverted<B: Backend>(
             let now = observe(&s, item.host.action)
                 .await
                 .map_err(|e| crate::error::error_chain(&e));
-            let _ = tokio::time::timeout(Duration::from_secs(3), s.close()).await;
+            crate::host::close(s).await;
             now
         };
         match tokio::time::timeout(backend.connect_timeout() + COMMAND_LIMIT, attempt).await {

@@ -75,7 +75,7 @@ pub(super) async fn boot_into<B: Backend>(
                 ),
             }
         };
-    let _ = tokio::time::timeout(Duration::from_secs(3), after.close()).await;
+    crate::host::close(after).await;
     outcome
 }
 
@@ -138,7 +138,7 @@ pub(super) async fn reboot_and_wait<B: Backend>(
             Ok(_) => last = "it had not gone down yet".to_string(),
             Err(e) => last = error_chain(&e),
         }
-        let _ = tokio::time::timeout(Duration::from_secs(3), again.close()).await;
+        crate::host::close(again).await;
     }
 }
 
@@ -165,7 +165,7 @@ pub async fn run_reboot<B: Backend>(
         let outcome = match reboot_and_wait(&*backend, &session, &host).await {
             Err(outcome) => outcome,
             Ok((after, state)) => {
-                let _ = tokio::time::timeout(Duration::from_secs(3), after.close()).await;
+                crate::host::close(after).await;
                 match (&profile, &state.booted) {
                     (Some(p), Some(b)) if p != b => Outcome::Failed {
                         reason: Reason::ActivationFailed,
@@ -177,7 +177,7 @@ pub async fn run_reboot<B: Backend>(
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), session.close()).await;
+        crate::host::close(session).await;
         outcome
     };
     super::finish(Box::pin(work), cancel, &tx, name.clone(), revision.clone()).await;
