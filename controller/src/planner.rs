@@ -15,7 +15,7 @@ use futures::StreamExt;
 use crate::driver::Toplevel;
 use crate::error::error_chain;
 use crate::host::{Backend, Host};
-use crate::plan::{parse_dry_activate, Closures, HostPlan, Plan};
+use crate::plan::{parse_dry_activate, HostPlan, Plan};
 use crate::reconcile::closure_diff;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
@@ -81,6 +81,8 @@ pub struct Planner<B: Backend> {
     /// Where other branches are fetched from, for plans of them.
     source: Option<PlanSource>,
     parallel: usize,
+    /// Builds and closures batched as the controller's are.
+    builds: crate::reconcile::Builds,
     turn: tokio::sync::Mutex<()>,
     known: Mutex<HashMap<PlanKey, HostPlan>>,
     /// The last evaluations, by revision and configurations: a revision
@@ -119,6 +121,7 @@ impl<B: Backend> Planner<B> {
         parallel: usize,
     ) -> Planner<B> {
         Planner {
+            builds: crate::reconcile::Builds::spawn(Arc::clone(&backend)),
             backend,
             mirror,
             branch,
@@ -263,18 +266,22 @@ impl<B: Backend> Planner<B> {
         }
     }
 
-    /// Builds every evaluated system in one realise; if that fails, one by
-    /// one, so that each failure is its own host's.
+    /// Builds every evaluated system, together (one realise; one by one
+    /// if that fails, so that each failure is its own host's).
     async fn build(&self, systems: &mut HashMap<String, Result<Toplevel, String>>) {
-        let wanted: Vec<Toplevel> = systems.values().filter_map(|s| s.clone().ok()).collect();
-        if wanted.is_empty() || self.backend.realise(&wanted).await.is_ok() {
-            return;
-        }
-        for system in systems.values_mut() {
-            if let Ok(toplevel) = system {
-                if let Err(e) = self.backend.realise(std::slice::from_ref(toplevel)).await {
-                    *system = Err(format!("building it failed: {}", error_chain(&e)));
-                }
+        let wanted: Vec<(String, Toplevel)> = systems
+            .iter()
+            .filter_map(|(c, s)| s.as_ref().ok().map(|t| (c.clone(), t.clone())))
+            .collect();
+        let built = futures::future::join_all(
+            wanted
+                .into_iter()
+                .map(|(c, t)| async move { (c, self.builds.build(t).await) }),
+        )
+        .await;
+        for (configuration, result) in built {
+            if let Err(e) = result {
+                systems.insert(configuration, Err(format!("building it failed: {e}")));
             }
         }
     }
@@ -353,7 +360,9 @@ impl<B: Backend> Planner<B> {
         if !plan.changes {
             return Ok(());
         }
-        let local = local_closures(&*self.backend, desired, current.as_deref()).await?;
+        let mut roots = vec![desired.clone()];
+        roots.extend(current.as_deref().and_then(StorePath::parse));
+        let local = self.builds.closures(roots).await?;
         plan.diff = Some(closure_diff(&local, session, current.as_deref(), desired).await?);
         if matches!(host.action, Action::Switch | Action::Test) {
             let new_files = self.backend.boot_files(desired).await;
@@ -381,29 +390,5 @@ impl<B: Backend> Planner<B> {
             known.insert(key, plan.clone());
         }
         Ok(())
-    }
-}
-
-/// The controller store's closures of `desired` and, if the store holds
-/// it, `current`, in one `nix path-info`.
-async fn local_closures<B: Backend>(
-    backend: &B,
-    desired: &StorePath,
-    current: Option<&str>,
-) -> Result<Closures, String> {
-    let mut roots = vec![desired.clone()];
-    roots.extend(
-        current
-            .filter(|c| std::path::Path::new(c).exists())
-            .and_then(StorePath::parse),
-    );
-    match backend.closures(&roots).await {
-        Ok(infos) => Ok(infos.into()),
-        Err(_) if roots.len() > 1 => backend
-            .closures(&roots[..1])
-            .await
-            .map(Into::into)
-            .map_err(|e| error_chain(&e)),
-        Err(e) => Err(error_chain(&e)),
     }
 }
