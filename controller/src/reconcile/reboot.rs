@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -109,11 +110,15 @@ pub(super) async fn reboot_and_wait<B: Backend>(
     }
     let timeout = host.reboot_timeout();
     let deadline = Instant::now() + timeout;
-    let mut poll = FIRST_POLL;
+    let mut polls = ExponentialBuilder::default()
+        .with_min_delay(FIRST_POLL)
+        .with_max_delay(LONGEST_POLL)
+        .without_max_times()
+        .build();
     let mut last = "it never answered".to_string();
     loop {
+        let poll = polls.next().unwrap_or(LONGEST_POLL);
         tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
-        poll = (poll * 2).min(LONGEST_POLL);
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Outcome::Failed {
