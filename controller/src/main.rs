@@ -208,6 +208,10 @@ struct SimulateArgs {
     /// Keep the converged controller and its API up until interrupted.
     #[arg(long)]
     hold: bool,
+    /// Measure the controller meeting the fleet (its first revision on
+    /// hosts it has never seen) instead of a change of a fleet it knows.
+    #[arg(long)]
+    first_contact: bool,
 }
 
 #[derive(Args)]
@@ -725,6 +729,7 @@ fn simulate(args: SimulateArgs) -> Exit {
         },
         deadline: args.deadline,
         hold: args.hold,
+        first_contact: args.first_contact,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {

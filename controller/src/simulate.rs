@@ -4,6 +4,11 @@
 //! work's own critical path, events per second, CPU per event, peak
 //! memory. `cim-bench --only simulate` runs it and measures the API while
 //! it runs.
+//!
+//! The change is the everyday one: a fleet the controller already knows
+//! (it has converged at a first revision, not measured) moves to a
+//! second. `--first-contact` measures a controller meeting the fleet
+//! instead, which looks at each host before building for it.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -36,6 +41,9 @@ pub struct SimulateOptions {
     /// After the change, keep the controller and its API running until
     /// interrupted (to look at a converged 10,000-host fleet).
     pub hold: bool,
+    /// Measure the controller's first revision on a fleet it has never
+    /// seen, rather than a change of a fleet it knows.
+    pub first_contact: bool,
 }
 
 /// What a simulation measured (printed as JSON).
@@ -77,18 +85,22 @@ pub enum SimulateError {
     },
     #[error("the simulated specs do not validate: {0}")]
     Specs(String),
-    #[error("{converged} of {hosts} hosts converged within {}s", .deadline.as_secs())]
+    #[error("{converged} of {hosts} hosts converged at {revision} within {}s", .deadline.as_secs())]
     TimedOut {
+        revision: &'static str,
         converged: usize,
         hosts: usize,
         deadline: Duration,
     },
 }
 
+/// What the fleet runs before the change (converged first, not measured).
+const BEFORE: &str = "4111111111111111111111111111111111111111";
+/// The change measured.
 const REVISION: &str = "5111111111111111111111111111111111111111";
 
-/// Runs the simulation; `listening` is told the API's address as soon as
-/// it answers.
+/// Runs the simulation; `listening` is told the API's address when the
+/// measured change starts.
 pub async fn simulate(
     opts: SimulateOptions,
     listening: impl FnOnce(SocketAddr),
@@ -100,8 +112,15 @@ pub async fn simulate(
     let store = Store::open(&opts.state_dir)?;
     let sim = Sim::new(opts.sim.clone());
     let names: Vec<String> = (0..opts.hosts).map(|i| format!("sim-{i:05}")).collect();
+    let mirror = opts.state_dir.join("mirror.git");
+    // Known hosts already run the first revision's systems: the controller
+    // only looks at each of them before the change.
+    let before = match opts.first_contact {
+        true => "before".to_string(),
+        false => crate::git::flake_ref(&mirror, &revision(BEFORE)?),
+    };
     for name in &names {
-        sim.install(name, Sim::system("before", name).out.as_str());
+        sim.install(name, Sim::system(&before, name).out.as_str());
     }
     let fleet =
         parse_fleet(&spec_files(&names)).map_err(|e| SimulateError::Specs(e.to_string()))?;
@@ -112,7 +131,7 @@ pub async fn simulate(
         max_parallel: opts.max_parallel.max(1),
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
-        mirror_path: opts.state_dir.join("mirror.git"),
+        mirror_path: mirror,
         substitute_on_destination: false,
         retention: crate::store::Retention::default(),
         state_dir: opts.state_dir.clone(),
@@ -165,51 +184,37 @@ pub async fn simulate(
     })?;
     let (found_tx, found_rx) = mpsc::channel(4);
     let run = tokio::spawn(controller.run(found_rx, req_rx, cancel.clone()));
-    listening(addr);
-
-    let cpu_before = cpu_seconds();
-    let started_wall = time::OffsetDateTime::now_utc();
-    let _ = found_tx
-        .send(Found::Revision {
-            revision: Revision::parse(REVISION)
-                .ok_or_else(|| SimulateError::Specs(format!("`{REVISION}` is no revision")))?,
-            specs: Box::new(Ok(fleet)),
-            trust: crate::trust::Verdict::NotChecked,
-            rewritten_from: None,
-        })
-        .await;
     // Followed from the store, as an API client would: only new events
     // are read, and nothing the controller does waits for this reader.
     let reader = Store::open_read_only(&opts.state_dir)?;
-    let mut converged = HashSet::new();
-    let mut last_seq = 0;
-    let mut last_converged = started_wall;
     let deadline = Instant::now() + opts.deadline;
-    while converged.len() < names.len() {
-        if Instant::now() > deadline {
+    let mut follow = Follow {
+        reader,
+        hosts: &names,
+        last_seq: 0,
+        deadline,
+        timeout: opts.deadline,
+    };
+    if !opts.first_contact {
+        let _ = found_tx.send(found(BEFORE, fleet.clone())?).await;
+        if let Err(e) = follow.until_converged(BEFORE).await {
             cancel.cancel();
-            return Err(SimulateError::TimedOut {
-                converged: converged.len(),
-                hosts: names.len(),
-                deadline: opts.deadline,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let query = EventQuery {
-            hosts: None,
-            selector: None,
-            since: Some(last_seq),
-            limit: Some(100_000),
-            host: None,
-        };
-        for ev in tokio::task::block_in_place(|| reader.events(&query))? {
-            last_seq = ev.seq;
-            if ev.reason == Reason::Converged && ev.revision.as_deref() == Some(REVISION) {
-                converged.extend(ev.host);
-                last_converged = ev.time;
-            }
+            return Err(e);
         }
     }
+    listening(addr);
+
+    let cpu_before = cpu_seconds();
+    let first_seq = follow.last_seq;
+    let started_wall = time::OffsetDateTime::now_utc();
+    let _ = found_tx.send(found(REVISION, fleet)?).await;
+    let last_converged = match follow.until_converged(REVISION).await {
+        Ok(at) => at.unwrap_or(started_wall),
+        Err(e) => {
+            cancel.cancel();
+            return Err(e);
+        }
+    };
     let wall = (last_converged - started_wall).as_seconds_f64();
     let cpu = cpu_seconds() - cpu_before;
     if opts.hold {
@@ -220,9 +225,9 @@ pub async fn simulate(
     let _ = api.await;
     let critical = opts
         .sim
-        .critical_path(opts.hosts, opts.max_parallel)
+        .critical_path(opts.hosts, opts.max_parallel, !opts.first_contact)
         .as_secs_f64();
-    let events = last_seq;
+    let events = follow.last_seq - first_seq;
     Ok(SimulateReport {
         hosts: opts.hosts,
         max_parallel: opts.max_parallel,
@@ -234,6 +239,68 @@ pub async fn simulate(
         cpu_micros_per_event: cpu * 1e6 / events.max(1) as f64,
         peak_rss_mb: peak_rss_mb(),
     })
+}
+
+fn revision(text: &str) -> Result<Revision, SimulateError> {
+    Revision::parse(text).ok_or_else(|| SimulateError::Specs(format!("`{text}` is no revision")))
+}
+
+/// The watcher's report of `revision` with `fleet`'s specs.
+fn found(revision_text: &str, fleet: crate::spec::FleetSpec) -> Result<Found, SimulateError> {
+    Ok(Found::Revision {
+        revision: revision(revision_text)?,
+        specs: Box::new(Ok(fleet)),
+        trust: crate::trust::Verdict::NotChecked,
+        rewritten_from: None,
+    })
+}
+
+/// Reads the store's new events until every host has converged at a
+/// revision.
+struct Follow<'a> {
+    reader: Store,
+    hosts: &'a [String],
+    last_seq: u64,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Follow<'_> {
+    /// When the last host converged at `revision` (`None`: no host had
+    /// anything to do).
+    async fn until_converged(
+        &mut self,
+        revision: &'static str,
+    ) -> Result<Option<time::OffsetDateTime>, SimulateError> {
+        let mut converged = HashSet::new();
+        let mut last = None;
+        while converged.len() < self.hosts.len() {
+            if Instant::now() > self.deadline {
+                return Err(SimulateError::TimedOut {
+                    revision,
+                    converged: converged.len(),
+                    hosts: self.hosts.len(),
+                    deadline: self.timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let query = EventQuery {
+                hosts: None,
+                selector: None,
+                since: Some(self.last_seq),
+                limit: Some(100_000),
+                host: None,
+            };
+            for ev in tokio::task::block_in_place(|| self.reader.events(&query))? {
+                self.last_seq = ev.seq;
+                if ev.reason == Reason::Converged && ev.revision.as_deref() == Some(revision) {
+                    converged.extend(ev.host);
+                    last = Some(ev.time);
+                }
+            }
+        }
+        Ok(last)
+    }
 }
 
 /// The simulated fleet's specs, 1,000 hosts per file (files are limited to

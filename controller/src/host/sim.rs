@@ -69,11 +69,19 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// One host's reconcile when it needs a change and nothing fails: its
-    /// build (while connecting and looking), the closure it runs (for the
-    /// summary), the copy, a confirmed
-    /// activation (start, switch, confirm over a new connection).
-    pub fn reconcile_time(&self) -> Duration {
-        (self.connect + self.command).max(self.build)
+    /// build (while connecting and looking, for a host the controller
+    /// knows; after looking, for one it has never seen, which may run
+    /// the system already), the closure it runs (for the summary), the
+    /// copy, a confirmed activation (start, switch, confirm over a new
+    /// connection).
+    pub fn reconcile_time(&self, known: bool) -> Duration {
+        let look = self.connect + self.command;
+        let built = if known {
+            look.max(self.build)
+        } else {
+            look + self.build
+        };
+        built
             // What it runs, asked of the host for the build's summary
             // (the controller's store does not hold simulated systems).
             + self.command
@@ -86,9 +94,9 @@ impl SimConfig {
 
     /// The critical path of a whole-fleet change of `hosts` hosts, at most
     /// `parallel` at once: one evaluation, then rounds of reconciles.
-    pub fn critical_path(&self, hosts: usize, parallel: usize) -> Duration {
+    pub fn critical_path(&self, hosts: usize, parallel: usize, known: bool) -> Duration {
         let rounds = hosts.div_ceil(parallel.max(1));
-        self.evaluate + self.reconcile_time() * u32::try_from(rounds).unwrap_or(u32::MAX)
+        self.evaluate + self.reconcile_time(known) * u32::try_from(rounds).unwrap_or(u32::MAX)
     }
 }
 
