@@ -330,7 +330,7 @@ impl<B: Backend> Controller<B> {
             }
             self.step(Msg::Tick);
             let started = std::time::Instant::now();
-            let committed = self.store.commit_group();
+            let committed = self.store.commit_group(self.state.status());
             if !self.appended.is_empty() {
                 self.metrics.observe_commit(started.elapsed().as_secs_f64());
             }

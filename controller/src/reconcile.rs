@@ -270,9 +270,11 @@ async fn reconcile<B: Backend>(
         let Some(system) = &system else {
             return Ok(());
         };
+        // Asked for before it is reported: a controller busy recording
+        // thousands of reports must not hold the build back.
+        let built = builds.start(system.clone()).await?;
         let _ = report(Step::BuildStarted).await;
-        builds.build(system.clone()).await?;
-        Ok::<(), String>(())
+        built.await
     };
     let look = async {
         let session = connect(backend, &item.host).await?;

@@ -64,6 +64,9 @@ pub struct Store {
     /// The repository row as the group's appends leave it, written once
     /// by [`Store::commit_group`] rather than by each append.
     group_repo: Option<RepoStatus>,
+    /// The hosts the group's appends changed: their rows are written once
+    /// each, by [`Store::commit_group`], however many events they had.
+    group_hosts: std::collections::BTreeSet<String>,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -135,6 +138,7 @@ impl Store {
             grouped: false,
             checkpointer: None,
             group_repo: None,
+            group_hosts: std::collections::BTreeSet::new(),
         })
     }
 
@@ -171,6 +175,7 @@ impl Store {
             grouped: false,
             checkpointer: None,
             group_repo: None,
+            group_hosts: std::collections::BTreeSet::new(),
         })
     }
 
@@ -193,7 +198,10 @@ impl Store {
     /// of them), with the projection rows they change. Only the rows they
     /// touch are copied and folded, never the whole status, so the cost of
     /// an event does not grow with the fleet. `status` is only changed if
-    /// the transaction commits.
+    /// the transaction commits. Inside a group, the rows are written by
+    /// [`Store::commit_group`]: a host that moves through several phases
+    /// in one group (a build that succeeds and its copy that starts) has
+    /// its row written once.
     pub fn append_all(
         &mut self,
         status: &mut FleetStatus,
@@ -241,10 +249,12 @@ impl Store {
         // group's that can fail alone inside one.
         self.run_cached("SAVEPOINT append")?;
         let written = self
-            .write_appended(&events, &touched)
+            .write_events(&events)
             .and_then(|()| match self.grouped {
                 true => Ok(()),
-                false => self.write_repo(&repo),
+                false => self
+                    .write_hosts(touched.iter().map(|(name, row)| (name, row.as_ref())))
+                    .and_then(|()| self.write_repo(&repo)),
             })
             .and_then(|()| self.run_cached("RELEASE append"));
         if let Err(e) = written {
@@ -254,6 +264,7 @@ impl Store {
         }
         if self.grouped {
             self.group_repo = Some(repo.clone());
+            self.group_hosts.extend(touched.keys().cloned());
         }
         status.repo = repo;
         for (name, row) in touched {
@@ -265,12 +276,8 @@ impl Store {
         Ok(events)
     }
 
-    /// The rows of one append, inside its savepoint.
-    fn write_appended(
-        &self,
-        events: &[Event],
-        touched: &std::collections::BTreeMap<String, Option<HostStatus>>,
-    ) -> Result<(), StoreError> {
+    /// The events of one append, inside its savepoint.
+    fn write_events(&self, events: &[Event]) -> Result<(), StoreError> {
         let mut insert = self.conn.prepare_cached(
             "INSERT INTO events (seq, host, reason, body) VALUES (?1, ?2, ?3, ?4)",
         )?;
@@ -282,6 +289,14 @@ impl Store {
                 serde_json::to_string(event)?
             ])?;
         }
+        Ok(())
+    }
+
+    /// Hosts' projection rows (`None`: the host was removed).
+    fn write_hosts<'a>(
+        &self,
+        rows: impl Iterator<Item = (&'a String, Option<&'a HostStatus>)>,
+    ) -> Result<(), StoreError> {
         let mut upsert = self.conn.prepare_cached(
             "INSERT INTO hosts (name, body) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET body = excluded.body",
@@ -289,7 +304,7 @@ impl Store {
         let mut delete = self
             .conn
             .prepare_cached("DELETE FROM hosts WHERE name = ?1")?;
-        for (name, row) in touched {
+        for (name, row) in rows {
             match row {
                 Some(host) => upsert.execute(params![name, serde_json::to_string(host)?])?,
                 None => delete.execute(params![name])?,
@@ -324,20 +339,25 @@ impl Store {
         self.grouped = true;
     }
 
-    /// Commits the group's appends with one disk sync. On failure the
-    /// group is rolled back whole: the caller's in-memory state is then
-    /// ahead of the store and must be rebuilt from it.
-    pub fn commit_group(&mut self) -> Result<(), StoreError> {
+    /// Commits the group's appends with one disk sync, with the rows of
+    /// the hosts they changed as `status` (which the appends were given)
+    /// holds them now. On failure the group is rolled back whole: the
+    /// caller's in-memory state is then ahead of the store and must be
+    /// rebuilt from it.
+    pub fn commit_group(&mut self, status: &FleetStatus) -> Result<(), StoreError> {
         self.grouped = false;
         let repo = self.group_repo.take();
+        let hosts = std::mem::take(&mut self.group_hosts);
         if self.conn.is_autocommit() {
             return Ok(());
         }
-        let repo_written = match &repo {
-            Some(repo) => self.write_repo(repo),
-            None => Ok(()),
-        };
-        if let Err(e) = repo_written.and_then(|()| self.run_cached("COMMIT")) {
+        let written = self
+            .write_hosts(hosts.iter().map(|name| (name, status.hosts.get(name))))
+            .and_then(|()| match &repo {
+                Some(repo) => self.write_repo(repo),
+                None => Ok(()),
+            });
+        if let Err(e) = written.and_then(|()| self.run_cached("COMMIT")) {
             let _ = self.run_cached("ROLLBACK");
             return Err(e);
         }
@@ -692,7 +712,7 @@ mod tests {
         for (i, new) in news.enumerate() {
             store.append(&mut status, new, t(2 + i as i64)).unwrap();
         }
-        store.commit_group().unwrap();
+        store.commit_group(&status).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         let log = store.events(&EventQuery::default()).unwrap();

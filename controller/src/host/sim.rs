@@ -73,7 +73,7 @@ impl SimConfig {
     /// knows; after looking, for one it has never seen, which may run
     /// the system already), the closure it runs (for the summary), the
     /// copy, a confirmed activation (start, switch, confirm over a new
-    /// connection).
+    /// connection), and the old generations' pruning.
     pub fn reconcile_time(&self, known: bool) -> Duration {
         let look = self.connect + self.command;
         let built = if known {
@@ -89,6 +89,7 @@ impl SimConfig {
             + self.command
             + self.activate
             + self.connect
+            + self.command
             + self.command
     }
 

@@ -78,13 +78,24 @@ impl Builds {
 
     /// Builds `system`; the error is nix's message.
     pub async fn build(&self, system: Toplevel) -> Result<(), String> {
+        self.start(system).await?.await
+    }
+
+    /// Asks for `system`'s build and returns its result to come: the
+    /// build is under way (or queued in a batch) once this returns.
+    pub async fn start(
+        &self,
+        system: Toplevel,
+    ) -> Result<impl std::future::Future<Output = Result<(), String>>, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { system, reply })
             .await
             .map_err(|_| "the build task has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the build task has stopped".to_string())?
+        Ok(async move {
+            rx.await
+                .map_err(|_| "the build task has stopped".to_string())?
+        })
     }
 }
 
