@@ -286,18 +286,22 @@ async fn reconcile<B: Backend>(
             }
         };
         if !found.pending.is_empty() {
-            if let Some(adopted) = confirmed::adopt(&session, item, &found.pending).await {
+            if let Some(adopted) = Box::pin(confirmed::adopt(&session, item, &found.pending)).await
+            {
                 return Ok((session, Looked::Adopted(adopted)));
             }
         }
         Ok((session, Looked::Found(found)))
     };
-    tokio::pin!(build, look);
+    // On the heap, and each dropped once done with: held inline, both
+    // would stay in this future's state through the copy and activation,
+    // and 10,000 workers at once hold 10,000 of them.
+    let (mut build, mut look) = (Box::pin(build), Box::pin(look));
     // A host that is not known to run its system has it built while the
     // connection is made; one that is likely current is looked at first.
     let mut built = None;
     let looked = if item.likely_current {
-        look.await
+        look.as_mut().await
     } else {
         loop {
             tokio::select! {
@@ -306,6 +310,7 @@ async fn reconcile<B: Backend>(
             }
         }
     };
+    drop(look);
     let (session, looked) = match looked {
         Ok(found) => found,
         Err(e) if matches!(built, Some(Ok(()))) => {
@@ -326,8 +331,14 @@ async fn reconcile<B: Backend>(
                     running: adopted.previous_running.as_deref(),
                     profile: adopted.previous_profile.as_deref(),
                 };
-                return health::after_activation(&session, item, previous, adopted.outcome, tx)
-                    .await;
+                return Box::pin(health::after_activation(
+                    &session,
+                    item,
+                    previous,
+                    adopted.outcome,
+                    tx,
+                ))
+                .await;
             }
             Looked::Found(found) => found,
         };
@@ -346,7 +357,10 @@ async fn reconcile<B: Backend>(
             };
         }
         let built = match built {
-            Some(result) => result,
+            Some(result) => {
+                drop(build);
+                result
+            }
             None => build.await,
         };
         if let Err(message) = built {
@@ -357,10 +371,15 @@ async fn reconcile<B: Backend>(
         let mut roots = vec![item.desired.clone()];
         roots.extend(current.as_deref().and_then(StorePath::parse));
         let changes = match builds.closures(roots).await {
-            Ok(local) => closure_diff(&local, &session, current.as_deref(), &item.desired)
-                .await
-                .map(|d| d.summary())
-                .ok(),
+            Ok(local) => Box::pin(closure_diff(
+                &local,
+                &session,
+                current.as_deref(),
+                &item.desired,
+            ))
+            .await
+            .map(|d| d.summary())
+            .ok(),
             Err(_) => None,
         };
         match (&system, changes) {
@@ -414,7 +433,7 @@ async fn reconcile<B: Backend>(
             })
             .await;
             if auto {
-                return reboot::boot_into(backend, &session, item, previous, tx).await;
+                return Box::pin(reboot::boot_into(backend, &session, item, previous, tx)).await;
             }
         }
         let _ = report(Step::ActivationStarted {
@@ -422,7 +441,7 @@ async fn reconcile<B: Backend>(
         })
         .await;
         let activated = if matches!(item.host.action, Action::Switch | Action::Test) {
-            confirmed::activate(backend, &session, item, previous, tx).await
+            Box::pin(confirmed::activate(backend, &session, item, previous, tx)).await
         } else {
             match session.activate(&item.desired, item.host.action).await {
                 Ok(_) => verify(&session, item).await,
@@ -433,7 +452,10 @@ async fn reconcile<B: Backend>(
                 },
             }
         };
-        let outcome = health::after_activation(&session, item, previous, activated, tx).await;
+        let outcome = Box::pin(health::after_activation(
+            &session, item, previous, activated, tx,
+        ))
+        .await;
         if matches!(outcome, Outcome::Converged { changed: true, .. }) {
             prune(&session, item, tx).await;
         }
