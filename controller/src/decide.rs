@@ -382,7 +382,10 @@ impl State {
     }
 
     fn host_spec(&self, name: &str) -> Option<&HostSpec> {
-        self.specs.as_ref().and_then(|(_, s)| s.hosts.get(name))
+        self.specs
+            .as_ref()
+            .and_then(|(_, s)| s.hosts.get(name))
+            .map(|h| &**h)
     }
 
     fn active_hosts(&self) -> Vec<String> {
@@ -736,7 +739,7 @@ impl State {
         let desired = self.desired.get(host)?;
         let spec = fleet.hosts.get(host).filter(|h| !h.suspend)?;
         Some(WorkItem {
-            host: spec.clone(),
+            host: std::sync::Arc::clone(spec),
             revision: revision.clone(),
             desired: desired.out.clone(),
             build: (!self.built.contains(&desired.out)).then(|| desired.drv.clone()),

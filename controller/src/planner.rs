@@ -171,7 +171,7 @@ impl<B: Backend> Planner<B> {
             revision: revision.to_string(),
             errors: errors.to_string(),
         })?;
-        let hosts: Vec<HostSpec> = match &request.host {
+        let hosts: Vec<std::sync::Arc<HostSpec>> = match &request.host {
             Some(name) => vec![fleet
                 .hosts
                 .get(name)
@@ -288,7 +288,7 @@ impl<B: Backend> Planner<B> {
 
     async fn host_plan(
         &self,
-        host: HostSpec,
+        host: std::sync::Arc<HostSpec>,
         system: Result<Toplevel, String>,
         activation: bool,
     ) -> HostPlan {

@@ -27,7 +27,7 @@ pub use reboot::run_reboot;
 /// What a worker is asked to do.
 #[derive(Debug, Clone)]
 pub struct WorkItem {
-    pub host: HostSpec,
+    pub host: std::sync::Arc<HostSpec>,
     pub revision: Revision,
     /// The closure `host` should run at `revision`.
     pub desired: StorePath,

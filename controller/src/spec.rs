@@ -196,9 +196,11 @@ impl Default for RolloutSpec {
 }
 
 /// All hosts of one revision, by name, and how the revision rolls out.
+/// Each host's spec is shared (with the work items made of it), never
+/// copied: a rollout of 10,000 hosts would copy 10,000 of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetSpec {
-    pub hosts: BTreeMap<String, HostSpec>,
+    pub hosts: BTreeMap<String, std::sync::Arc<HostSpec>>,
     pub policy: RolloutPolicy,
 }
 
@@ -429,6 +431,10 @@ pub fn parse_fleet(files: &[SpecFile]) -> Result<FleetSpec, SpecErrors> {
         host.keep_generations = host.keep_generations.or(policy.keep_generations);
     }
     if errors.is_empty() {
+        let hosts = hosts
+            .into_iter()
+            .map(|(name, host)| (name, std::sync::Arc::new(host)))
+            .collect();
         Ok(FleetSpec { hosts, policy })
     } else {
         Err(SpecErrors { errors })

@@ -718,7 +718,8 @@ fn a_newer_revision_reaches_a_host_that_was_busy() {
     rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
     rig.tick();
     let mut fleet2 = fleet("", &[("web-1", "")]);
-    fleet2.hosts.get_mut("web-1").unwrap().configuration = "web-1-v2".into();
+    std::sync::Arc::make_mut(fleet2.hosts.get_mut("web-1").unwrap()).configuration =
+        "web-1-v2".into();
     rig.deploy("r2", fleet2, &[]);
     assert!(rig.tick().is_empty(), "never two runs of one host");
     rig.done(

@@ -16,7 +16,7 @@ fn r2() -> Revision {
     Revision::parse(&"2".repeat(40)).unwrap()
 }
 
-fn spec(extra: &str) -> HostSpec {
+fn spec(extra: &str) -> std::sync::Arc<HostSpec> {
     let text = format!(
         "apiVersion: cim/v1\nkind: Host\nmetadata: {{name: web-1}}\nspec:\n  address: 10.0.0.2\n{extra}"
     );
@@ -28,7 +28,7 @@ fn spec(extra: &str) -> HostSpec {
     fleet.hosts["web-1"].clone()
 }
 
-fn item(host: HostSpec) -> WorkItem {
+fn item(host: std::sync::Arc<HostSpec>) -> WorkItem {
     let system = Sim::system("flake-r2", "web-1");
     WorkItem {
         host,
@@ -181,7 +181,7 @@ async fn an_operator_rollback_goes_back_one_generation() {
     let (tx, mut rx) = mpsc::channel(8);
     run_rollback(
         Arc::new(sim.clone()),
-        spec(""),
+        HostSpec::clone(&spec("")),
         r2(),
         tx,
         CancellationToken::new(),
@@ -298,7 +298,7 @@ async fn cim_reboot_reboots_into_the_profile() {
     let (tx, mut rx) = mpsc::channel(64);
     run_reboot(
         Arc::new(sim.clone()),
-        spec(""),
+        HostSpec::clone(&spec("")),
         r2(),
         tx,
         CancellationToken::new(),
