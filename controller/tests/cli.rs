@@ -99,3 +99,60 @@ fn completions_and_the_manual_come_from_the_same_definitions() {
     );
     assert!(page.contains("reconcile"));
 }
+
+/// `cim simulate`, the benchmark's command, in both of its scenarios: every
+/// host converges and the report counts the measured change's events
+/// alone. (What it measures is for `cim-bench`; nothing here is timed.)
+#[test]
+fn simulate_reports_one_change_of_a_known_fleet_or_a_first_contact() {
+    for (mode, look_first) in [(None, false), (Some("--first-contact"), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut args = vec![
+            "simulate",
+            "--hosts",
+            "40",
+            "--max-parallel",
+            "20",
+            "--connect-ms",
+            "5",
+            "--command-ms",
+            "1",
+            "--copy-ms",
+            "5",
+            "--activate-ms",
+            "10",
+            "--evaluate-ms",
+            "5",
+            "--build-ms",
+            "20",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
+        args.extend(mode);
+        let out = Command::cargo_bin("cim")
+            .unwrap()
+            .args(&args)
+            .timeout(std::time::Duration::from_secs(120))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode:?}: {stdout}");
+        let mut lines = stdout.lines();
+        assert!(lines.next().unwrap().starts_with("api http://127.0.0.1:"));
+        let report: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(report["hosts"], 40);
+        // Six events a host (build started and succeeded, copy started and
+        // succeeded, activation started, converged) and three for the
+        // revision: the first revision's looks are not counted.
+        assert_eq!(report["events"], 40 * 6 + 3, "{mode:?}: {report}");
+        // Two rounds of one reconcile each, plus the evaluation; a host
+        // met for the first time is looked at (6 ms) before its build.
+        let reconcile = 20 + 1 + 5 + 1 + 10 + 5 + 1 + 1 + if look_first { 6 } else { 0 };
+        let critical = report["criticalPathSeconds"].as_f64().unwrap();
+        assert!(
+            (critical - (0.005 + 2.0 * f64::from(reconcile) / 1000.0)).abs() < 1e-9,
+            "{mode:?}: {report}"
+        );
+    }
+}
