@@ -198,9 +198,11 @@ pub fn host(h: &HostStatus, now: OffsetDateTime) -> String {
     lines.join("\n")
 }
 
-/// The events table. Repeats of one event (same host, reason and message,
-/// as a host unreachable for an hour makes) are folded into their latest
-/// row, the way `flux events` does: "(x17 over 8m)".
+/// The events table. Repeats of one event (same host, revision, reason and
+/// message, as a host unreachable for an hour makes) are folded into their
+/// latest row, the way `flux events` does: "(x17 over 8m)". The same step
+/// at another revision is another event: folded, a host's activation at
+/// the first revision would read as a second one at the next.
 pub fn events(evs: &[Event], now: OffsetDateTime) -> String {
     let mut t = table(&[
         "SEQ", "AGE", "TYPE", "REASON", "HOST", "REVISION", "MESSAGE",
@@ -221,13 +223,21 @@ pub fn events(evs: &[Event], now: OffsetDateTime) -> String {
 /// One repeated event: where it last occurred, how often, since when.
 type Repeats = (usize, usize, OffsetDateTime);
 
-/// Each distinct (host, reason, message) once, at its latest occurrence,
-/// with how often it happened and when first; in log order.
+/// What makes two events repeats of one: host, revision, reason, message.
+type RepeatKey<'a> = (Option<&'a str>, Option<&'a str>, String, &'a str);
+
+/// Each distinct (host, revision, reason, message) once, at its latest
+/// occurrence, with how often it happened and when first; in log order.
 fn fold_repeats(evs: &[Event]) -> Vec<(&Event, usize, OffsetDateTime)> {
-    let mut seen: std::collections::HashMap<(Option<&str>, String, &str), Repeats> =
+    let mut seen: std::collections::HashMap<RepeatKey<'_>, Repeats> =
         std::collections::HashMap::new();
     for (i, e) in evs.iter().enumerate() {
-        let key = (e.host.as_deref(), e.reason.to_string(), e.message.as_str());
+        let key = (
+            e.host.as_deref(),
+            e.revision.as_deref(),
+            e.reason.to_string(),
+            e.message.as_str(),
+        );
         let entry = seen.entry(key).or_insert((i, 0, e.time));
         entry.0 = i;
         entry.1 += 1;
@@ -490,6 +500,31 @@ mod tests {
             .filter_map(|l| l.split_whitespace().next())
             .collect();
         assert_eq!(seqs, ["2", "4"], "in log order, at the latest occurrence");
+    }
+
+    #[test]
+    fn the_same_step_at_another_revision_is_not_folded() {
+        let at = |s: i64| NOW - time::Duration::seconds(600 - s);
+        let started = |seq: u64, revision: &str| {
+            NewEvent::host(
+                "web-2",
+                Reason::ActivationStarted,
+                Some(revision),
+                "running switch-to-configuration switch",
+            )
+            .into_event(seq, at(seq as i64), None)
+        };
+        let evs = vec![started(1, "r1"), started(2, "r2")];
+        let table = events(&evs, at(500));
+        assert_eq!(
+            table
+                .lines()
+                .filter(|l| l.contains("ActivationStarted"))
+                .count(),
+            2,
+            "{table}"
+        );
+        assert!(!table.contains("(x2"), "{table}");
     }
 
     #[test]
