@@ -108,9 +108,10 @@ impl Source {
         match self {
             Source::Api(api) => Self::get(api, "/api/v1/status?hosts=false"),
             Source::Store(dir) => {
-                let mut status = Store::open_read_only(dir)?.load_status()?;
+                // Converted first: the rollout's progress counts the hosts.
+                let mut status = StatusResponse::from(Store::open_read_only(dir)?.load_status()?);
                 status.hosts.clear();
-                Ok(status.into())
+                Ok(status)
             }
         }
     }
@@ -323,5 +324,36 @@ fn http_error(url: &str, e: ureq::Error) -> ClientError {
             url: url.to_string(),
             source: Box::new(t),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NewEvent, Phase, Reason};
+    use crate::status::FleetStatus;
+
+    #[test]
+    fn the_fleet_part_from_the_store_counts_every_host_and_lists_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        let r1 = "1".repeat(40);
+        let news = vec![
+            NewEvent::repo(Reason::SpecsLoaded, Some(&r1), "2 hosts"),
+            NewEvent::host("a", Reason::Converged, Some(&r1), "").phase(Phase::Converged),
+            NewEvent::host("b", Reason::BuildStarted, Some(&r1), "").phase(Phase::Building),
+        ];
+        store
+            .append_all(&mut status, news, time::OffsetDateTime::UNIX_EPOCH)
+            .unwrap();
+        drop(store);
+        let src = Source::Store(dir.path().to_path_buf());
+        let whole = src.status().unwrap();
+        let fleet = src.fleet_status().unwrap();
+        assert!(fleet.hosts.is_empty());
+        assert_eq!(whole.hosts.len(), 2);
+        assert_eq!(fleet.rollout, whole.rollout);
+        assert_eq!(fleet.revision, whole.revision);
     }
 }

@@ -35,8 +35,8 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("a stored record does not parse")]
     Corrupt(#[from] serde_json::Error),
-    #[error("cannot start the store's checkpoint thread: {0}")]
-    Thread(String),
+    #[error("cannot start the store's checkpoint thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Which events to read.

@@ -50,7 +50,7 @@ impl Checkpointer {
                     }
                 }
             })
-            .map_err(|e| StoreError::Thread(e.to_string()))?;
+            .map_err(StoreError::Thread)?;
         Ok(Checkpointer {
             stop: Some(stop),
             thread: Some(thread),
