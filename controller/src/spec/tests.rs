@@ -1,6 +1,7 @@
 //! Tests of spec parsing and validation (hostile input is in
 //! `malformed_input.rs`).
 
+use super::error::offset_of;
 use super::*;
 
 fn file(path: &str, text: &str) -> SpecFile {
