@@ -60,6 +60,20 @@ pub struct Cim {
 }
 
 impl Cim {
+    /// The event log has no gaps and no duplicates: 1, 2, … in order.
+    pub fn assert_gap_free(&self) {
+        let seqs: Vec<u64> = self
+            .events()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "gaps or duplicates"
+        );
+    }
+
     /// Starts `cim run` on `fleet` with fast timings for tests, plus `extra`.
     pub fn start(fleet: &Fleet, state_dir: &Path, extra: &[&str]) -> Cim {
         Cim::start_from(fleet, fleet.repo.as_os_str(), state_dir, extra)
@@ -271,6 +285,14 @@ impl Drop for Cim {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// What `host` runs, as `status` (a `GET /api/v1/status` body) says.
+pub fn current_system(status: &Value, host: &str) -> String {
+    host_of(status, host)["currentSystem"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{host} has no current system in {status}"))
+        .to_string()
 }
 
 /// The status entry of `host` in a status document (`Null` if absent).

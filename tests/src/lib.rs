@@ -603,6 +603,16 @@ impl Fleet {
     }
 
     /// Writes a file of the fleet repository (not committed).
+    /// Writes `specs/fleet.yaml` with one Host document for each of
+    /// `hosts` (name, and lines added to its spec), at its sandbox address.
+    pub fn write_host_specs(&self, hosts: &[(&str, &str)]) -> Result<()> {
+        let docs: Vec<String> = hosts
+            .iter()
+            .map(|(name, extra)| host_spec(name, &self.host(name).address, extra))
+            .collect();
+        self.write("specs/fleet.yaml", &docs.join("---\n"))
+    }
+
     pub fn write(&self, rel: &str, contents: &str) -> Result<()> {
         let p = self.repo.join(rel);
         if let Some(parent) = p.parent() {

@@ -150,10 +150,7 @@ fn hosts_substitute_from_the_binary_cache_the_controller_pushes_to() {
     let status = cim.wait_converged(&["web-1", "web-2"], Some(&rev));
     let gets = cache.gets();
     for h in ["web-1", "web-2"] {
-        let system = cim_sandbox::harness::host_of(&status, h)["currentSystem"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let system = cim_sandbox::harness::current_system(&status, h);
         let hash = system
             .trim_start_matches("/nix/store/")
             .split('-')
@@ -204,10 +201,7 @@ fn remote_builders_are_a_pass_through_to_nix() {
         ],
     );
     let status = cim.wait_converged(&["web-1", "web-2"], Some(&rev));
-    let system = cim_sandbox::harness::host_of(&status, "web-1")["currentSystem"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let system = cim_sandbox::harness::current_system(&status, "web-1");
     let name = system.trim_start_matches("/nix/store/").to_string();
     assert!(
         fleet.store_paths("web-2", &name).contains(&name),

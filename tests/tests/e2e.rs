@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cim_sandbox::harness::{host_of, Cim};
+use cim_sandbox::harness::{current_system, host_of, Cim};
 use cim_sandbox::{host_spec, Fleet};
 
 fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
@@ -221,10 +221,7 @@ fn drift_is_detected_and_repaired_by_resync() {
     let (fleet, dir) = fleet(2);
     let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
     let status = cim.wait_converged(&["web-1", "web-2"], None);
-    let desired = host_of(&status, "web-1")["currentSystem"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let desired = current_system(&status, "web-1");
     let other = fleet.current_system("web-2").unwrap();
     fleet.switch_by_hand("web-1", &other).unwrap();
 
@@ -253,13 +250,8 @@ fn a_restarted_controller_resumes_from_its_store() {
     cim.restart();
     cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
 
+    cim.assert_gap_free();
     let events = cim.events();
-    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "gaps or duplicates"
-    );
     // The restart did not see the same revision as new.
     assert_eq!(
         events
@@ -534,16 +526,9 @@ fn a_spec_naming_a_missing_configuration_is_refused() {
         .as_str()
         .unwrap()
         .to_string();
-    let specs = format!(
-        "{}---\n{}",
-        host_spec(
-            "web-1",
-            &fleet.host("web-1").address,
-            "  configuration: web-9\n"
-        ),
-        host_spec("web-2", &fleet.host("web-2").address, "")
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet
+        .write_host_specs(&[("web-1", "  configuration: web-9\n"), ("web-2", "")])
+        .unwrap();
     fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
     let bad = fleet
         .commit("point web-1 at a configuration that does not exist")

@@ -12,19 +12,6 @@ fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
     cim_sandbox::harness::fleet_and_state(n)
 }
 
-fn assert_gap_free(cim: &Cim) {
-    let seqs: Vec<u64> = cim
-        .events()
-        .iter()
-        .map(|e| e["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "gaps or duplicates"
-    );
-}
-
 /// Every host converged, on the system it reports, activated exactly once.
 fn assert_converged_once(fleet: &Fleet, cim: &Cim, hosts: &[&str]) {
     let status = cim.status();
@@ -69,7 +56,7 @@ fn controller_killed_while_building() {
     cim.restart();
     cim.wait_converged(&["web-1", "web-2"], Some(&rev));
     assert_converged_once(&fleet, &cim, &["web-1", "web-2"]);
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -90,7 +77,7 @@ fn controller_killed_while_copying() {
     cim.restart();
     cim.wait_converged(&["web-1", "web-2"], Some(&rev));
     assert_converged_once(&fleet, &cim, &["web-1", "web-2"]);
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -125,7 +112,7 @@ fn sshd_killed_mid_copy() {
     fleet.start_sshd("web-1").unwrap();
     cim.wait_converged(&["web-1", "web-2"], Some(&rev));
     assert_converged_once(&fleet, &cim, &["web-1", "web-2"]);
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -152,7 +139,7 @@ fn link_down_mid_rollout_then_restored() {
     fleet.set_link("web-1", true).unwrap();
     cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
     assert_converged_once(&fleet, &cim, &["web-1", "web-2", "web-3"]);
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -183,7 +170,7 @@ fn cim_rollback_during_an_activation_waits_for_it_then_rolls_back() {
     let acts = fleet.activations("web-1");
     assert_eq!(acts.len(), 3, "v1, v2, then back to v1: {acts:?}");
     assert_eq!(cim.host("web-1")["phase"], "Suspended");
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -238,7 +225,7 @@ fn sshd_killed_mid_activation_makes_the_host_revert_itself() {
     assert_eq!(web1["phase"], "Failed");
     assert_eq!(web1["failedRevision"], rev.as_str());
     assert_eq!(cim.host("web-2")["phase"], "Converged");
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 
     // The operator retries once the cause is understood.
     assert!(cim.cli(&["reconcile", "web-1"]).status.success());
@@ -285,7 +272,7 @@ fn an_adopted_activation_is_still_health_checked() {
     assert_eq!(fleet.current_system("web-1").as_deref(), Some(v1.as_str()));
     assert_eq!(fleet.profile_system("web-1").as_deref(), Some(v1.as_str()));
     assert_eq!(cim.host("web-1")["failedRevision"], rev.as_str());
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -327,5 +314,5 @@ fn controller_killed_while_waiting_for_confirmation() {
     for reason in ["ConfirmationTimedOut", "RolledBack"] {
         assert!(cim.events_of("web-1", reason).is_empty(), "{reason}");
     }
-    assert_gap_free(&cim);
+    cim.assert_gap_free();
 }

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use cim_sandbox::harness::{host_of, Cim};
-use cim_sandbox::{host_spec, Fleet};
+use cim_sandbox::harness::{current_system, host_of, Cim};
+use cim_sandbox::Fleet;
 
 fn fleet(n: usize) -> (Fleet, tempfile::TempDir) {
     cim_sandbox::harness::fleet_and_state(n)
@@ -58,10 +58,7 @@ fn a_failing_activation_is_rolled_back_to_the_previous_system() {
     let (fleet, dir) = fleet(2);
     let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "1s"]);
     let status = cim.wait_converged(&["web-1", "web-2"], None);
-    let old = host_of(&status, "web-2")["currentSystem"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old = current_system(&status, "web-2");
 
     fleet
         .set_host_config("web-2", "{ version = 2; activationExitCode = 1; }")
@@ -107,23 +104,16 @@ fn a_failing_activation_is_rolled_back_to_the_previous_system() {
 #[test]
 fn a_system_that_cuts_the_network_reverts_itself() {
     let (fleet, dir) = fleet(2);
-    let specs = format!(
-        "{}---\n{}",
-        host_spec("web-1", &fleet.host("web-1").address, ""),
-        host_spec(
-            "web-2",
-            &fleet.host("web-2").address,
-            "  rollout:\n    confirmTimeout: 3s\n"
-        )
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet
+        .write_host_specs(&[
+            ("web-1", ""),
+            ("web-2", "  rollout:\n    confirmTimeout: 3s\n"),
+        ])
+        .unwrap();
     fleet.commit("web-2 confirms within 3s").unwrap();
     let cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
     let status = cim.wait_converged(&["web-1", "web-2"], None);
-    let old = host_of(&status, "web-2")["currentSystem"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old = current_system(&status, "web-2");
 
     fleet
         .set_host_config("web-2", "{ version = 2; breakNetwork = true; }")
@@ -166,16 +156,12 @@ fn a_system_that_cuts_the_network_reverts_itself() {
 #[test]
 fn a_controller_killed_mid_activation_does_not_activate_twice() {
     let (fleet, dir) = fleet(2);
-    let specs = format!(
-        "{}---\n{}",
-        host_spec(
-            "web-1",
-            &fleet.host("web-1").address,
-            "  rollout:\n    confirmTimeout: 3s\n"
-        ),
-        host_spec("web-2", &fleet.host("web-2").address, "")
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet
+        .write_host_specs(&[
+            ("web-1", "  rollout:\n    confirmTimeout: 3s\n"),
+            ("web-2", ""),
+        ])
+        .unwrap();
     fleet.commit("web-1 confirms within 3s").unwrap();
     let mut cim = Cim::start(&fleet, &state(&dir), &["--resync-interval", "2s"]);
     cim.wait_converged(&["web-1", "web-2"], None);
@@ -210,16 +196,7 @@ fn a_controller_killed_mid_activation_does_not_activate_twice() {
     for reason in ["ConfirmationTimedOut", "RolledBack", "DriftDetected"] {
         assert!(cim.events_of("web-1", reason).is_empty(), "{reason}");
     }
-    let seqs: Vec<u64> = cim
-        .events()
-        .iter()
-        .map(|e| e["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "gaps or duplicates"
-    );
+    cim.assert_gap_free();
 }
 
 #[test]
@@ -286,12 +263,9 @@ fn cim_rollback_suspends_and_switches_to_the_previous_generation() {
 fn a_failing_health_check_rolls_the_host_back() {
     let (fleet, dir) = fleet(2);
     let check = "  healthChecks:\n    - name: health-file\n      command: [grep, -q, ok, /run/cim-health]\n      retries: 2\n      interval: 500ms\n";
-    let specs = format!(
-        "{}---\n{}",
-        host_spec("web-1", &fleet.host("web-1").address, check),
-        host_spec("web-2", &fleet.host("web-2").address, "")
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet
+        .write_host_specs(&[("web-1", check), ("web-2", "")])
+        .unwrap();
     fleet.commit("web-1 is health-checked").unwrap();
     let cim = Cim::start(&fleet, &state(&dir), &[]);
     cim.wait_converged(&["web-1", "web-2"], None);

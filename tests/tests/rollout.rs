@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
-use cim_sandbox::host_spec;
 
 #[test]
 fn waves_roll_out_in_order_and_a_failing_canary_halts_the_rest() {
@@ -81,17 +80,13 @@ fn a_host_waits_for_the_hosts_it_depends_on() {
     fleet
         .set_host_config("web-1", "{ version = 1; activationDelay = 2; }")
         .unwrap();
-    let specs = format!(
-        "{}---\n{}---\n{}",
-        host_spec("web-1", &fleet.host("web-1").address, ""),
-        host_spec(
-            "web-2",
-            &fleet.host("web-2").address,
-            "  dependsOn:\n    - {host: web-1}\n"
-        ),
-        host_spec("web-3", &fleet.host("web-3").address, "")
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    fleet
+        .write_host_specs(&[
+            ("web-1", ""),
+            ("web-2", "  dependsOn:\n    - {host: web-1}\n"),
+            ("web-3", ""),
+        ])
+        .unwrap();
     let rev = fleet.commit("web-2 depends on web-1").unwrap();
     let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
     cim.wait_converged(&["web-1", "web-2", "web-3"], Some(&rev));
