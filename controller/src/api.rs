@@ -153,9 +153,10 @@ struct AppState {
     /// Idle read-only connections; a reader takes one (or opens one) and
     /// puts it back, so reads run concurrently instead of in turn.
     readers: Arc<Mutex<Vec<Store>>>,
-    /// The status response, serialized and kept up to date by folding new
-    /// events: a request costs the hosts that changed, not the fleet.
+    /// The status response, serialized and kept up to date from the
+    /// status feed: a request costs the hosts that changed, not the fleet.
     status_cache: Arc<Mutex<Option<Snapshot>>>,
+    feed: crate::feed::StatusFeed,
     /// The sequence number of the newest committed event.
     committed: tokio::sync::watch::Receiver<u64>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -176,6 +177,8 @@ pub struct ApiContext {
     pub health: tokio::sync::watch::Receiver<Option<String>>,
     /// The newest committed event's sequence number.
     pub committed: tokio::sync::watch::Receiver<u64>,
+    /// The rows each commit writes, published before `committed` moves.
+    pub status_feed: crate::feed::StatusFeed,
     /// Who may ask what.
     pub access: Arc<access::Access>,
     /// `--webhook-secret-file`: push hooks proven to know it fetch at once.
@@ -195,20 +198,18 @@ pub fn router(ctx: ApiContext) -> Router {
         events,
         health,
         committed,
+        status_feed,
         access,
         webhook,
         fetch_now,
         metrics,
         planner,
     } = ctx;
-    let status_cache = Arc::new(Mutex::new(None));
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(follow(Arc::clone(&status_cache), events.subscribe()));
-    }
     let state = AppState {
         state_dir,
         readers: Arc::new(Mutex::new(Vec::new())),
-        status_cache,
+        status_cache: Arc::new(Mutex::new(None)),
+        feed: status_feed,
         committed,
         metrics,
         requests,
@@ -324,8 +325,11 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
     }
 }
 
-/// Runs `f` on the status snapshot once it holds every committed event:
-/// at once if it does, else after bringing it up to date from the store.
+/// Runs `f` on the status snapshot once it holds every event committed
+/// before the request came: the controller publishes a commit's rows
+/// before it makes the commit known, so taking the feed brings the
+/// snapshot there; only the first request (or one served without a
+/// controller feeding it) reads the store.
 async fn with_snapshot<T: Send + 'static>(
     app: &AppState,
     f: impl FnOnce(&mut Snapshot) -> Result<T, crate::store::StoreError> + Send + 'static,
@@ -334,32 +338,37 @@ async fn with_snapshot<T: Send + 'static>(
     let cache = Arc::clone(&app.status_cache);
     {
         let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(snapshot) = cached.as_mut().filter(|s| s.seq() >= committed) {
-            return f(snapshot).map_err(|e| {
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    crate::error::error_chain(&e),
-                )
-            });
+        if let Some(snapshot) = cached.as_mut() {
+            snapshot.absorb(app.feed.take());
+            if snapshot.seq() >= committed {
+                return f(snapshot).map_err(|e| {
+                    error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        crate::error::error_chain(&e),
+                    )
+                });
+            }
         }
     }
+    let feed = app.feed.clone();
     app.read(move |store| {
-        // Requests take turns: the first one after a gap brings the
-        // snapshot up to date, the others find it so.
+        // Requests take turns: the first one reads the store, the others
+        // find the snapshot it made (two reads would each take a part of
+        // the feed).
         let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-        let mut snapshot = match cached.take() {
-            Some(mut s) => {
-                if store.last_seq()? == s.seq() || s.catch_up(store)? {
-                    s
-                } else {
-                    Snapshot::load(store)?
-                }
+        if let Some(snapshot) = cached.as_mut() {
+            snapshot.absorb(feed.take());
+            if snapshot.seq() >= committed {
+                return f(snapshot);
             }
-            None => Snapshot::load(store)?,
-        };
-        let out = f(&mut snapshot);
-        *cached = Some(snapshot);
-        out
+        }
+        // Followed before the store is read: every commit after the read
+        // is in the feed (and any before it that the feed also has is
+        // left out by its sequence number).
+        feed.follow();
+        let mut snapshot = Snapshot::load(store)?;
+        snapshot.absorb(feed.take());
+        f(cached.insert(snapshot))
     })
     .await
 }
@@ -382,33 +391,6 @@ fn json_parts(parts: Vec<axum::body::Bytes>) -> Response {
         body,
     )
         .into_response()
-}
-
-/// Folds the controller's events into the status snapshot as they are
-/// broadcast (after their commit), so that a status request rarely has
-/// anything left to read from the store. Missed events (a lagging
-/// receiver) are left to the next request, which reads them from the
-/// store.
-async fn follow(cache: Arc<Mutex<Option<Snapshot>>>, mut events: broadcast::Receiver<Event>) {
-    loop {
-        let first = match events.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let mut batch = vec![first];
-        while let Ok(event) = events.try_recv() {
-            batch.push(event);
-        }
-        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(snapshot) = cached.as_mut() {
-            for event in &batch {
-                if !snapshot.apply(event) {
-                    break;
-                }
-            }
-        }
-    }
 }
 
 async fn host(State(app): State<AppState>, Path(name): Path<String>) -> Response {
@@ -752,6 +734,7 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             readers: Arc::new(Mutex::new(Vec::new())),
             status_cache: Arc::new(Mutex::new(None)),
+            feed: crate::feed::StatusFeed::default(),
             committed: tokio::sync::watch::Sender::new(0).subscribe(),
             metrics: Arc::default(),
             requests,

@@ -132,6 +132,8 @@ pub struct Controller<B: Backend = DriverConfig> {
     health: tokio::sync::watch::Sender<Option<String>>,
     /// The newest committed event's sequence number, for the API.
     committed: tokio::sync::watch::Sender<u64>,
+    /// The rows each commit wrote, for the API's status snapshot.
+    feed: crate::feed::StatusFeed,
     /// Fed every committed event and every group commit's time.
     metrics: Arc<crate::metrics::Metrics>,
     /// Requests waiting for their answer.
@@ -201,6 +203,7 @@ impl<B: Backend> Controller<B> {
             report_rx: Some(report_rx),
             health: tokio::sync::watch::Sender::new(None),
             committed: tokio::sync::watch::Sender::new(state.status().repo.last_seq),
+            feed: crate::feed::StatusFeed::default(),
             metrics: Arc::default(),
             cfg,
             builds: reconcile::Builds::spawn(Arc::clone(&backend)),
@@ -246,6 +249,12 @@ impl<B: Backend> Controller<B> {
     /// The newest committed event's sequence number, as it changes.
     pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.subscribe()
+    }
+
+    /// The projection rows each commit writes, published before the
+    /// commit is made known through [`Controller::committed`].
+    pub fn status_feed(&self) -> crate::feed::StatusFeed {
+        self.feed.clone()
     }
 
     /// Resumes reconciling the last valid revision recorded in the store,
@@ -335,7 +344,7 @@ impl<B: Backend> Controller<B> {
     fn group(&mut self, msgs: Vec<Msg>) -> Result<(), Stopped> {
         // The group's sync waits for the disk; the runtime moves its other
         // tasks (the API, workers' reports) off this thread meanwhile.
-        tokio::task::block_in_place(|| {
+        let written = tokio::task::block_in_place(|| {
             self.store.begin_group();
             for msg in msgs {
                 self.step(msg);
@@ -349,6 +358,9 @@ impl<B: Backend> Controller<B> {
             committed
         })
         .map_err(Stopped)?;
+        if !self.appended.is_empty() {
+            self.feed.publish(self.state.status(), written);
+        }
         self.health.send_if_modified(|h| {
             let now = self
                 .state

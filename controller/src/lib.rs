@@ -12,6 +12,7 @@ pub mod decide;
 pub mod driver;
 pub mod error;
 pub mod event;
+pub mod feed;
 pub mod git;
 pub mod host;
 pub mod metrics;

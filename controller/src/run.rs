@@ -206,6 +206,7 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
         events: controller.events(),
         health: controller.health(),
         committed: controller.committed(),
+        status_feed: controller.status_feed(),
         metrics: controller.metrics(),
         access: Arc::new(access),
         webhook: args

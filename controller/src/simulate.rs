@@ -146,6 +146,7 @@ pub async fn simulate(
         events,
         health: controller.health(),
         committed: controller.committed(),
+        status_feed: controller.status_feed(),
         metrics: controller.metrics(),
         access: Arc::new(
             crate::api::access::Access::new(crate::api::access::AccessOptions {

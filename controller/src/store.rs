@@ -254,7 +254,7 @@ impl Store {
                 true => Ok(()),
                 false => self
                     .write_hosts(touched.iter().map(|(name, row)| (name, row.as_ref())))
-                    .and_then(|()| self.write_repo(&repo)),
+                    .and_then(|_| self.write_repo(&repo)),
             })
             .and_then(|()| self.run_cached("RELEASE append"));
         if let Err(e) = written {
@@ -292,11 +292,12 @@ impl Store {
         Ok(())
     }
 
-    /// Hosts' projection rows (`None`: the host was removed).
+    /// Hosts' projection rows (`None`: the host was removed); what was
+    /// written, the rows' JSON kept for the status feed.
     fn write_hosts<'a>(
         &self,
         rows: impl Iterator<Item = (&'a String, Option<&'a HostStatus>)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<crate::feed::WrittenRows, StoreError> {
         let mut upsert = self.conn.prepare_cached(
             "INSERT INTO hosts (name, body) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET body = excluded.body",
@@ -304,13 +305,22 @@ impl Store {
         let mut delete = self
             .conn
             .prepare_cached("DELETE FROM hosts WHERE name = ?1")?;
+        let mut written = Vec::new();
         for (name, row) in rows {
-            match row {
-                Some(host) => upsert.execute(params![name, serde_json::to_string(host)?])?,
-                None => delete.execute(params![name])?,
+            let json = match row {
+                Some(host) => {
+                    let json = serde_json::to_string(host)?;
+                    upsert.execute(params![name, json])?;
+                    Some(json)
+                }
+                None => {
+                    delete.execute(params![name])?;
+                    None
+                }
             };
+            written.push((name.clone(), json));
         }
-        Ok(())
+        Ok(written)
     }
 
     fn write_repo(&self, repo: &RepoStatus) -> Result<(), StoreError> {
@@ -341,27 +351,32 @@ impl Store {
 
     /// Commits the group's appends with one disk sync, with the rows of
     /// the hosts they changed as `status` (which the appends were given)
-    /// holds them now. On failure the group is rolled back whole: the
-    /// caller's in-memory state is then ahead of the store and must be
-    /// rebuilt from it.
-    pub fn commit_group(&mut self, status: &FleetStatus) -> Result<(), StoreError> {
+    /// holds them now; returns those rows as written, for the status feed.
+    /// On failure the group is rolled back whole: the caller's in-memory
+    /// state is then ahead of the store and must be rebuilt from it.
+    pub fn commit_group(
+        &mut self,
+        status: &FleetStatus,
+    ) -> Result<crate::feed::WrittenRows, StoreError> {
         self.grouped = false;
         let repo = self.group_repo.take();
         let hosts = std::mem::take(&mut self.group_hosts);
         if self.conn.is_autocommit() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let written = self
             .write_hosts(hosts.iter().map(|name| (name, status.hosts.get(name))))
-            .and_then(|()| match &repo {
-                Some(repo) => self.write_repo(repo),
-                None => Ok(()),
+            .and_then(|rows| match &repo {
+                Some(repo) => self.write_repo(repo).map(|()| rows),
+                None => Ok(rows),
             });
-        if let Err(e) = written.and_then(|()| self.run_cached("COMMIT")) {
-            let _ = self.run_cached("ROLLBACK");
-            return Err(e);
+        match written.and_then(|rows| self.run_cached("COMMIT").map(|()| rows)) {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                let _ = self.run_cached("ROLLBACK");
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Deletes the events `retention` no longer keeps (never the newest

@@ -1,21 +1,19 @@
-//! The serialized `GET /api/v1/status` response, kept up to date by
-//! folding events (the same fold the controller uses) as the controller
-//! broadcasts them, and from the store for any it missed, re-serializing
-//! only the hosts they touched and the blocks of the body they are in. A
-//! request on a busy 10,000-host controller then costs the blocks that
-//! changed, not a reload and serialization of every host.
+//! The serialized `GET /api/v1/status` response: read from the store
+//! once, then kept up to date from the controller's status feed (the rows
+//! its commits wrote, with their JSON), joining again only the blocks of
+//! the body that changed hosts are in. A request on a busy 10,000-host
+//! controller then costs the blocks that changed — never a read of the
+//! log, a fold or a host serialized again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use axum::body::Bytes;
 use serde::Serialize;
 
-use crate::event::Event;
+use crate::feed::Changes;
 use crate::status::FleetStatus;
-use crate::store::{EventQuery, Store, StoreError};
+use crate::store::{Store, StoreError};
 
-/// Events folded per read while catching up.
-const PAGE: u32 = 10_000;
 /// Hosts per block of the body: a changed host re-renders its block, not
 /// the whole body.
 const BLOCK: usize = 256;
@@ -30,7 +28,7 @@ pub(super) struct Snapshot {
     /// Which block each host is in; emptied when a host comes or goes, so
     /// that the blocks are laid out again.
     block_of: HashMap<String, usize>,
-    /// Hosts folded since the body was rendered.
+    /// Hosts read from the store and not serialized yet.
     dirty: BTreeSet<String>,
     /// The response up to its hosts' array, `None` when it must be
     /// rendered again.
@@ -80,42 +78,52 @@ impl Snapshot {
         self.status.repo.last_seq
     }
 
-    /// Folds the next event; one the snapshot already has is skipped, and
-    /// one after a gap is refused (`false`): the store fills the gap.
-    pub(super) fn apply(&mut self, event: &Event) -> bool {
-        if event.seq <= self.seq() {
-            return true;
+    /// Takes in what the controller's commits changed since: each host's
+    /// new row (with its JSON, as the store wrote it) or its removal. A
+    /// change the snapshot already holds (it was read from the store after
+    /// that commit) is left out.
+    pub(super) fn absorb(&mut self, changes: Changes) {
+        let Some(repo) = changes.repo else {
+            return;
+        };
+        let seq = self.seq();
+        if repo.last_seq <= seq {
+            return;
         }
-        if event.seq != self.seq() + 1 {
-            return false;
-        }
-        self.status.apply(event);
-        if let Some(host) = &event.host {
-            self.dirty.insert(host.clone());
-        }
-        self.head = None;
-        true
-    }
-
-    /// Folds the events appended since the snapshot was made. `false` when
-    /// some of them are gone (deleted by retention): load afresh then.
-    pub(super) fn catch_up(&mut self, store: &Store) -> Result<bool, StoreError> {
-        loop {
-            let events = store.events(&EventQuery {
-                hosts: None,
-                selector: None,
-                host: None,
-                since: Some(self.seq()),
-                limit: Some(PAGE),
-            })?;
-            for event in &events {
-                if !self.apply(event) {
-                    return Ok(false);
+        for (name, change) in changes.hosts {
+            if change.seq <= seq {
+                continue;
+            }
+            match change.row {
+                Some(row) => {
+                    self.status.hosts.insert(name.clone(), row.status);
+                    match self.fragments.insert(name.clone(), row.json) {
+                        None => self.block_of.clear(),
+                        Some(_) => self.stale(&name),
+                    }
+                    self.dirty.remove(&name);
+                }
+                None => {
+                    self.status.hosts.remove(&name);
+                    self.dirty.remove(&name);
+                    if self.fragments.remove(&name).is_some() {
+                        self.block_of.clear();
+                    }
                 }
             }
-            if events.len() < PAGE as usize {
-                return Ok(true);
-            }
+        }
+        self.status.repo = repo;
+        self.head = None;
+    }
+
+    /// The block `name` is in must be joined again.
+    fn stale(&mut self, name: &str) {
+        if let Some(block) = self
+            .block_of
+            .get(name)
+            .and_then(|&b| self.blocks.get_mut(b))
+        {
+            block.bytes = None;
         }
     }
 
@@ -126,15 +134,9 @@ impl Snapshot {
             match self.status.hosts.get(&name) {
                 Some(host) => {
                     let json = Bytes::from(serde_json::to_vec(host)?);
-                    if self.fragments.insert(name.clone(), json).is_none() {
-                        self.block_of.clear();
-                    }
-                    if let Some(block) = self
-                        .block_of
-                        .get(&name)
-                        .and_then(|&b| self.blocks.get_mut(b))
-                    {
-                        block.bytes = None;
+                    match self.fragments.insert(name.clone(), json) {
+                        None => self.block_of.clear(),
+                        Some(_) => self.stale(&name),
                     }
                 }
                 None => {
@@ -221,23 +223,41 @@ mod tests {
     use super::*;
     use crate::api::StatusResponse;
     use crate::event::{NewEvent, Phase, Reason};
+    use crate::feed::StatusFeed;
     use time::OffsetDateTime;
 
-    fn append(store: &mut Store, status: &mut FleetStatus, news: Vec<NewEvent>) {
+    /// One group commit of `news`, published to `feed` if given.
+    fn commit(
+        store: &mut Store,
+        status: &mut FleetStatus,
+        feed: Option<&StatusFeed>,
+        news: Vec<NewEvent>,
+    ) {
+        store.begin_group();
         store
             .append_all(status, news, OffsetDateTime::UNIX_EPOCH)
             .unwrap();
+        let written = store.commit_group(status).unwrap();
+        if let Some(feed) = feed {
+            feed.publish(status, written);
+        }
+    }
+
+    fn served(snapshot: &mut Snapshot) -> StatusResponse {
+        serde_json::from_slice(&snapshot.parts().unwrap().concat()).unwrap()
     }
 
     #[test]
-    fn a_caught_up_snapshot_is_the_status_as_loaded() {
+    fn a_snapshot_fed_by_commits_is_the_status_as_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         let mut status = FleetStatus::default();
+        let feed = StatusFeed::default();
         let host = |h: &str, r: Reason| NewEvent::host(h, r, Some("r1"), "m");
-        append(
+        commit(
             &mut store,
             &mut status,
+            Some(&feed),
             vec![
                 NewEvent::repo(Reason::SpecsLoaded, Some("r1"), "3 hosts"),
                 host("a", Reason::BuildStarted).phase(Phase::Building),
@@ -245,24 +265,25 @@ mod tests {
                 host("c", Reason::BuildStarted).phase(Phase::Building),
             ],
         );
+        feed.follow();
         let reader = Store::open_read_only(dir.path()).unwrap();
         let mut snapshot = Snapshot::load(&reader).unwrap();
-        append(
+        snapshot.parts().unwrap();
+        commit(
             &mut store,
             &mut status,
+            Some(&feed),
             vec![
                 host("a", Reason::Converged).phase(Phase::Converged),
                 host("b", Reason::HostRemoved),
                 host("d", Reason::BuildStarted).phase(Phase::Building),
             ],
         );
-        snapshot.parts().unwrap();
-        assert!(snapshot.catch_up(&reader).unwrap());
-        let body: Vec<u8> = snapshot.parts().unwrap().concat();
-        let served: StatusResponse = serde_json::from_slice(&body).unwrap();
+        snapshot.absorb(feed.take());
         let loaded = StatusResponse::from(reader.load_status().unwrap());
-        assert_eq!(served, loaded);
-        assert_eq!(served.hosts.len(), 3);
+        assert_eq!(served(&mut snapshot), loaded);
+        assert_eq!(loaded.hosts.len(), 3);
+        assert_eq!(snapshot.status(), &reader.load_status().unwrap());
 
         let fleet: StatusResponse =
             serde_json::from_slice(&snapshot.fleet_part().unwrap().concat()).unwrap();
@@ -276,38 +297,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         let mut status = FleetStatus::default();
+        let feed = StatusFeed::default();
+        feed.follow();
         let host = |i: usize, r: Reason| NewEvent::host(&format!("h-{i:04}"), r, Some("r1"), "m");
         let news = (0..3 * BLOCK).map(|i| host(i, Reason::BuildStarted).phase(Phase::Building));
-        append(&mut store, &mut status, news.collect());
+        commit(&mut store, &mut status, Some(&feed), news.collect());
         let reader = Store::open_read_only(dir.path()).unwrap();
         let mut snapshot = Snapshot::load(&reader).unwrap();
+        snapshot.absorb(feed.take());
         snapshot.parts().unwrap();
-        append(
+        commit(
             &mut store,
             &mut status,
+            Some(&feed),
             vec![host(BLOCK + 7, Reason::Converged).phase(Phase::Converged)],
         );
-        assert!(snapshot.catch_up(&reader).unwrap());
-        let body: Vec<u8> = snapshot.parts().unwrap().concat();
-        let served: StatusResponse = serde_json::from_slice(&body).unwrap();
-        assert_eq!(served, StatusResponse::from(reader.load_status().unwrap()));
+        snapshot.absorb(feed.take());
+        assert_eq!(
+            served(&mut snapshot),
+            StatusResponse::from(reader.load_status().unwrap())
+        );
     }
 
     #[test]
-    fn a_snapshot_behind_trimmed_events_asks_for_a_reload() {
+    fn a_row_older_than_the_read_is_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         let mut status = FleetStatus::default();
-        let ev = || NewEvent::repo(Reason::RevisionDetected, Some("r1"), "new");
-        append(&mut store, &mut status, vec![ev()]);
+        let feed = StatusFeed::default();
+        feed.follow();
+        let host = |r: Reason, p: Phase| NewEvent::host("a", r, Some("r1"), "m").phase(p);
+        commit(
+            &mut store,
+            &mut status,
+            Some(&feed),
+            vec![host(Reason::BuildStarted, Phase::Building)],
+        );
+        // Committed, and read by the snapshot, before it is published.
+        commit(
+            &mut store,
+            &mut status,
+            None,
+            vec![host(Reason::Converged, Phase::Converged)],
+        );
         let reader = Store::open_read_only(dir.path()).unwrap();
         let mut snapshot = Snapshot::load(&reader).unwrap();
-        append(&mut store, &mut status, vec![ev(), ev(), ev()]);
-        let retention = crate::store::Retention {
-            max_events: Some(1),
-            max_age: None,
-        };
-        store.trim(&retention, OffsetDateTime::UNIX_EPOCH).unwrap();
-        assert!(!snapshot.catch_up(&reader).unwrap());
+        snapshot.absorb(feed.take());
+        let loaded = StatusResponse::from(reader.load_status().unwrap());
+        assert_eq!(served(&mut snapshot), loaded);
+        assert_eq!(loaded.hosts[0].phase, Phase::Converged);
     }
 }
