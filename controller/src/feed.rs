@@ -65,10 +65,7 @@ struct Inner {
 
 impl StatusFeed {
     fn pending(&self) -> MutexGuard<'_, Changes> {
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publishes a commit: `written` are the rows it wrote, `status` the
@@ -123,11 +120,7 @@ mod tests {
         let seq = status.repo.last_seq + 1;
         let event = NewEvent::host(host, reason, Some("r"), "")
             .phase(Phase::Building)
-            .into_event(
-            seq,
-            time::OffsetDateTime::UNIX_EPOCH,
-            status.phase_of(host),
-        );
+            .into_event(seq, time::OffsetDateTime::UNIX_EPOCH, status.phase_of(host));
         status.apply(&event);
         vec![(
             host.to_string(),

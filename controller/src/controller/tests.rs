@@ -190,3 +190,30 @@ async fn retention_deletes_old_events_and_says_so() {
         "the newest two and the EventsTrimmed event"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_in_the_status_feed_before_it_is_made_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller(dir.path());
+    let feed = c.status_feed();
+    feed.follow();
+    let mut committed = c.committed();
+    let step = Msg::Report(Report::Step {
+        host: web_1(),
+        revision: r1(),
+        step: reconcile::Step::BuildStarted,
+    });
+    c.group(vec![step]).unwrap();
+    assert!(committed.has_changed().unwrap());
+    let seq = *committed.borrow_and_update();
+    let changes = feed.take();
+    assert_eq!(changes.repo.map(|r| r.last_seq), Some(seq));
+    let stored = c.store.host("web-1").unwrap().expect("a row for web-1");
+    let row = changes.hosts["web-1"].row.clone().expect("web-1's row");
+    assert_eq!(row.status, stored);
+    assert_eq!(
+        serde_json::from_slice::<crate::status::HostStatus>(&row.json).unwrap(),
+        stored
+    );
+    assert!(c.workers.is_empty());
+}
