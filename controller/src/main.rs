@@ -212,6 +212,11 @@ struct SimulateArgs {
     /// hosts it has never seen) instead of a change of a fleet it knows.
     #[arg(long)]
     first_contact: bool,
+    /// Roll out under a `kind: Fleet` policy, as a cautious operator
+    /// would: a canary wave (1% of the hosts), then the rest as a second
+    /// wave, and a failure budget of 1%.
+    #[arg(long)]
+    policy: bool,
 }
 
 #[derive(Args)]
@@ -749,6 +754,7 @@ fn simulate(args: SimulateArgs) -> Exit {
         deadline: args.deadline,
         hold: args.hold,
         first_contact: args.first_contact,
+        policy: args.policy,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {

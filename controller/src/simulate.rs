@@ -44,7 +44,14 @@ pub struct SimulateOptions {
     /// Measure the controller's first revision on a fleet it has never
     /// seen, rather than a change of a fleet it knows.
     pub first_contact: bool,
+    /// Roll out under a Fleet policy: a canary wave of every
+    /// [`CANARY_EVERY`]th host, then the others as a second wave, with a
+    /// failure budget of 1%.
+    pub policy: bool,
 }
+
+/// With a policy, one host in this many is a canary.
+const CANARY_EVERY: usize = 100;
 
 /// What a simulation measured (printed as JSON).
 #[derive(Debug, Clone, Serialize)]
@@ -122,8 +129,8 @@ pub async fn simulate(
     for name in &names {
         sim.install(name, Sim::system(&before, name).out.as_str());
     }
-    let fleet =
-        parse_fleet(&spec_files(&names)).map_err(|e| SimulateError::Specs(e.to_string()))?;
+    let fleet = parse_fleet(&spec_files(&names, opts.policy))
+        .map_err(|e| SimulateError::Specs(e.to_string()))?;
     let fetch_now = Arc::new(Notify::new());
     let hooks = Arc::clone(&fetch_now);
     let cfg = ControllerConfig {
@@ -224,9 +231,16 @@ pub async fn simulate(
     cancel.cancel();
     let _ = run.await;
     let _ = api.await;
+    let waves = match opts.policy {
+        true => {
+            let canaries = opts.hosts.div_ceil(CANARY_EVERY);
+            vec![canaries, opts.hosts - canaries]
+        }
+        false => vec![opts.hosts],
+    };
     let critical = opts
         .sim
-        .critical_path(opts.hosts, opts.max_parallel, !opts.first_contact)
+        .critical_path(&waves, opts.max_parallel, !opts.first_contact)
         .as_secs_f64();
     let events = follow.last_seq - first_seq;
     Ok(SimulateReport {
@@ -305,9 +319,9 @@ impl Follow<'_> {
 }
 
 /// The simulated fleet's specs, 1,000 hosts per file (files are limited to
-/// 1 MiB each).
-fn spec_files(names: &[String]) -> Vec<SpecFile> {
-    names
+/// 1 MiB each), and with `policy` a Fleet document.
+fn spec_files(names: &[String], policy: bool) -> Vec<SpecFile> {
+    let mut files: Vec<SpecFile> = names
         .chunks(1000)
         .enumerate()
         .map(|(i, chunk)| SpecFile {
@@ -316,8 +330,12 @@ fn spec_files(names: &[String]) -> Vec<SpecFile> {
                 .iter()
                 .enumerate()
                 .map(|(j, name)| {
+                    let role = match (i * 1000 + j) % CANARY_EVERY {
+                        0 => "canary",
+                        _ => "web",
+                    };
                     format!(
-                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}}}\nspec: {{address: 10.{}.{}.{}}}\n",
+                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{role: {role}}}}}\nspec: {{address: 10.{}.{}.{}}}\n",
                         i % 250,
                         j / 250,
                         j % 250 + 1
@@ -326,7 +344,14 @@ fn spec_files(names: &[String]) -> Vec<SpecFile> {
                 .collect::<String>()
                 .into_bytes(),
         })
-        .collect()
+        .collect();
+    if policy {
+        files.push(SpecFile {
+            path: "specs/fleet.yaml".to_string(),
+            contents: b"apiVersion: cim/v1\nkind: Fleet\nmetadata: {name: sim}\nspec:\n  maxFailures: \"1%\"\n  waves:\n    - {name: canary, selector: {role: canary}}\n    - {name: web, selector: {role: web}}\n".to_vec(),
+        });
+    }
+    files
 }
 
 /// This process's CPU time (user + system), from `/proc/self/stat`.

@@ -93,10 +93,11 @@ impl SimConfig {
             + self.command
     }
 
-    /// The critical path of a whole-fleet change of `hosts` hosts, at most
-    /// `parallel` at once: one evaluation, then rounds of reconciles.
-    pub fn critical_path(&self, hosts: usize, parallel: usize, known: bool) -> Duration {
-        let rounds = hosts.div_ceil(parallel.max(1));
+    /// The critical path of a whole-fleet change of hosts in `waves` (how
+    /// many hosts each has, in order), at most `parallel` at once: one
+    /// evaluation, then each wave's rounds of reconciles.
+    pub fn critical_path(&self, waves: &[usize], parallel: usize, known: bool) -> Duration {
+        let rounds: usize = waves.iter().map(|n| n.div_ceil(parallel.max(1))).sum();
         self.evaluate + self.reconcile_time(known) * u32::try_from(rounds).unwrap_or(u32::MAX)
     }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Options {
     pub(crate) scale_hosts: usize,
     pub(crate) sim_hosts: usize,
     pub(crate) sim_parallel: Vec<usize>,
+    /// `cim simulate --policy`: waves and a failure budget.
+    pub(crate) sim_policy: bool,
     pub(crate) cim: PathBuf,
     pub(crate) baseline: Option<PathBuf>,
     pub(crate) only: Option<String>,
@@ -54,6 +56,7 @@ fn main() -> Result<()> {
         scale_hosts: 10_000,
         sim_hosts: 10_000,
         sim_parallel: vec![1000, 10_000],
+        sim_policy: false,
         // target/release/cim next to target/release/cim-bench.
         cim: std::env::current_exe()?.with_file_name("cim"),
         baseline: None,
@@ -72,11 +75,12 @@ fn main() -> Result<()> {
             "--scale-hosts" => opts.scale_hosts = value()?.parse()?,
             "--sim-hosts" => opts.sim_hosts = value()?.parse()?,
             "--sim-parallel" => opts.sim_parallel = list(&value()?)?,
+            "--sim-policy" => opts.sim_policy = true,
             "--cim" => opts.cim = value()?.into(),
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --sim-hosts N --sim-parallel 1000,10000 --only converge|latency|idle|scale|restart|simulate)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --sim-hosts N --sim-parallel 1000,10000 --sim-policy --only converge|latency|idle|scale|restart|simulate)"
             ),
         }
     }

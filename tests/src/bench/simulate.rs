@@ -20,7 +20,11 @@ const THINK: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(crate) fn simulate(opts: &Options) -> Result<()> {
     let n = opts.sim_hosts;
-    println!("## Simulated fleet: {n} hosts, one whole-fleet change (`cim simulate`)\n");
+    let policy = match opts.sim_policy {
+        true => " under a Fleet policy (`--policy`: a 1% canary wave, then the rest; a 1% failure budget)",
+        false => "",
+    };
+    println!("## Simulated fleet: {n} hosts, one whole-fleet change (`cim simulate`){policy}\n");
     println!("Simulated latencies: connect 50 ms, command 10 ms, copy 500 ms, activation 1 s, evaluation 1 s, build 200 ms. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms.\n", opts.rounds, THINK.as_millis());
     // With --baseline, both controllers run in every round, alternating
     // (the order rotates), and each gets its own row.
@@ -34,7 +38,7 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
         for round in 0..opts.rounds {
             for i in 0..binaries.len() {
                 let which = (i + round) % binaries.len();
-                runs[which].push(run(&binaries[which].1, n, parallel)?);
+                runs[which].push(run(&binaries[which].1, n, parallel, opts.sim_policy)?);
             }
         }
         for ((label, _), runs) in binaries.iter().zip(&runs) {
@@ -61,6 +65,7 @@ fn run(
     cim: &std::path::Path,
     hosts: usize,
     parallel: usize,
+    policy: bool,
 ) -> Result<std::collections::HashMap<String, f64>> {
     let mut child = Command::new(cim)
         .args([
@@ -70,6 +75,7 @@ fn run(
             "--max-parallel",
             &parallel.to_string(),
         ])
+        .args(policy.then_some("--policy"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
