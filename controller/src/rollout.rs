@@ -91,6 +91,55 @@ pub fn blocked_by(
     None
 }
 
+/// Whether `host` must wait: what [`blocked_by`] decides, without the scan
+/// of the fleet its message takes. `open` is the earliest wave with a
+/// host not yet done ([`open_wave`]), found once for every host a
+/// dispatch looks at: a host of a later wave waits for it.
+pub fn must_wait(
+    fleet: &FleetSpec,
+    status: &FleetStatus,
+    revision: &str,
+    host: &HostSpec,
+    open: Option<usize>,
+) -> bool {
+    if done(status.hosts.get(host.name.as_str()), revision) {
+        return false;
+    }
+    if status.repo.halted_revision.as_deref() == Some(revision) {
+        return true;
+    }
+    let wave = wave_of(fleet, host);
+    if open.is_some_and(|open| open < wave) {
+        return true;
+    }
+    if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
+        if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
+            return true;
+        }
+    }
+    !host.depends_on.is_empty()
+        && fleet.hosts.values().any(|other| {
+            other.name != host.name
+                && host.depends_on.iter().any(|d| d.matches(other))
+                && !done(status.hosts.get(other.name.as_str()), revision)
+        })
+}
+
+/// The earliest wave with a host not yet done with `revision`
+/// (`waves.len()`: the hosts no wave matches); `None` without waves or
+/// when every host is done.
+pub fn open_wave(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> Option<usize> {
+    if fleet.policy.waves.is_empty() {
+        return None;
+    }
+    fleet
+        .hosts
+        .values()
+        .filter(|h| !done(status.hosts.get(h.name.as_str()), revision))
+        .map(|h| wave_of(fleet, h))
+        .min()
+}
+
 /// The hosts that failed the current revision, if they exhaust the failure
 /// budget (and the rollout is not already halted).
 pub fn over_budget(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> Option<Vec<String>> {
@@ -149,15 +198,7 @@ pub fn current_wave(
     status: &FleetStatus,
     revision: &str,
 ) -> Option<CurrentWave> {
-    if fleet.policy.waves.is_empty() {
-        return None;
-    }
-    let index = fleet
-        .hosts
-        .values()
-        .filter(|h| !done(status.hosts.get(h.name.as_str()), revision))
-        .map(|h| wave_of(fleet, h))
-        .min()?;
+    let index = open_wave(fleet, status, revision)?;
     let name = fleet
         .policy
         .waves
@@ -387,5 +428,57 @@ mod tests {
         );
         assert!(over_budget(&f, &status(vec![failed("a")]), "r").is_none());
         assert!(over_budget(&f, &status(vec![failed("a"), failed("b")]), "r").is_some());
+    }
+
+    fn approved(wave: &str) -> NewEvent {
+        let mut ev = NewEvent::repo(Reason::WaveApproved, Some("r"), "");
+        ev.wave = Some(wave.to_string());
+        ev
+    }
+
+    /// `must_wait` with the earliest open wave found once decides what
+    /// `blocked_by` does, for every host, as the rollout goes on.
+    #[test]
+    fn must_wait_decides_as_blocked_by_does() {
+        let f = fleet(
+            "  maxFailures: 1\n  waves:\n    - {name: canary, selector: {role: canary}}\n    - {name: web, selector: {role: web}, approval: manual}\n",
+            &[
+                ("c-1", "canary", ""),
+                ("c-2", "canary", ""),
+                ("w-1", "web", ""),
+                ("w-2", "web", "  dependsOn:\n    - {host: w-1}\n"),
+                ("x-1", "other", ""),
+            ],
+        );
+        let steps = [
+            vec![],
+            vec![converged("c-1")],
+            vec![converged("c-1"), converged("c-2")],
+            vec![converged("c-1"), failed("c-2")],
+            vec![converged("c-1"), converged("c-2"), approved("web")],
+            vec![
+                converged("c-1"),
+                converged("c-2"),
+                approved("web"),
+                converged("w-1"),
+            ],
+            vec![
+                converged("c-1"),
+                NewEvent::repo(Reason::RolloutHalted, Some("r"), ""),
+            ],
+        ];
+        for events in steps {
+            let s = status(events);
+            let open = open_wave(&f, &s, "r");
+            for host in f.hosts.values() {
+                assert_eq!(
+                    must_wait(&f, &s, "r", host, open),
+                    blocked_by(&f, &s, "r", host).is_some(),
+                    "{} at {:?}",
+                    host.name,
+                    s.repo
+                );
+            }
+        }
     }
 }

@@ -110,6 +110,6 @@ fn a_host_that_never_came_back_spends_the_failure_budget() {
         },
     );
     assert_eq!(rig.phase("web-1"), Some(Phase::Failed));
-    assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
     assert!(rig.tick().is_empty(), "web-2 is not rebooted too");
+    assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
 }

@@ -79,9 +79,11 @@ fn a_rollout_that_converged_everywhere_says_so_once_with_its_duration() {
     rig.deploy("r1", two_web_hosts(), &[]);
     rig.tick();
     rig.converged("web-1");
+    rig.tick();
     assert!(!rig.reasons().contains(&"RolloutCompleted".to_string()));
     rig.advance(Duration::from_millis(2100));
     rig.converged("web-2");
+    rig.tick();
     let ev = rig.log.last().unwrap();
     assert_eq!(ev.reason, Reason::RolloutCompleted);
     assert_eq!(ev.message, "all 2 hosts converged at 111111111111 in 2.1s");
@@ -95,6 +97,7 @@ fn a_rollout_that_converged_everywhere_says_so_once_with_its_duration() {
             changed: false,
         },
     );
+    rig.tick();
     let completed = rig
         .reasons()
         .iter()
@@ -114,8 +117,8 @@ fn a_manual_wave_waits_for_an_approval() {
     );
     assert_eq!(rig.tick(), ["canary-1"]);
     rig.converged("canary-1");
-    assert_eq!(rig.log.last().unwrap().reason, Reason::ApprovalRequired);
     assert!(rig.tick().is_empty(), "the manual wave waits");
+    assert_eq!(rig.log.last().unwrap().reason, Reason::ApprovalRequired);
     let (answer, _) = rig.ask(Ask::Approve {
         revision: "2222222".into(),
         wave: None,
