@@ -708,25 +708,31 @@ impl State {
         if free == 0 {
             return;
         }
-        let mut window = None;
-        let mut ahead = Vec::new();
-        // The earliest wave not done, found once (the status does not
-        // change while work is handed out), when a host needs it.
-        let mut open = None;
-        for host in self.queue.pop_ready(now.at, free) {
-            let Some(item) = self.work_item(&host).filter(|_| !self.held(&host)) else {
-                self.queue.done(&host);
-                continue;
-            };
-            if let Some((revision, fleet)) = self.specs.as_ref() {
-                let open =
-                    *open.get_or_insert_with(|| rollout::open_wave(fleet, &self.status, revision));
-                if rollout::must_wait(fleet, &self.status, revision, &item.host, open) {
+        let popped = self.queue.pop_ready(now.at, free);
+        let mut ready = Vec::with_capacity(popped.len());
+        {
+            // What holds hosts back, found once for all of them: the
+            // status does not change while work is handed out.
+            let gate = self
+                .specs
+                .as_ref()
+                .map(|(revision, fleet)| rollout::Gate::new(fleet, &self.status, revision));
+            for host in popped {
+                let Some(item) = self.work_item(&host).filter(|_| !self.held(&host)) else {
+                    self.queue.done(&host);
+                    continue;
+                };
+                if gate.as_ref().is_some_and(|gate| gate.must_wait(&item.host)) {
                     self.queue.done(&host);
                     self.gated.insert(host);
                     continue;
                 }
+                ready.push((host, item));
             }
+        }
+        let mut window = None;
+        let mut ahead = Vec::new();
+        for (host, item) in ready {
             if !self.forced.contains(&host) {
                 let verdict = window.get_or_insert_with(|| self.windows_at(now, out));
                 if let crate::window::Verdict::Closed { until, .. } = verdict {

@@ -214,7 +214,7 @@ struct SimulateArgs {
     first_contact: bool,
     /// Roll out under a `kind: Fleet` policy, as a cautious operator
     /// would: a canary wave (1% of the hosts), then the rest as a second
-    /// wave, and a failure budget of 1%.
+    /// wave that also depends on the canaries, and a failure budget of 1%.
     #[arg(long)]
     policy: bool,
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::event::{short, Phase};
-use crate::spec::{FleetSpec, HostSpec, MaxFailures, Selector};
+use crate::spec::{Dependency, FleetSpec, HostSpec, MaxFailures, Selector};
 use crate::status::{FleetStatus, HostStatus};
 
 /// Whether `labels` match every `key: value` of `selector`.
@@ -91,38 +91,83 @@ pub fn blocked_by(
     None
 }
 
-/// Whether `host` must wait: what [`blocked_by`] decides, without the scan
-/// of the fleet its message takes. `open` is the earliest wave with a
-/// host not yet done ([`open_wave`]), found once for every host a
-/// dispatch looks at: a host of a later wave waits for it.
-pub fn must_wait(
-    fleet: &FleetSpec,
-    status: &FleetStatus,
-    revision: &str,
-    host: &HostSpec,
-    open: Option<usize>,
-) -> bool {
-    if done(status.hosts.get(host.name.as_str()), revision) {
-        return false;
-    }
-    if status.repo.halted_revision.as_deref() == Some(revision) {
-        return true;
-    }
-    let wave = wave_of(fleet, host);
-    if open.is_some_and(|open| open < wave) {
-        return true;
-    }
-    if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
-        if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
-            return true;
+/// What holds hosts back at one moment, for a dispatch that asks about
+/// many hosts: [`Gate::must_wait`] decides what [`blocked_by`] does,
+/// without its scans of the fleet per host. The earliest open wave is
+/// found once, and each selector's hosts not yet done once, however many
+/// hosts ask (10,000 hosts depending on one selector would otherwise scan
+/// the fleet 10,000 times).
+pub struct Gate<'a> {
+    fleet: &'a FleetSpec,
+    status: &'a FleetStatus,
+    revision: &'a str,
+    open: std::cell::OnceCell<Option<usize>>,
+    /// Per selector asked about: up to two of the hosts it matches that
+    /// are not done (a host's own match is no dependency, so one more
+    /// than itself tells).
+    undone: std::cell::RefCell<std::collections::HashMap<Selector, Vec<&'a str>>>,
+}
+
+impl<'a> Gate<'a> {
+    pub fn new(fleet: &'a FleetSpec, status: &'a FleetStatus, revision: &'a str) -> Gate<'a> {
+        Gate {
+            fleet,
+            status,
+            revision,
+            open: std::cell::OnceCell::new(),
+            undone: std::cell::RefCell::default(),
         }
     }
-    !host.depends_on.is_empty()
-        && fleet.hosts.values().any(|other| {
-            other.name != host.name
-                && host.depends_on.iter().any(|d| d.matches(other))
-                && !done(status.hosts.get(other.name.as_str()), revision)
+
+    fn done(&self, host: &str) -> bool {
+        done(self.status.hosts.get(host), self.revision)
+    }
+
+    /// Whether `host` must wait (for the halt, an earlier wave, an
+    /// approval or its dependencies).
+    pub fn must_wait(&self, host: &HostSpec) -> bool {
+        let (fleet, status, revision) = (self.fleet, self.status, self.revision);
+        if self.done(host.name.as_str()) {
+            return false;
+        }
+        if status.repo.halted_revision.as_deref() == Some(revision) {
+            return true;
+        }
+        let wave = wave_of(fleet, host);
+        if wave > 0 {
+            let open = *self.open.get_or_init(|| open_wave(fleet, status, revision));
+            if open.is_some_and(|open| open < wave) {
+                return true;
+            }
+        }
+        if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
+            if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
+                return true;
+            }
+        }
+        host.depends_on.iter().any(|d| match d {
+            Dependency::Host(name) => {
+                *name != host.name && fleet.hosts.contains_key(name.as_str()) && !self.done(name)
+            }
+            Dependency::Selector(selector) => {
+                let mut undone = self.undone.borrow_mut();
+                if !undone.contains_key(selector) {
+                    let names = fleet
+                        .hosts
+                        .values()
+                        .filter(|h| matches(selector, &h.labels))
+                        .filter(|h| !self.done(h.name.as_str()))
+                        .map(|h| h.name.as_str())
+                        .take(2)
+                        .collect();
+                    undone.insert(selector.clone(), names);
+                }
+                undone
+                    .get(selector)
+                    .is_some_and(|names| names.iter().any(|name| *name != host.name.as_str()))
+            }
         })
+    }
 }
 
 /// The earliest wave with a host not yet done with `revision`
@@ -436,8 +481,8 @@ mod tests {
         ev
     }
 
-    /// `must_wait` with the earliest open wave found once decides what
-    /// `blocked_by` does, for every host, as the rollout goes on.
+    /// A gate asked about every host decides what `blocked_by` does, as
+    /// the rollout goes on.
     #[test]
     fn must_wait_decides_as_blocked_by_does() {
         let f = fleet(
@@ -469,10 +514,10 @@ mod tests {
         ];
         for events in steps {
             let s = status(events);
-            let open = open_wave(&f, &s, "r");
+            let gate = Gate::new(&f, &s, "r");
             for host in f.hosts.values() {
                 assert_eq!(
-                    must_wait(&f, &s, "r", host, open),
+                    gate.must_wait(host),
                     blocked_by(&f, &s, "r", host).is_some(),
                     "{} at {:?}",
                     host.name,

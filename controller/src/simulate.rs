@@ -46,7 +46,8 @@ pub struct SimulateOptions {
     pub first_contact: bool,
     /// Roll out under a Fleet policy: a canary wave of every
     /// [`CANARY_EVERY`]th host, then the others as a second wave, with a
-    /// failure budget of 1%.
+    /// failure budget of 1%; the others also depend on the canaries
+    /// (`dependsOn` a selector).
     pub policy: bool,
 }
 
@@ -330,12 +331,13 @@ fn spec_files(names: &[String], policy: bool) -> Vec<SpecFile> {
                 .iter()
                 .enumerate()
                 .map(|(j, name)| {
-                    let role = match (i * 1000 + j) % CANARY_EVERY {
-                        0 => "canary",
-                        _ => "web",
+                    let (role, depends) = match ((i * 1000 + j) % CANARY_EVERY, policy) {
+                        (0, _) => ("canary", ""),
+                        (_, false) => ("web", ""),
+                        (_, true) => ("web", ", dependsOn: [{selector: {role: canary}}]"),
                     };
                     format!(
-                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{role: {role}}}}}\nspec: {{address: 10.{}.{}.{}}}\n",
+                        "---\napiVersion: cim/v1\nkind: Host\nmetadata: {{name: {name}, labels: {{role: {role}}}}}\nspec: {{address: 10.{}.{}.{}{depends}}}\n",
                         i % 250,
                         j / 250,
                         j % 250 + 1

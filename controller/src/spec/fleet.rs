@@ -3,7 +3,7 @@
 //! validation. One Fleet document per repository at most; without one, all
 //! hosts form a single wave with no failure budget.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -75,7 +75,7 @@ pub(super) enum RawApproval {
 
 /// Another host (or hosts) that must be converged on the same revision
 /// first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Dependency {
     Host(String),
     Selector(Selector),
@@ -347,17 +347,32 @@ pub(super) fn check_dependencies(
     declared: &[DeclaredDeps<'_>],
     errs: &mut Vec<SpecError>,
 ) {
+    // Each distinct dependency is resolved once: a selector that 10,000
+    // hosts depend on scans the fleet once, not 10,000 times (twice each:
+    // here and in the search for cycles).
+    let mut resolved: HashMap<&Dependency, Vec<&str>> = HashMap::new();
+    for dep in hosts.values().flat_map(|h| &h.depends_on) {
+        resolved.entry(dep).or_insert_with(|| match dep {
+            Dependency::Host(name) => hosts
+                .get_key_value(name.as_str())
+                .map(|(name, _)| name.as_str())
+                .into_iter()
+                .collect(),
+            Dependency::Selector(_) => hosts
+                .values()
+                .filter(|h| dep.matches(h))
+                .map(|h| h.name.as_str())
+                .collect(),
+        });
+    }
     for d in declared {
         let ctx = FileContext {
             path: d.ctx_path,
             source: d.ctx_source,
         };
         for (dep, loc) in &d.deps {
-            let targets: Vec<&HostSpec> = hosts
-                .values()
-                .filter(|h| h.name != d.host && dep.matches(h))
-                .collect();
-            if targets.is_empty() {
+            let targets = resolved.get(dep).map_or(&[][..], Vec::as_slice);
+            if !targets.iter().any(|t| *t != d.host) {
                 let what = match dep {
                     Dependency::Host(h) => format!("no host `{h}`"),
                     Dependency::Selector(s) => format!("no other host matches selector {s:?}"),
@@ -370,6 +385,7 @@ pub(super) fn check_dependencies(
     fn visit<'h>(
         name: &'h str,
         hosts: &'h BTreeMap<String, HostSpec>,
+        resolved: &HashMap<&Dependency, Vec<&'h str>>,
         state: &mut BTreeMap<&'h str, u8>,
         path: &mut Vec<&'h str>,
     ) -> Option<Vec<String>> {
@@ -386,18 +402,15 @@ pub(super) fn check_dependencies(
         state.insert(name, 1);
         path.push(name);
         let host = &hosts[name];
-        // Most hosts wait for nobody: no scan of the fleet for them, which
-        // keeps checking a large fleet linear.
-        let waits_for = if host.depends_on.is_empty() {
-            None
-        } else {
-            Some(hosts.values())
-        };
-        for other in waits_for.into_iter().flatten() {
-            if other.name != host.name && host.depends_on.iter().any(|d| d.matches(other)) {
-                if let Some(c) = visit(&other.name, hosts, state, path) {
-                    return Some(c);
-                }
+        let waits_for = host
+            .depends_on
+            .iter()
+            .filter_map(|d| resolved.get(d))
+            .flatten()
+            .filter(|other| host.name != **other);
+        for other in waits_for {
+            if let Some(c) = visit(other, hosts, resolved, state, path) {
+                return Some(c);
             }
         }
         path.pop();
@@ -406,7 +419,7 @@ pub(super) fn check_dependencies(
     }
     let mut state = BTreeMap::new();
     for name in hosts.keys() {
-        if let Some(cycle) = visit(name, hosts, &mut state, &mut Vec::new()) {
+        if let Some(cycle) = visit(name, hosts, &resolved, &mut state, &mut Vec::new()) {
             let first = &cycle[0];
             if let Some(d) = declared.iter().find(|d| &d.host == first) {
                 let ctx = FileContext {
