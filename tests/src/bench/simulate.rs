@@ -21,7 +21,7 @@ const THINK: std::time::Duration = std::time::Duration::from_millis(50);
 pub(crate) fn simulate(opts: &Options) -> Result<()> {
     let n = opts.sim_hosts;
     let policy = match opts.sim_policy {
-        true => " under a Fleet policy (`--policy`: a 1% canary wave, then the rest; a 1% failure budget)",
+        true => " under a Fleet policy (`--policy`: a 1% canary wave, then the rest, which depends on it; a 1% failure budget)",
         false => "",
     };
     println!("## Simulated fleet: {n} hosts, one whole-fleet change (`cim simulate`){policy}\n");
