@@ -722,7 +722,10 @@ impl State {
                     self.queue.done(&host);
                     continue;
                 };
-                if gate.as_ref().is_some_and(|gate| gate.must_wait(&item.host)) {
+                if gate
+                    .as_ref()
+                    .is_some_and(|gate| gate.wait(&item.host).is_some())
+                {
                     self.queue.done(&host);
                     self.gated.insert(host);
                     continue;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::event::{short, Phase};
+use crate::event::Phase;
 use crate::spec::{Dependency, FleetSpec, HostSpec, MaxFailures, Selector};
 use crate::status::{FleetStatus, HostStatus};
 
@@ -34,69 +34,24 @@ fn done(status: Option<&HostStatus>, revision: &str) -> bool {
     }
 }
 
-/// Why a host must wait, or `None` if it may be worked on now.
-pub fn blocked_by(
-    fleet: &FleetSpec,
-    status: &FleetStatus,
-    revision: &str,
-    host: &HostSpec,
-) -> Option<String> {
-    // A host already done with this revision is only being re-checked.
-    if done(status.hosts.get(host.name.as_str()), revision) {
-        return None;
-    }
-    if status.repo.halted_revision.as_deref() == Some(revision) {
-        return Some(format!("the rollout of {} is halted", short(revision)));
-    }
-    // Hosts of the first wave (every host, without waves) and hosts
-    // without dependencies wait for nothing: no scan of the fleet for them.
-    let wave = wave_of(fleet, host);
-    let waiting: Vec<&str> = fleet
-        .hosts
-        .values()
-        .take_while(|_| wave > 0)
-        .filter(|other| {
-            wave_of(fleet, other) < wave && !done(status.hosts.get(other.name.as_str()), revision)
-        })
-        .map(|other| other.name.as_str())
-        .collect();
-    if !waiting.is_empty() {
-        return Some(format!(
-            "waiting for an earlier wave: {}",
-            waiting.join(", ")
-        ));
-    }
-    if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
-        if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
-            return Some(format!(
-                "wave {} waits for `cim approve {}`",
-                w.name,
-                short(revision)
-            ));
-        }
-    }
-    if host.depends_on.is_empty() {
-        return None;
-    }
-    let deps: Vec<&str> = fleet
-        .hosts
-        .values()
-        .filter(|other| other.name != host.name && host.depends_on.iter().any(|d| d.matches(other)))
-        .filter(|other| !done(status.hosts.get(other.name.as_str()), revision))
-        .map(|other| other.name.as_str())
-        .collect();
-    if !deps.is_empty() {
-        return Some(format!("waiting for dependencies: {}", deps.join(", ")));
-    }
-    None
+/// Why a host must wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// The failure budget halted the revision's rollout.
+    Halted,
+    /// A host of an earlier wave is not done.
+    EarlierWave,
+    /// Its wave has `approval: manual` and no `cim approve` yet.
+    Approval(String),
+    /// A host it depends on is not done.
+    Dependencies,
 }
 
-/// What holds hosts back at one moment, for a dispatch that asks about
-/// many hosts: [`Gate::must_wait`] decides what [`blocked_by`] does,
-/// without its scans of the fleet per host. The earliest open wave is
-/// found once, and each selector's hosts not yet done once, however many
-/// hosts ask (10,000 hosts depending on one selector would otherwise scan
-/// the fleet 10,000 times).
+/// What holds hosts back at one moment (the rollout policy against the
+/// status), for a dispatch that asks about many hosts: the earliest open
+/// wave is found once, and each selector's hosts not yet done once,
+/// however many hosts ask (10,000 hosts depending on one selector would
+/// otherwise scan the fleet 10,000 times).
 pub struct Gate<'a> {
     fleet: &'a FleetSpec,
     status: &'a FleetStatus,
@@ -123,29 +78,29 @@ impl<'a> Gate<'a> {
         done(self.status.hosts.get(host), self.revision)
     }
 
-    /// Whether `host` must wait (for the halt, an earlier wave, an
-    /// approval or its dependencies).
-    pub fn must_wait(&self, host: &HostSpec) -> bool {
+    /// Why `host` must wait, or `None` if it may be worked on now (a host
+    /// already done with the revision is only being re-checked).
+    pub fn wait(&self, host: &HostSpec) -> Option<Wait> {
         let (fleet, status, revision) = (self.fleet, self.status, self.revision);
         if self.done(host.name.as_str()) {
-            return false;
+            return None;
         }
         if status.repo.halted_revision.as_deref() == Some(revision) {
-            return true;
+            return Some(Wait::Halted);
         }
         let wave = wave_of(fleet, host);
         if wave > 0 {
             let open = *self.open.get_or_init(|| open_wave(fleet, status, revision));
             if open.is_some_and(|open| open < wave) {
-                return true;
+                return Some(Wait::EarlierWave);
             }
         }
         if let Some(w) = fleet.policy.waves.get(wave).filter(|w| w.manual) {
             if status.repo.approvals.get(&w.name).map(String::as_str) != Some(revision) {
-                return true;
+                return Some(Wait::Approval(w.name.clone()));
             }
         }
-        host.depends_on.iter().any(|d| match d {
+        let waits = host.depends_on.iter().any(|d| match d {
             Dependency::Host(name) => {
                 *name != host.name && fleet.hosts.contains_key(name.as_str()) && !self.done(name)
             }
@@ -166,7 +121,8 @@ impl<'a> Gate<'a> {
                     .get(selector)
                     .is_some_and(|names| names.iter().any(|name| *name != host.name.as_str()))
             }
-        })
+        });
+        waits.then_some(Wait::Dependencies)
     }
 }
 
@@ -362,10 +318,8 @@ mod tests {
         assert_eq!(wave_of(&f, &f.hosts["w-1"]), 1);
         assert_eq!(wave_of(&f, &f.hosts["x-1"]), 2);
         let s = status(vec![]);
-        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["c-1"]), None);
-        assert!(blocked_by(&f, &s, "r", &f.hosts["w-1"])
-            .unwrap()
-            .contains("c-1"));
+        assert_eq!(wait(&f, &s, "r", "c-1"), None);
+        assert_eq!(wait(&f, &s, "r", "w-1"), Some(Wait::EarlierWave));
         let s0 = status(vec![]);
         let wave = current_wave(&f, &s0, "r").unwrap();
         assert_eq!(
@@ -373,15 +327,13 @@ mod tests {
             (0, "canary", &["c-1".to_string()][..])
         );
         let s = status(vec![converged("c-1")]);
-        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["w-1"]), None);
+        assert_eq!(wait(&f, &s, "r", "w-1"), None);
         assert_eq!(current_wave(&f, &s, "r").unwrap().name, "web");
         let all = status(vec![converged("c-1"), converged("w-1"), converged("x-1")]);
         assert_eq!(current_wave(&f, &all, "r"), None);
-        assert!(blocked_by(&f, &s, "r", &f.hosts["x-1"])
-            .unwrap()
-            .contains("w-1"));
+        assert_eq!(wait(&f, &s, "r", "x-1"), Some(Wait::EarlierWave));
         // Converged at an older revision does not count.
-        assert!(blocked_by(&f, &s, "r2", &f.hosts["w-1"]).is_some());
+        assert_eq!(wait(&f, &s, "r2", "w-1"), Some(Wait::EarlierWave));
     }
 
     #[test]
@@ -399,15 +351,14 @@ mod tests {
             ],
         );
         let s = status(vec![]);
-        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["db-1"]), None);
-        assert!(blocked_by(&f, &s, "r", &f.hosts["app-1"])
-            .unwrap()
-            .contains("db-1"));
-        assert!(blocked_by(&f, &s, "r", &f.hosts["web-1"])
-            .unwrap()
-            .contains("app-1"));
+        assert_eq!(wait(&f, &s, "r", "db-1"), None);
+        assert_eq!(wait(&f, &s, "r", "app-1"), Some(Wait::Dependencies));
+        assert_eq!(wait(&f, &s, "r", "web-1"), Some(Wait::Dependencies));
+        let s = status(vec![converged("db-1")]);
+        assert_eq!(wait(&f, &s, "r", "app-1"), None);
+        assert_eq!(wait(&f, &s, "r", "web-1"), Some(Wait::Dependencies));
         let s = status(vec![converged("db-1"), converged("app-1")]);
-        assert_eq!(blocked_by(&f, &s, "r", &f.hosts["web-1"]), None);
+        assert_eq!(wait(&f, &s, "r", "web-1"), None);
     }
 
     #[test]
@@ -442,11 +393,9 @@ mod tests {
             NewEvent::repo(Reason::RolloutHalted, Some("r"), "halted"),
         ]);
         assert_eq!(over_budget(&f, &halted, "r"), None, "halting twice");
-        assert!(blocked_by(&f, &halted, "r", &f.hosts["w-2"])
-            .unwrap()
-            .contains("halted"));
+        assert_eq!(wait(&f, &halted, "r", "w-2"), Some(Wait::Halted));
         assert_eq!(
-            blocked_by(&f, &halted, "r", &f.hosts["w-1"]),
+            wait(&f, &halted, "r", "w-1"),
             None,
             "done hosts may be resynced"
         );
@@ -475,23 +424,29 @@ mod tests {
         assert!(over_budget(&f, &status(vec![failed("a"), failed("b")]), "r").is_some());
     }
 
+    fn wait(f: &FleetSpec, s: &FleetStatus, revision: &str, host: &str) -> Option<Wait> {
+        Gate::new(f, s, revision).wait(&f.hosts[host])
+    }
+
     fn approved(wave: &str) -> NewEvent {
         let mut ev = NewEvent::repo(Reason::WaveApproved, Some("r"), "");
         ev.wave = Some(wave.to_string());
         ev
     }
 
-    /// A gate asked about every host decides what `blocked_by` does, as
-    /// the rollout goes on.
+    /// One gate asked about many hosts answers each as a gate of its own
+    /// would (what it finds once is the same for all of them), as the
+    /// rollout goes on; a manual wave waits for its approval.
     #[test]
-    fn must_wait_decides_as_blocked_by_does() {
+    fn one_gate_for_many_hosts_answers_as_one_per_host() {
         let f = fleet(
             "  maxFailures: 1\n  waves:\n    - {name: canary, selector: {role: canary}}\n    - {name: web, selector: {role: web}, approval: manual}\n",
             &[
                 ("c-1", "canary", ""),
                 ("c-2", "canary", ""),
-                ("w-1", "web", ""),
-                ("w-2", "web", "  dependsOn:\n    - {host: w-1}\n"),
+                ("w-1", "web", "  dependsOn:\n    - {selector: {role: canary}}\n"),
+                ("w-2", "web", "  dependsOn:\n    - {selector: {role: canary}}\n"),
+                ("w-3", "web", "  dependsOn:\n    - {host: w-1}\n"),
                 ("x-1", "other", ""),
             ],
         );
@@ -499,7 +454,6 @@ mod tests {
             vec![],
             vec![converged("c-1")],
             vec![converged("c-1"), converged("c-2")],
-            vec![converged("c-1"), failed("c-2")],
             vec![converged("c-1"), converged("c-2"), approved("web")],
             vec![
                 converged("c-1"),
@@ -512,18 +466,34 @@ mod tests {
                 NewEvent::repo(Reason::RolloutHalted, Some("r"), ""),
             ],
         ];
+        let mut seen = Vec::new();
         for events in steps {
             let s = status(events);
             let gate = Gate::new(&f, &s, "r");
-            for host in f.hosts.values() {
-                assert_eq!(
-                    gate.must_wait(host),
-                    blocked_by(&f, &s, "r", host).is_some(),
-                    "{} at {:?}",
-                    host.name,
-                    s.repo
-                );
-            }
+            let shared: Vec<Option<Wait>> = f.hosts.values().map(|h| gate.wait(h)).collect();
+            let alone: Vec<Option<Wait>> = f
+                .hosts
+                .values()
+                .map(|h| Gate::new(&f, &s, "r").wait(h))
+                .collect();
+            assert_eq!(shared, alone);
+            seen.push(shared);
         }
+        // c-1 c-2 w-1 w-2 w-3 x-1, at the third step: the web wave waits
+        // for its approval.
+        assert_eq!(seen[2][2], Some(Wait::Approval("web".to_string())));
+        // Approved: w-1 and w-2 go (the canaries they depend on are
+        // done), w-3 waits for w-1, x-1 for the web wave.
+        assert_eq!(
+            seen[3][2..],
+            [
+                None,
+                None,
+                Some(Wait::Dependencies),
+                Some(Wait::EarlierWave)
+            ]
+        );
+        assert_eq!(seen[4][4], None, "w-3's dependency is done");
+        assert_eq!(seen[5][1], Some(Wait::Halted));
     }
 }
