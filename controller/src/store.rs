@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use time::OffsetDateTime;
 
-use crate::event::{Event, NewEvent, EVENT_SCHEMA_VERSION};
+use crate::event::{Event, NewEvent, Reason, EVENT_SCHEMA_VERSION};
 use crate::status::{FleetStatus, HostStatus, RepoStatus};
 
 /// File name of the database inside the state directory.
@@ -538,6 +538,25 @@ impl Store {
             events.reverse();
         }
         Ok(events)
+    }
+
+    /// The events of one reason after `since`, in order, without parsing
+    /// the others, and the newest sequence number looked at (where the
+    /// next call starts): `cim simulate` waits for every host's
+    /// `Converged` this way, at a fraction of the CPU of reading the log.
+    pub fn events_of(&self, reason: Reason, since: u64) -> Result<(u64, Vec<Event>), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, CASE WHEN reason = ?2 THEN body END FROM events WHERE seq > ?1 ORDER BY seq",
+        )?;
+        let mut rows = stmt.query(params![since, reason.to_string()])?;
+        let (mut newest, mut events) = (since, Vec::new());
+        while let Some(row) = rows.next()? {
+            newest = row.get(0)?;
+            if let Some(body) = row.get::<_, Option<String>>(1)? {
+                events.push(serde_json::from_str::<Event>(&body)?);
+            }
+        }
+        Ok((newest, events))
     }
 }
 

@@ -99,6 +99,22 @@ fn queries_filter_by_host_since_and_limit() {
 }
 
 #[test]
+fn events_of_one_reason_and_where_the_next_read_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    sample(&mut store, &mut FleetStatus::default());
+    let (newest, builds) = store.events_of(Reason::BuildStarted, 0).unwrap();
+    assert_eq!(newest, 8);
+    assert_eq!(builds.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+    let (newest, converged) = store.events_of(Reason::Converged, 6).unwrap();
+    assert_eq!((newest, converged[0].seq, converged.len()), (8, 7, 1));
+    assert_eq!(
+        store.events_of(Reason::Converged, 8).unwrap(),
+        (8, Vec::new())
+    );
+}
+
+#[test]
 fn a_batch_is_the_same_as_its_events_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut one_by_one = Store::open(dir.path()).unwrap();
