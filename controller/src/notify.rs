@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -103,15 +104,17 @@ pub fn spawn(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Failures in a row wait longer each time; a delivery starts the
+        // next failure from the beginning.
+        let mut retry: Option<backon::ExponentialBackoff> = None;
         let mut failing = false;
-        let mut delay = Duration::from_secs(1);
         loop {
             let cfg2 = cfg.clone();
             let round = tokio::task::spawn_blocking(move || deliver(&cfg2)).await;
             let next = match round {
                 Ok(Ok(())) => {
                     failing = false;
-                    delay = Duration::from_secs(1);
+                    retry = None;
                     POLL
                 }
                 Ok(Err(error)) => {
@@ -119,12 +122,11 @@ pub fn spawn(
                         failing = true;
                         let _ = report.send(Msg::NotifyFailed { error }).await;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(300));
-                    delay
+                    next_retry(&mut retry)
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the notifier crashed");
-                    delay
+                    next_retry(&mut retry)
                 }
             };
             tokio::select! {
@@ -137,6 +139,24 @@ pub fn spawn(
 
 /// How often the notifier looks for new events.
 const POLL: Duration = Duration::from_millis(500);
+/// The wait after a first failed delivery, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// The wait before the next delivery after one more failure in a row
+/// (2 s, 4 s, … 5 min), through `backon` as the watcher's fetches.
+fn next_retry(retry: &mut Option<backon::ExponentialBackoff>) -> Duration {
+    retry
+        .get_or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(RETRY_FIRST)
+                .with_max_delay(RETRY_MAX)
+                .without_max_times()
+                .build()
+        })
+        .next()
+        .unwrap_or(RETRY_MAX)
+}
 
 /// Sends every wanted event after the cursor, in order; the cursor moves
 /// past each one once every URL took it. `Err` names what refused.
@@ -197,6 +217,16 @@ pub fn start_at_end(state_dir: &std::path::Path) -> Result<(), crate::store::Sto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_deliveries_wait_twice_as_long_each_time_up_to_five_minutes() {
+        let mut retry = None;
+        let waits: Vec<u64> = (0..10).map(|_| next_retry(&mut retry).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        // A delivery in between starts over.
+        let mut retry = None;
+        assert_eq!(next_retry(&mut retry).as_secs(), 2);
+    }
     use crate::event::NewEvent;
     use time::OffsetDateTime;
 
