@@ -90,27 +90,40 @@ impl Snapshot {
         if repo.last_seq <= seq {
             return;
         }
-        for (name, change) in changes.hosts {
-            if change.seq <= seq {
-                continue;
+        // In name order: the maps are ordered by name, and 10,000 hosts
+        // added at once are inserted next to each other, not all over.
+        let mut hosts: Vec<_> = changes
+            .hosts
+            .into_iter()
+            .filter(|(_, change)| change.seq > seq)
+            .collect();
+        hosts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut relayout = false;
+        for (name, change) in hosts {
+            if !self.dirty.is_empty() {
+                self.dirty.remove(&name);
             }
-            match change.row {
-                Some(row) => {
+            match (change.row, self.fragments.get_mut(&name)) {
+                (Some(row), Some(fragment)) => {
+                    *fragment = row.json;
+                    if let Some(status) = self.status.hosts.get_mut(&name) {
+                        *status = row.status;
+                    }
+                    self.stale(&name);
+                }
+                (Some(row), None) => {
                     self.status.hosts.insert(name.clone(), row.status);
-                    match self.fragments.insert(name.clone(), row.json) {
-                        None => self.block_of.clear(),
-                        Some(_) => self.stale(&name),
-                    }
-                    self.dirty.remove(&name);
+                    self.fragments.insert(name, row.json);
+                    relayout = true;
                 }
-                None => {
+                (None, _) => {
                     self.status.hosts.remove(&name);
-                    self.dirty.remove(&name);
-                    if self.fragments.remove(&name).is_some() {
-                        self.block_of.clear();
-                    }
+                    relayout |= self.fragments.remove(&name).is_some();
                 }
             }
+        }
+        if relayout {
+            self.block_of.clear();
         }
         self.status.repo = repo;
         self.head = None;
