@@ -389,6 +389,9 @@ mod tests {
     #[test]
     fn status_table() {
         let s = StatusResponse {
+            seq: 0,
+            since: None,
+            removed: Vec::new(),
             trimmed_through: 0,
             revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
             latest_revision: Some("fedcba9876543210fedcba9876543210fedcba98".into()),

@@ -40,6 +40,9 @@ pub(crate) struct Options {
     pub(crate) sim_parallel: Vec<usize>,
     /// `cim simulate --policy`: waves and a failure budget.
     pub(crate) sim_policy: bool,
+    /// The status readers ask `?since=` their last answer (as the
+    /// dashboard does) instead of reading the whole status each time.
+    pub(crate) sim_since: bool,
     pub(crate) cim: PathBuf,
     pub(crate) baseline: Option<PathBuf>,
     pub(crate) only: Option<String>,
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
         sim_hosts: 10_000,
         sim_parallel: vec![1000, 10_000],
         sim_policy: false,
+        sim_since: false,
         // target/release/cim next to target/release/cim-bench.
         cim: std::env::current_exe()?.with_file_name("cim"),
         baseline: None,
@@ -76,11 +80,12 @@ fn main() -> Result<()> {
             "--sim-hosts" => opts.sim_hosts = value()?.parse()?,
             "--sim-parallel" => opts.sim_parallel = list(&value()?)?,
             "--sim-policy" => opts.sim_policy = true,
+            "--sim-since" => opts.sim_since = true,
             "--cim" => opts.cim = value()?.into(),
             "--baseline" => opts.baseline = Some(value()?.into()),
             "--only" => opts.only = Some(value()?),
             other => bail!(
-                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --sim-hosts N --sim-parallel 1000,10000 --sim-policy --only converge|latency|idle|scale|restart|simulate)"
+                "unknown argument {other}; see scripts/bench (--sizes 10,50 --rounds 3 --eval-costs 0,4000000 --idle-hosts N --idle-seconds S --latency-commits N --cim BIN --baseline BIN --scale-hosts N --sim-hosts N --sim-parallel 1000,10000 --sim-policy --sim-since --only converge|latency|idle|scale|restart|simulate)"
             ),
         }
     }

@@ -1,6 +1,8 @@
 //! `simulate`: `cim simulate` — the real controller driving 10,000
 //! simulated hosts through a whole-fleet change — with four clients
-//! reading `GET /api/v1/status` the whole time it is busy.
+//! reading `GET /api/v1/status` the whole time it is busy: the whole
+//! status each time, or (`--sim-since`) what changed since their last
+//! answer, applied to the hosts they hold, as the dashboard does.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,7 +27,11 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
         false => "",
     };
     println!("## Simulated fleet: {n} hosts, one whole-fleet change (`cim simulate`){policy}\n");
-    println!("Simulated latencies: connect 50 ms, command 10 ms, copy 500 ms, activation 1 s, evaluation 1 s, build 200 ms. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms.\n", opts.rounds, THINK.as_millis());
+    let reads = match opts.sim_since {
+        true => "the changes since its last answer (`?since=`)",
+        false => "the whole status",
+    };
+    println!("Simulated latencies: connect 50 ms, command 10 ms, copy 500 ms, activation 1 s, evaluation 1 s, build 200 ms. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms, each time {reads}.\n", opts.rounds, THINK.as_millis());
     // With --baseline, both controllers run in every round, alternating
     // (the order rotates), and each gets its own row.
     let mut binaries = vec![("cim", opts.cim.clone())];
@@ -38,7 +44,13 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
         for round in 0..opts.rounds {
             for i in 0..binaries.len() {
                 let which = (i + round) % binaries.len();
-                runs[which].push(run(&binaries[which].1, n, parallel, opts.sim_policy)?);
+                runs[which].push(run(
+                    &binaries[which].1,
+                    n,
+                    parallel,
+                    opts.sim_policy,
+                    opts.sim_since,
+                )?);
             }
         }
         for ((label, _), runs) in binaries.iter().zip(&runs) {
@@ -66,6 +78,7 @@ fn run(
     hosts: usize,
     parallel: usize,
     policy: bool,
+    since: bool,
 ) -> Result<std::collections::HashMap<String, f64>> {
     let mut child = Command::new(cim)
         .args([
@@ -92,14 +105,24 @@ fn run(
             let (addr, stop) = (addr.clone(), Arc::clone(&stop));
             std::thread::spawn(move || -> Vec<f64> {
                 let mut times = Vec::new();
+                let mut reader = Reader::default();
                 // The first request builds the server's snapshot.
-                let _ = http_get(&addr, "/api/v1/status");
+                if let Ok(body) = http_get(&addr, "/api/v1/status") {
+                    reader.take(&body);
+                }
                 while !stop.load(Ordering::Relaxed) {
+                    let path = match (since, reader.seq) {
+                        (true, Some(seq)) => format!("/api/v1/status?since={seq}"),
+                        _ => "/api/v1/status".to_string(),
+                    };
                     let t = Instant::now();
-                    if http_get(&addr, "/api/v1/status").is_err() {
+                    let Ok(body) = http_get(&addr, &path) else {
                         break;
-                    }
+                    };
                     times.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if since {
+                        reader.take(&body);
+                    }
                     std::thread::sleep(THINK);
                 }
                 times
@@ -138,4 +161,32 @@ fn run(
         .collect();
     out.insert("statusP99".into(), p99);
     Ok(out)
+}
+
+/// What a reader asking `?since=` holds: the hosts, as the answers so far
+/// leave them, and the newest event they include.
+#[derive(Default)]
+struct Reader {
+    seq: Option<u64>,
+    hosts: std::collections::BTreeMap<String, cim::status::HostStatus>,
+}
+
+impl Reader {
+    /// Applies an answer as the dashboard does: a whole status replaces
+    /// the hosts; a list of changes removes and puts in.
+    fn take(&mut self, body: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<cim::api::StatusResponse>(body) else {
+            return;
+        };
+        if answer.since.is_none() {
+            self.hosts.clear();
+        }
+        for name in &answer.removed {
+            self.hosts.remove(name);
+        }
+        for host in answer.hosts {
+            self.hosts.insert(host.name.clone(), host);
+        }
+        self.seq = Some(answer.seq);
+    }
 }
