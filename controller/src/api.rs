@@ -82,7 +82,7 @@ impl From<FleetStatus> for StatusResponse {
             latest_revision: s.repo.latest_revision,
             message: s.repo.message,
             window: s.repo.window,
-            hosts: s.hosts.into_values().collect(),
+            hosts: s.hosts.into_values().map(Arc::unwrap_or_clone).collect(),
         }
     }
 }

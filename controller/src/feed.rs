@@ -23,7 +23,8 @@ use crate::status::{FleetStatus, HostStatus, RepoStatus};
 /// A host's row as a commit left it.
 #[derive(Debug, Clone)]
 pub struct HostRow {
-    pub status: HostStatus,
+    /// Shared with the controller's projection, not copied.
+    pub status: std::sync::Arc<HostStatus>,
     /// `status` as the store wrote it (and as `GET /api/v1/status` sends
     /// it).
     pub json: Bytes,
@@ -127,7 +128,7 @@ mod tests {
             status
                 .hosts
                 .get(host)
-                .map(|h| serde_json::to_string(h).unwrap()),
+                .map(|h| serde_json::to_string(&**h).unwrap()),
         )]
     }
 
@@ -163,7 +164,7 @@ mod tests {
         assert_eq!(row.status, status.hosts["a"]);
         assert_eq!(
             &row.json[..],
-            serde_json::to_vec(&status.hosts["a"]).unwrap()
+            serde_json::to_vec(&*status.hosts["a"]).unwrap()
         );
         assert!(taken.hosts["b"].row.is_none());
         // Taken once.

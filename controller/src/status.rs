@@ -4,6 +4,7 @@
 //! projection back (a test in `store` checks exactly that).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -80,11 +81,14 @@ pub struct HostStatus {
     pub reboot_required: Option<String>,
 }
 
-/// The whole projection.
+/// The whole projection. Each host's row is shared (`Arc`): the
+/// controller hands a commit's rows to the API's snapshot without copying
+/// them, and a row is copied only when an event changes it while the
+/// snapshot still holds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetStatus {
     pub repo: RepoStatus,
-    pub hosts: BTreeMap<String, HostStatus>,
+    pub hosts: BTreeMap<String, Arc<HostStatus>>,
 }
 
 impl FleetStatus {
@@ -104,10 +108,8 @@ impl FleetStatus {
             self.hosts.remove(name);
             return;
         }
-        let host = self
-            .hosts
-            .entry(name.clone())
-            .or_insert_with(|| HostStatus {
+        let host = self.hosts.entry(name.clone()).or_insert_with(|| {
+            Arc::new(HostStatus {
                 name: name.clone(),
                 phase: Phase::Pending,
                 phase_revision: None,
@@ -121,7 +123,9 @@ impl FleetStatus {
                 failed_revision: None,
                 operator_suspended: false,
                 reboot_required: None,
-            });
+            })
+        });
+        let host = Arc::make_mut(host);
         if let Some(to) = ev.to_phase {
             host.phase_revision = ev.revision.clone();
             if to != host.phase {

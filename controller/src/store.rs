@@ -9,6 +9,7 @@
 mod checkpoint;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use time::OffsetDateTime;
@@ -213,7 +214,7 @@ impl Store {
         }
         let mut repo = status.repo.clone();
         // Each touched host's row as the batch leaves it (`None`: removed).
-        let mut touched: std::collections::BTreeMap<String, Option<HostStatus>> =
+        let mut touched: std::collections::BTreeMap<String, Option<Arc<HostStatus>>> =
             std::collections::BTreeMap::new();
         let mut events = Vec::with_capacity(news.len());
         for new in news {
@@ -253,7 +254,7 @@ impl Store {
             .and_then(|()| match self.grouped {
                 true => Ok(()),
                 false => self
-                    .write_hosts(touched.iter().map(|(name, row)| (name, row.as_ref())))
+                    .write_hosts(touched.iter().map(|(name, row)| (name, row.as_deref())))
                     .and_then(|_| self.write_repo(&repo)),
             })
             .and_then(|()| self.run_cached("RELEASE append"));
@@ -365,7 +366,11 @@ impl Store {
             return Ok(Vec::new());
         }
         let written = self
-            .write_hosts(hosts.iter().map(|name| (name, status.hosts.get(name))))
+            .write_hosts(
+                hosts
+                    .iter()
+                    .map(|name| (name, status.hosts.get(name).map(|h| &**h))),
+            )
             .and_then(|rows| match &repo {
                 Some(repo) => self.write_repo(repo).map(|()| rows),
                 None => Ok(rows),
@@ -494,7 +499,7 @@ impl Store {
         let mut hosts = std::collections::BTreeMap::new();
         for body in bodies {
             let host: HostStatus = serde_json::from_str(&body)?;
-            hosts.insert(host.name.clone(), host);
+            hosts.insert(host.name.clone(), Arc::new(host));
         }
         Ok(FleetStatus { repo, hosts })
     }

@@ -222,7 +222,7 @@ impl Snapshot {
         for name in std::mem::take(&mut self.dirty) {
             match self.status.hosts.get(&name) {
                 Some(host) => {
-                    let json = Bytes::from(serde_json::to_vec(host)?);
+                    let json = Bytes::from(serde_json::to_vec(&**host)?);
                     match self.fragments.insert(name.clone(), json) {
                         None => self.block_of.clear(),
                         Some(_) => self.stale(&name),

@@ -210,7 +210,7 @@ async fn a_commit_is_in_the_status_feed_before_it_is_made_known() {
     assert_eq!(changes.repo.map(|r| r.last_seq), Some(seq));
     let stored = c.store.host("web-1").unwrap().expect("a row for web-1");
     let row = changes.hosts["web-1"].row.clone().expect("web-1's row");
-    assert_eq!(row.status, stored);
+    assert_eq!(*row.status, stored);
     assert_eq!(
         serde_json::from_slice::<crate::status::HostStatus>(&row.json).unwrap(),
         stored

@@ -134,9 +134,9 @@ fn a_batch_is_the_same_as_its_events_one_by_one() {
     assert_eq!(FleetStatus::replay(&log), stored);
     assert_eq!(stored, status);
     // The same projection as one event at a time (but for the times).
-    let mut a = status.hosts["a"].clone();
+    let mut a = (*status.hosts["a"]).clone();
     a.last_transition_time = expected.hosts["a"].last_transition_time;
-    assert_eq!(a, expected.hosts["a"]);
+    assert_eq!(a, *expected.hosts["a"]);
     assert_eq!(status.hosts.len(), expected.hosts.len());
     assert_eq!(status.repo, expected.repo);
 }
