@@ -326,6 +326,7 @@ fn suspend_resume_and_removal_follow_the_specs() {
     );
 
     // Removed: web-2 leaves the status but keeps running.
+    let before = cim.api_get("/api/v1/status");
     fleet
         .write("specs/fleet.yaml", &specs("  suspend: true\n", false))
         .unwrap();
@@ -338,6 +339,21 @@ fn suspend_resume_and_removal_follow_the_specs() {
         fleet.current_system("web-2").is_some(),
         "a removed host is left running"
     );
+    // A client polling the status asks for what changed since its last
+    // answer: the removal, and no row of the removed host.
+    let since = before["seq"]
+        .as_u64()
+        .expect("every status answer has its seq");
+    let changes = cim.api_get(&format!("/api/v1/status?since={since}"));
+    assert_eq!(changes["since"], since, "{changes}");
+    assert!(changes["seq"].as_u64().unwrap() > since, "{changes}");
+    assert_eq!(
+        changes["removed"],
+        serde_json::json!(["web-2"]),
+        "{changes}"
+    );
+    let changed = changes["hosts"].as_array().unwrap();
+    assert!(changed.iter().all(|h| h["name"] != "web-2"), "{changes}");
 
     // Resumed: web-3 gets its new system.
     fleet.write("specs/fleet.yaml", &specs("", false)).unwrap();
