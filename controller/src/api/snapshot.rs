@@ -42,6 +42,10 @@ pub(super) struct Snapshot {
     /// The response up to its hosts' array, `None` when it must be
     /// rendered again.
     head: Option<Bytes>,
+    /// The rollout's progress as of `status`, `None` when it must be
+    /// counted again: every answer has it, and counting it takes a pass
+    /// over the hosts.
+    progress: Option<crate::rollout::Progress>,
     /// The commit that last wrote each host's row, for `?since=`. Hosts
     /// the store read gave and no commit changed since are not in it.
     written_at: HashMap<String, u64>,
@@ -87,6 +91,7 @@ impl Snapshot {
             block_of: HashMap::new(),
             head: None,
             dirty,
+            progress: None,
             written_at: HashMap::new(),
             removed: VecDeque::new(),
             horizon: status.repo.last_seq,
@@ -166,6 +171,7 @@ impl Snapshot {
         }
         self.status.repo = repo;
         self.head = None;
+        self.progress = None;
     }
 
     /// The block `name` is in must be joined again.
@@ -187,6 +193,7 @@ impl Snapshot {
         if since < self.horizon || since > self.seq() {
             return Ok(None);
         }
+        let progress = self.progress();
         let mut changed: Vec<&String> = self
             .written_at
             .iter()
@@ -201,7 +208,7 @@ impl Snapshot {
             .take_while(|(seq, _)| *seq > since)
             .map(|(_, name)| name.as_str())
             .collect();
-        let mut head = self.render_head(Some(since), &removed)?;
+        let mut head = self.render_head(progress, Some(since), &removed)?;
         let mut body = Vec::with_capacity(head.len() + changed.len() * 600 + 2);
         body.append(&mut head);
         for (i, name) in changed.into_iter().enumerate() {
@@ -241,7 +248,8 @@ impl Snapshot {
         let head = match &self.head {
             Some(head) => head.clone(),
             None => {
-                let head = Bytes::from(self.render_head(None, &[])?);
+                let progress = self.progress();
+                let head = Bytes::from(self.render_head(progress, None, &[])?);
                 self.head = Some(head.clone());
                 head
             }
@@ -269,8 +277,9 @@ impl Snapshot {
 
     /// The response without its hosts (an empty list).
     pub(super) fn fleet_part(&mut self) -> Result<Vec<Bytes>, StoreError> {
+        let progress = self.progress();
         Ok(vec![
-            Bytes::from(self.render_head(None, &[])?),
+            Bytes::from(self.render_head(progress, None, &[])?),
             Bytes::from_static(b"]}"),
         ])
     }
@@ -295,7 +304,18 @@ impl Snapshot {
 
     /// Everything before the hosts' fragments; `since` and `removed` for
     /// a list of changes.
-    fn render_head(&self, since: Option<u64>, removed: &[&str]) -> Result<Vec<u8>, StoreError> {
+    fn progress(&mut self) -> crate::rollout::Progress {
+        self.progress
+            .get_or_insert_with(|| crate::rollout::progress(&self.status))
+            .clone()
+    }
+
+    fn render_head(
+        &self,
+        rollout: crate::rollout::Progress,
+        since: Option<u64>,
+        removed: &[&str],
+    ) -> Result<Vec<u8>, StoreError> {
         let repo = &self.status.repo;
         let mut head = serde_json::to_vec(&Header {
             seq: repo.last_seq,
@@ -305,7 +325,7 @@ impl Snapshot {
             latest_revision: &repo.latest_revision,
             message: &repo.message,
             window: &repo.window,
-            rollout: crate::rollout::progress(&self.status),
+            rollout,
             trimmed_through: repo.trimmed_through,
         })?;
         head.pop(); // the closing brace
