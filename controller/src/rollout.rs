@@ -3,16 +3,9 @@
 //! budget is spent. Pure functions of the specs and the status projection,
 //! so the controller asks and the tests check without any IO.
 
-use std::collections::BTreeMap;
-
 use crate::event::Phase;
 use crate::spec::{Dependency, FleetSpec, HostSpec, MaxFailures, Selector};
 use crate::status::{FleetStatus, HostStatus};
-
-/// Whether `labels` match every `key: value` of `selector`.
-pub fn matches(selector: &Selector, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
 
 /// The wave a host belongs to: the first whose selector matches it; hosts
 /// matching none roll out after the last wave.
@@ -21,7 +14,7 @@ pub fn wave_of(fleet: &FleetSpec, host: &HostSpec) -> usize {
         .policy
         .waves
         .iter()
-        .position(|w| matches(&w.selector, &host.labels))
+        .position(|w| crate::spec::selects(&w.selector, &host.labels))
         .unwrap_or(fleet.policy.waves.len())
 }
 
@@ -110,7 +103,7 @@ impl<'a> Gate<'a> {
                     let names = fleet
                         .hosts
                         .values()
-                        .filter(|h| matches(selector, &h.labels))
+                        .filter(|h| crate::spec::selects(selector, &h.labels))
                         .filter(|h| !self.done(h.name.as_str()))
                         .map(|h| h.name.as_str())
                         .take(2)

@@ -22,7 +22,7 @@ pub use checks::{check_address, check_attribute, check_user, parse_duration};
 use checks::{check_label_key, health_check};
 use error::first_line;
 pub use error::{SpecError, SpecErrors};
-pub use fleet::{Dependency, MaxFailures, RolloutPolicy, Selector, Wave};
+pub use fleet::{selects, Dependency, MaxFailures, RolloutPolicy, Selector, Wave};
 
 /// The only `apiVersion` this release understands.
 pub const API_VERSION: &str = "cim/v1";

@@ -288,7 +288,7 @@ impl State {
                 fleet
                     .hosts
                     .values()
-                    .filter(|h| crate::rollout::matches(selector, &h.labels))
+                    .filter(|h| crate::spec::selects(selector, &h.labels))
                     .map(|h| h.name.to_string())
                     .collect()
             })

@@ -14,6 +14,13 @@ use super::{check_dns_label, FileContext, HealthCheck, HostSpec, Loc, SpecError}
 /// Label `key: value` pairs that must all match.
 pub type Selector = BTreeMap<String, String>;
 
+/// Whether `labels` match every `key: value` of `selector` (an empty
+/// selector matches every host). The one rule for selectors: waves,
+/// `dependsOn` and the API's selections all ask it.
+pub fn selects(selector: &Selector, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// How a revision rolls out across the fleet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RolloutPolicy {
@@ -85,7 +92,7 @@ impl Dependency {
     pub fn matches(&self, host: &HostSpec) -> bool {
         match self {
             Dependency::Host(name) => *name == host.name,
-            Dependency::Selector(sel) => sel.iter().all(|(k, v)| host.labels.get(k) == Some(v)),
+            Dependency::Selector(sel) => selects(sel, &host.labels),
         }
     }
 }

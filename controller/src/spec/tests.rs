@@ -334,3 +334,23 @@ spec:
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_selector_selects_the_hosts_with_every_one_of_its_labels() {
+    let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let web_eu = labels(&[("role", "web"), ("region", "eu")]);
+    assert!(selects(&labels(&[]), &web_eu), "empty: every host");
+    assert!(selects(&labels(&[("role", "web")]), &web_eu));
+    assert!(selects(&web_eu, &web_eu));
+    assert!(!selects(&labels(&[("role", "db")]), &web_eu));
+    assert!(!selects(
+        &labels(&[("role", "web"), ("tier", "1")]),
+        &web_eu
+    ));
+    assert!(!selects(&labels(&[("role", "web")]), &labels(&[])));
+}
