@@ -367,31 +367,40 @@ async fn reconcile<B: Backend>(
             return Outcome::BuildFailed { message };
         }
         // Said in the build's and the convergence's events; a host that
-        // cannot say what it runs only leaves the summary out.
+        // cannot say what it runs only leaves the summary out. Worked out
+        // while the copy runs (unless a push to the binary cache comes
+        // first): the copy does not wait for a `nix path-info` and an SSH
+        // round trip that only describe it.
         let mut roots = vec![item.desired.clone()];
         roots.extend(current.as_deref().and_then(StorePath::parse));
-        let changes = match builds.closures(roots).await {
-            Ok(local) => Box::pin(closure_diff(
-                &local,
-                &session,
-                current.as_deref(),
-                &item.desired,
-            ))
-            .await
-            .map(|d| d.summary())
-            .ok(),
-            Err(_) => None,
+        let announce = async {
+            let changes = match builds.closures(roots).await {
+                Ok(local) => Box::pin(closure_diff(
+                    &local,
+                    &session,
+                    current.as_deref(),
+                    &item.desired,
+                ))
+                .await
+                .map(|d| d.summary())
+                .ok(),
+                Err(_) => None,
+            };
+            match (&system, changes) {
+                (Some(_), changes) => {
+                    let _ = report(Step::BuildSucceeded { changes }).await;
+                }
+                (None, Some(changes)) => {
+                    let _ = report(Step::Compared { changes }).await;
+                }
+                (None, None) => {}
+            }
         };
-        match (&system, changes) {
-            (Some(_), changes) => {
-                let _ = report(Step::BuildSucceeded { changes }).await;
-            }
-            (None, Some(changes)) => {
-                let _ = report(Step::Compared { changes }).await;
-            }
-            (None, None) => {}
-        }
+        let mut announce = Some(Box::pin(announce));
         if let (true, Some(cache)) = (item.push, backend.cache()) {
+            if let Some(announce) = announce.take() {
+                announce.await;
+            }
             if let Err(e) = backend.push(&item.desired).await {
                 return Outcome::Failed {
                     reason: Reason::CopyFailed,
@@ -404,8 +413,15 @@ async fn reconcile<B: Backend>(
             }
             let _ = report(Step::Pushed).await;
         }
-        let _ = report(Step::CopyStarted).await;
-        if let Err(e) = session.copy(&item.desired, item.substitute).await {
+        // The reports keep their order: the build's, then the copy's start.
+        let started = async {
+            if let Some(announce) = announce {
+                announce.await;
+            }
+            let _ = report(Step::CopyStarted).await;
+        };
+        let (copied, ()) = tokio::join!(session.copy(&item.desired, item.substitute), started);
+        if let Err(e) = copied {
             return failed(Reason::CopyFailed, &e);
         }
         let _ = report(Step::CopySucceeded).await;

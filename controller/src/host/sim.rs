@@ -71,9 +71,10 @@ impl SimConfig {
     /// One host's reconcile when it needs a change and nothing fails: its
     /// build (while connecting and looking, for a host the controller
     /// knows; after looking, for one it has never seen, which may run
-    /// the system already), the closure it runs (for the summary), the
-    /// copy, a confirmed activation (start, switch, confirm over a new
-    /// connection), and the old generations' pruning.
+    /// the system already), the copy (while the host is asked the closure
+    /// it runs, for the build's summary), a confirmed activation (start,
+    /// switch, confirm over a new connection), and the old generations'
+    /// pruning.
     pub fn reconcile_time(&self, known: bool) -> Duration {
         let look = self.connect + self.command;
         let built = if known {
@@ -81,11 +82,11 @@ impl SimConfig {
         } else {
             look + self.build
         };
+        // What it runs is asked of the host for the build's summary (the
+        // controller's store does not hold simulated systems) during the
+        // copy.
         built
-            // What it runs, asked of the host for the build's summary
-            // (the controller's store does not hold simulated systems).
-            + self.command
-            + self.copy
+            + self.copy.max(self.command)
             + self.command
             + self.activate
             + self.connect

@@ -24,7 +24,7 @@ use crate::host::Backend;
 use crate::types::StorePath;
 
 /// How long a batch waits for more requests after its first.
-const BATCH_WINDOW: Duration = Duration::from_millis(15);
+pub(super) const BATCH_WINDOW: Duration = Duration::from_millis(15);
 /// Systems realised at once when a failed batch is retried one by one.
 const RETRY_PARALLELISM: usize = 4;
 

@@ -318,3 +318,24 @@ async fn cim_reboot_reboots_into_the_profile() {
     );
     assert_eq!(sim.booted("web-1").as_deref(), Some(OLD));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_copy_does_not_wait_for_the_build_summary() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let started = tokio::time::Instant::now();
+    let (steps, outcome) = reconcile_on(&sim, item(spec(""))).await;
+    assert!(matches!(outcome, Outcome::Converged { .. }), "{outcome:?}");
+    // The simulation's model of a reconcile (the host is asked what it
+    // runs during the copy), and the build batch's window: no closures
+    // batch, no remote command before the copy.
+    assert_eq!(
+        started.elapsed(),
+        SimConfig::default().reconcile_time(true) + super::builds::BATCH_WINDOW
+    );
+    let built = steps
+        .iter()
+        .position(|s| matches!(s, Step::BuildSucceeded { changes: Some(_) }));
+    let copying = steps.iter().position(|s| matches!(s, Step::CopyStarted));
+    assert!(built.is_some() && built < copying, "{steps:?}");
+}
