@@ -125,10 +125,7 @@ mod tests {
         status.apply(&event);
         vec![(
             host.to_string(),
-            status
-                .hosts
-                .get(host)
-                .map(|h| serde_json::to_string(&**h).unwrap()),
+            status.host(host).map(|h| serde_json::to_string(h).unwrap()),
         )]
     }
 

@@ -68,7 +68,7 @@ impl<'a> Gate<'a> {
     }
 
     fn done(&self, host: &str) -> bool {
-        done(self.status.hosts.get(host).map(|h| &**h), self.revision)
+        done(self.status.host(host), self.revision)
     }
 
     /// Why `host` must wait, or `None` if it may be worked on now (a host
@@ -129,7 +129,7 @@ pub fn open_wave(fleet: &FleetSpec, status: &FleetStatus, revision: &str) -> Opt
     fleet
         .hosts
         .values()
-        .filter(|h| !done(status.hosts.get(h.name.as_str()).map(|s| &**s), revision))
+        .filter(|h| !done(status.host(h.name.as_str()), revision))
         .map(|h| wave_of(fleet, h))
         .min()
 }

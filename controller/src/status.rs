@@ -92,6 +92,11 @@ pub struct FleetStatus {
 }
 
 impl FleetStatus {
+    /// `host`'s row.
+    pub fn host(&self, host: &str) -> Option<&HostStatus> {
+        self.hosts.get(host).map(|h| &**h)
+    }
+
     pub fn phase_of(&self, host: &str) -> Option<Phase> {
         self.hosts.get(host).map(|h| h.phase)
     }

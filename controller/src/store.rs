@@ -366,11 +366,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let written = self
-            .write_hosts(
-                hosts
-                    .iter()
-                    .map(|name| (name, status.hosts.get(name).map(|h| &**h))),
-            )
+            .write_hosts(hosts.iter().map(|name| (name, status.host(name))))
             .and_then(|rows| match &repo {
                 Some(repo) => self.write_repo(repo).map(|()| rows),
                 None => Ok(rows),

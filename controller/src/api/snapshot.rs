@@ -49,7 +49,8 @@ pub(super) struct Snapshot {
     /// The commit that last wrote each host's row, for `?since=`. Hosts
     /// the store read gave and no commit changed since are not in it.
     written_at: HashMap<String, u64>,
-    /// Removed hosts and the commits that removed them, oldest first.
+    /// Removed hosts, oldest first, each with the newest commit taken
+    /// when its removal was (so in order of that sequence number).
     removed: VecDeque<(u64, String)>,
     /// The oldest `since` a change list can be made from: the store read's
     /// commit, raised as removed hosts are forgotten.
@@ -133,31 +134,29 @@ impl Snapshot {
             if !self.dirty.is_empty() {
                 self.dirty.remove(&name);
             }
-            match change.row {
-                Some(_) => {
-                    self.written_at.insert(name.clone(), change.seq);
-                }
-                None => {
-                    self.written_at.remove(&name);
-                    self.removed.push_back((change.seq, name.clone()));
-                }
-            }
             match (change.row, self.fragments.get_mut(&name)) {
                 (Some(row), Some(fragment)) => {
                     *fragment = row.json;
                     if let Some(status) = self.status.hosts.get_mut(&name) {
                         *status = row.status;
                     }
+                    self.written_at.insert(name.clone(), change.seq);
                     self.stale(&name);
                 }
                 (Some(row), None) => {
                     self.status.hosts.insert(name.clone(), row.status);
+                    self.written_at.insert(name.clone(), change.seq);
                     self.fragments.insert(name, row.json);
                     relayout = true;
                 }
                 (None, _) => {
                     self.status.hosts.remove(&name);
+                    self.written_at.remove(&name);
                     relayout |= self.fragments.remove(&name).is_some();
+                    // Marked with the commit taken, not the one that
+                    // removed it: the list stays in order for
+                    // `changes_since`, which reads it from the newest.
+                    self.removed.push_back((repo.last_seq, name));
                 }
             }
         }
@@ -302,14 +301,15 @@ impl Snapshot {
             .collect();
     }
 
-    /// Everything before the hosts' fragments; `since` and `removed` for
-    /// a list of changes.
+    /// The rollout's progress, counted once per commit taken.
     fn progress(&mut self) -> crate::rollout::Progress {
         self.progress
             .get_or_insert_with(|| crate::rollout::progress(&self.status))
             .clone()
     }
 
+    /// Everything before the hosts' fragments; `since` and `removed` for
+    /// a list of changes.
     fn render_head(
         &self,
         rollout: crate::rollout::Progress,
