@@ -285,25 +285,33 @@ impl AppState {
         &self,
         f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, Response> {
-        let readers = Arc::clone(&self.readers);
-        let dir = self.state_dir.clone();
+        let app = self.clone();
         tokio::task::spawn_blocking(move || {
-            let idle = readers.lock().ok().and_then(|mut pool| pool.pop());
-            let store = match idle {
-                Some(store) => store,
-                None => Store::open_read_only(&dir).map_err(|e| e.to_string())?,
-            };
-            let result = f(&store).map_err(|e| crate::error::error_chain(&e));
-            if let Ok(mut pool) = readers.lock() {
-                if pool.len() < MAX_IDLE_READERS {
-                    pool.push(store);
-                }
-            }
-            result
+            app.read_now(f).map_err(|e| crate::error::error_chain(&e))
         })
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))
+    }
+
+    /// Runs `f` against an idle read-only connection (or a new one), on
+    /// the calling thread.
+    fn read_now<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError>,
+    ) -> Result<T, crate::store::StoreError> {
+        let idle = self.readers.lock().ok().and_then(|mut pool| pool.pop());
+        let store = match idle {
+            Some(store) => store,
+            None => Store::open_read_only(&self.state_dir)?,
+        };
+        let result = f(&store);
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(store);
+            }
+        }
+        result
     }
 }
 
@@ -329,7 +337,7 @@ async fn status(State(app): State<AppState>, Query(p): Query<StatusParams>) -> R
 /// fleet as the status snapshot has it.
 async fn metrics_text(State(app): State<AppState>) -> Response {
     let registry = Arc::clone(&app.metrics);
-    let text = with_snapshot(&app, move |s| Ok(registry.render(s.status()))).await;
+    let text = with_snapshot(&app, move |s| Ok(registry.render(s.repo(), s.hosts()))).await;
     match text {
         Ok(Err(e)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -351,35 +359,22 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
 /// before the request came: the controller publishes a commit's rows
 /// before it makes the commit known, so taking the feed brings the
 /// snapshot there; only the first request (or one served without a
-/// controller feeding it) reads the store.
+/// controller feeding it) reads the store. On a blocking thread: taking a
+/// busy second's rows and joining the body again take milliseconds, which
+/// the API's thread spends sending other answers meanwhile.
 async fn with_snapshot<T: Send + 'static>(
     app: &AppState,
     f: impl FnOnce(&mut Snapshot) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
     let committed = *app.committed.borrow();
-    let cache = Arc::clone(&app.status_cache);
-    {
-        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(snapshot) = cached.as_mut() {
-            snapshot.absorb(app.feed.take());
-            if snapshot.seq() >= committed {
-                return f(snapshot).map_err(|e| {
-                    error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        crate::error::error_chain(&e),
-                    )
-                });
-            }
-        }
-    }
-    let feed = app.feed.clone();
-    app.read(move |store| {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
         // Requests take turns: the first one reads the store, the others
         // find the snapshot it made (two reads would each take a part of
         // the feed).
-        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = app.status_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(snapshot) = cached.as_mut() {
-            snapshot.absorb(feed.take());
+            snapshot.absorb(app.feed.take());
             if snapshot.seq() >= committed {
                 return f(snapshot);
             }
@@ -387,12 +382,19 @@ async fn with_snapshot<T: Send + 'static>(
         // Followed before the store is read: every commit after the read
         // is in the feed (and any before it that the feed also has is
         // left out by its sequence number).
-        feed.follow();
-        let mut snapshot = Snapshot::load(store)?;
-        snapshot.absorb(feed.take());
+        app.feed.follow();
+        let mut snapshot = app.read_now(Snapshot::load)?;
+        snapshot.absorb(app.feed.take());
         f(cached.insert(snapshot))
     })
     .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::error::error_chain(&e),
+        )
+    })
 }
 
 /// A JSON response sent in parts (the status snapshot's blocks), with its

@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use crate::event::{Event, Phase, Reason};
-use crate::status::FleetStatus;
+use crate::status::{HostStatus, RepoStatus};
 
 /// What a step's start is ended by.
 const STEPS: &[(&str, Reason, &[Reason])] = &[
@@ -262,14 +262,18 @@ impl Metrics {
     }
 
     /// The metrics in the Prometheus text format, with the gauges of where
-    /// `status` stands.
-    pub fn render(&self, status: &FleetStatus) -> Result<String, MetricsError> {
+    /// the repository (`repo`) and the hosts (`hosts`) stand.
+    pub fn render<'a>(
+        &self,
+        repo: &RepoStatus,
+        hosts: impl Iterator<Item = &'a HostStatus> + Clone,
+    ) -> Result<String, MetricsError> {
         self.hosts.reset();
         for phase in Phase::ALL {
             self.hosts.with_label_values(&[&phase.to_string()]).set(0);
         }
         self.host_info.reset();
-        for h in status.hosts.values() {
+        for h in hosts.clone() {
             self.hosts.with_label_values(&[&h.phase.to_string()]).inc();
             self.host_info
                 .with_label_values(&[
@@ -282,13 +286,13 @@ impl Metrics {
                 .set(1);
         }
         self.revision_info.reset();
-        if let Some(r) = &status.repo.revision {
+        if let Some(r) = &repo.revision {
             self.revision_info.with_label_values(&[r, "desired"]).set(1);
         }
-        if let Some(r) = &status.repo.latest_revision {
+        if let Some(r) = &repo.latest_revision {
             self.revision_info.with_label_values(&[r, "latest"]).set(1);
         }
-        let progress = crate::rollout::progress(status);
+        let progress = crate::rollout::progress_of(repo, hosts.clone());
         self.rollout_hosts
             .with_label_values(&["done"])
             .set(progress.done as i64);
@@ -299,13 +303,8 @@ impl Metrics {
             .with_label_values(&["pending"])
             .set(progress.pending as i64);
         self.rollout_halted.set(i64::from(progress.halted));
-        self.window_closed
-            .set(i64::from(status.repo.window.is_some()));
-        let rebooting = status
-            .hosts
-            .values()
-            .filter(|h| h.reboot_required.is_some())
-            .count();
+        self.window_closed.set(i64::from(repo.window.is_some()));
+        let rebooting = hosts.filter(|h| h.reboot_required.is_some()).count();
         self.reboot_required.set(rebooting as i64);
         let mut out = Vec::new();
         TextEncoder::new()
@@ -338,7 +337,7 @@ mod tests {
     #[test]
     fn steps_and_reconciles_are_timed_from_events() {
         let m = Metrics::new();
-        let mut status = FleetStatus::default();
+        let mut status = crate::status::FleetStatus::default();
         for (i, (at, reason)) in [
             (100, Reason::BuildStarted),
             (103, Reason::BuildSucceeded),
@@ -354,7 +353,9 @@ mod tests {
             status.apply(&e);
             m.observe(&e);
         }
-        let text = m.render(&status).unwrap();
+        let text = m
+            .render(&status.repo, status.hosts.values().map(|h| &**h))
+            .unwrap();
         assert!(
             text.contains("cim_step_duration_seconds_sum{step=\"build\"} 3"),
             "{text}"

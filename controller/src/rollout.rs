@@ -5,7 +5,7 @@
 
 use crate::event::Phase;
 use crate::spec::{Dependency, FleetSpec, HostSpec, MaxFailures, Selector};
-use crate::status::{FleetStatus, HostStatus};
+use crate::status::{FleetStatus, HostStatus, RepoStatus};
 
 /// The wave a host belongs to: the first whose selector matches it; hosts
 /// matching none roll out after the last wave.
@@ -227,16 +227,24 @@ pub struct Progress {
 
 /// Counts hosts by where they stand relative to the current revision.
 pub fn progress(status: &FleetStatus) -> Progress {
-    let Some(revision) = status.repo.revision.clone() else {
+    progress_of(&status.repo, status.hosts.values().map(|h| &**h))
+}
+
+/// [`progress`] of the hosts `hosts` and the repository row `repo`.
+pub fn progress_of<'a>(
+    repo: &RepoStatus,
+    hosts: impl IntoIterator<Item = &'a HostStatus>,
+) -> Progress {
+    let Some(revision) = repo.revision.clone() else {
         return Progress::default();
     };
     let mut p = Progress {
-        halted: status.repo.halted_revision.as_deref() == Some(revision.as_str()),
-        wave: status.repo.wave.clone(),
+        halted: repo.halted_revision.as_deref() == Some(revision.as_str()),
+        wave: repo.wave.clone(),
         revision: Some(revision.clone()),
         ..Progress::default()
     };
-    for h in status.hosts.values() {
+    for h in hosts {
         match h.phase {
             Phase::Failed if h.phase_revision.as_deref() == Some(revision.as_str()) => {
                 p.failed += 1
