@@ -318,16 +318,16 @@ impl AppState {
 async fn status(State(app): State<AppState>, Query(p): Query<StatusParams>) -> Response {
     let hosts = p.hosts.unwrap_or(true);
     let since = p.since;
-    match with_snapshot(&app, move |s| match (hosts, since) {
-        (false, _) => s.fleet_part(),
+    let answer = move |s: &mut Snapshot| match (hosts, since) {
+        (false, _) => s.fleet_part().map(Ok),
         (true, Some(since)) => match s.changes_since(since)? {
-            Some(parts) => Ok(parts),
-            None => s.parts(),
+            Some(changes) => Ok(Err(changes)),
+            None => s.parts().map(Ok),
         },
-        (true, None) => s.parts(),
-    })
-    .await
-    {
+        (true, None) => s.parts().map(Ok),
+    };
+    let joined = |answer: Result<_, snapshot::ChangeList>| answer.unwrap_or_else(|c| c.join());
+    match with_snapshot(&app, answer, joined).await {
         Ok(parts) => json_parts(parts),
         Err(r) => r,
     }
@@ -337,7 +337,8 @@ async fn status(State(app): State<AppState>, Query(p): Query<StatusParams>) -> R
 /// fleet as the status snapshot has it.
 async fn metrics_text(State(app): State<AppState>) -> Response {
     let registry = Arc::clone(&app.metrics);
-    let text = with_snapshot(&app, move |s| Ok(registry.render(s.repo(), s.hosts()))).await;
+    let render = move |s: &mut Snapshot| Ok(registry.render(s.repo(), s.hosts()));
+    let text = with_snapshot(&app, render, |text| text).await;
     match text {
         Ok(Err(e)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -361,40 +362,53 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
 /// snapshot there; only the first request (or one served without a
 /// controller feeding it) reads the store. On a blocking thread: taking a
 /// busy second's rows and joining the body again take milliseconds, which
-/// the API's thread spends sending other answers meanwhile.
-async fn with_snapshot<T: Send + 'static>(
+/// the API's thread spends sending other answers meanwhile. `then`
+/// finishes `f`'s answer there once the snapshot is let go: what one
+/// request alone needs is not done while the others wait for it.
+async fn with_snapshot<T, U: Send + 'static>(
     app: &AppState,
     f: impl FnOnce(&mut Snapshot) -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, Response> {
+    then: impl FnOnce(T) -> U + Send + 'static,
+) -> Result<U, Response> {
     let committed = *app.committed.borrow();
     let app = app.clone();
     tokio::task::spawn_blocking(move || {
-        // Requests take turns: the first one reads the store, the others
-        // find the snapshot it made (two reads would each take a part of
-        // the feed).
-        let mut cached = app.status_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(snapshot) = cached.as_mut() {
-            snapshot.absorb(app.feed.take());
-            if snapshot.seq() >= committed {
-                return f(snapshot);
-            }
-        }
-        // Followed before the store is read: every commit after the read
-        // is in the feed (and any before it that the feed also has is
-        // left out by its sequence number).
-        app.feed.follow();
-        let mut snapshot = app.read_now(Snapshot::load)?;
-        snapshot.absorb(app.feed.take());
-        f(cached.insert(snapshot))
+        let answer = snapshot_answer(&app, committed, f)?;
+        Ok(then(answer))
     })
     .await
     .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| {
+    .map_err(|e: crate::store::StoreError| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
             crate::error::error_chain(&e),
         )
     })
+}
+
+/// [`with_snapshot`]'s turn with the snapshot, on the calling thread.
+fn snapshot_answer<T>(
+    app: &AppState,
+    committed: u64,
+    f: impl FnOnce(&mut Snapshot) -> Result<T, crate::store::StoreError>,
+) -> Result<T, crate::store::StoreError> {
+    // Requests take turns: the first one reads the store, the others
+    // find the snapshot it made (two reads would each take a part of
+    // the feed).
+    let mut cached = app.status_cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(snapshot) = cached.as_mut() {
+        snapshot.absorb(app.feed.take());
+        if snapshot.seq() >= committed {
+            return f(snapshot);
+        }
+    }
+    // Followed before the store is read: every commit after the read
+    // is in the feed (and any before it that the feed also has is
+    // left out by its sequence number).
+    app.feed.follow();
+    let mut snapshot = app.read_now(Snapshot::load)?;
+    snapshot.absorb(app.feed.take());
+    f(cached.insert(snapshot))
 }
 
 /// A JSON response sent in parts (the status snapshot's blocks), with its

@@ -20,6 +20,7 @@ pub mod notes;
 pub mod notify;
 pub mod plan;
 pub mod planner;
+pub mod priority;
 pub mod queue;
 pub mod reconcile;
 pub mod render;

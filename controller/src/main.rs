@@ -756,7 +756,7 @@ fn simulate(args: SimulateArgs) -> Exit {
         first_contact: args.first_contact,
         policy: args.policy,
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = cim::priority::runtime()?;
     let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {
         emit(&format!("api http://{addr}"));
     }));

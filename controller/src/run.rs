@@ -55,7 +55,7 @@ pub(crate) fn run(args: RunArgs) -> Exit {
             bail!("--ssh-config {} does not exist", cfg.display());
         }
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = cim::priority::runtime()?;
     runtime.block_on(serve(args, state_dir, control_dir))
 }
 

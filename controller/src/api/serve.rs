@@ -25,7 +25,10 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// kernel schedules the API beside the controller's runtime instead of
 /// behind its tasks. `app` is made there, so that what the router keeps
 /// up to date in the background (the status snapshot) runs there too.
-/// The future ends when the server has stopped.
+/// The future ends when the server has stopped. Call it from the thread
+/// that runs `block_on`, not from a task: the API's thread takes the
+/// priority of the thread that starts it, and the runtime's are lowered
+/// ([`crate::priority`]).
 pub fn serve_apart(
     listener: TcpListener,
     app: impl FnOnce() -> Router + Send + 'static,

@@ -36,6 +36,7 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("cim-checkpoint".to_string())
             .spawn(move || {
+                crate::priority::lower_this_thread();
                 let mut failing = false;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     match checkpoint(&conn) {
