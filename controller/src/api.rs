@@ -233,6 +233,9 @@ pub fn router(ctx: ApiContext) -> Router {
         events,
         planner,
     };
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(keep_snapshot_current(state.clone()));
+    }
     Router::new()
         .route("/healthz", get(move || healthz(health.clone())))
         .route("/", get(dashboard::page))
@@ -384,6 +387,30 @@ async fn with_snapshot<T, U: Send + 'static>(
             crate::error::error_chain(&e),
         )
     })
+}
+
+/// Takes each commit into the status snapshot as it is made known, once
+/// a request has made the snapshot: a request then finds the busy
+/// second's rows already taken instead of taking them while it (and the
+/// requests queued behind it) waits. Never waits for a request holding
+/// the snapshot (that request takes the feed itself), and a commit made
+/// while the last one was being taken is taken with the next.
+async fn keep_snapshot_current(app: AppState) {
+    let mut committed = app.committed.clone();
+    while committed.changed().await.is_ok() {
+        committed.borrow_and_update();
+        let app = app.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            if let Ok(mut cached) = app.status_cache.try_lock() {
+                if let Some(snapshot) = cached.as_mut() {
+                    snapshot.absorb(app.feed.take());
+                }
+            }
+        });
+        if taken.await.is_err() {
+            return;
+        }
+    }
 }
 
 /// [`with_snapshot`]'s turn with the snapshot, on the calling thread.
@@ -801,5 +828,50 @@ mod tests {
         }
         let total = PAGE as u64 + 7 + 101;
         assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn the_status_snapshot_takes_commits_without_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        let feed = crate::feed::StatusFeed::default();
+        let (commits, committed) = tokio::sync::watch::channel(0);
+        let (requests, _rx) = mpsc::channel(1);
+        let app = AppState {
+            state_dir: dir.path().to_path_buf(),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            status_cache: Arc::new(Mutex::new(None)),
+            feed: feed.clone(),
+            committed,
+            metrics: Arc::default(),
+            requests,
+            events: broadcast::channel(4).0,
+            planner: None,
+        };
+        let mut commit = |host: &str| {
+            store.begin_group();
+            let news = vec![NewEvent::host(host, Reason::BuildStarted, Some("r"), "")];
+            store
+                .append_all(&mut status, news, time::OffsetDateTime::UNIX_EPOCH)
+                .unwrap();
+            let written = store.commit_group(&status).unwrap();
+            feed.publish(&status, written);
+            commits.send_replace(status.repo.last_seq);
+        };
+        commit("a");
+        tokio::spawn(keep_snapshot_current(app.clone()));
+        let seq = |app: &AppState| app.status_cache.lock().unwrap().as_ref().map(|s| s.seq());
+        assert_eq!(seq(&app), None, "no snapshot until a request makes one");
+        with_snapshot(&app, |_| Ok(()), |()| ()).await.unwrap();
+        assert_eq!(seq(&app), Some(1));
+        commit("b");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while seq(&app) != Some(2) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the commit is taken in the background");
     }
 }
