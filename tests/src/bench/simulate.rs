@@ -19,6 +19,16 @@ const CLIENTS: usize = 4;
 /// Each client's pause between reads: a dashboard refreshing 20 times a
 /// second, not a loop that would itself take the machine's two cores.
 const THINK: std::time::Duration = std::time::Duration::from_millis(50);
+/// The simulated latencies every run is given (and the report states):
+/// the step, `cim simulate`'s flag, milliseconds.
+const LATENCIES: [(&str, &str, u64); 6] = [
+    ("connect", "--connect-ms", 50),
+    ("command", "--command-ms", 10),
+    ("copy", "--copy-ms", 500),
+    ("activation", "--activate-ms", 1000),
+    ("evaluation", "--evaluate-ms", 1000),
+    ("build", "--build-ms", 200),
+];
 
 pub(crate) fn simulate(opts: &Options) -> Result<()> {
     let n = opts.sim_hosts;
@@ -31,7 +41,11 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
         true => "the changes since its last answer (`?since=`)",
         false => "the whole status",
     };
-    println!("Simulated latencies: connect 50 ms, command 10 ms, copy 500 ms, activation 1 s, evaluation 1 s, build 200 ms. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms, each time {reads}.\n", opts.rounds, THINK.as_millis());
+    let latencies: Vec<String> = LATENCIES
+        .iter()
+        .map(|(step, _, ms)| format!("{step} {ms} ms"))
+        .collect();
+    println!("Simulated latencies: {}. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms, each time {reads}.\n", latencies.join(", "), opts.rounds, THINK.as_millis());
     // With --baseline, both controllers run in every round, alternating
     // (the order rotates), and each gets its own row.
     let mut binaries = vec![("cim", opts.cim.clone())];
@@ -89,6 +103,11 @@ fn run(
             &parallel.to_string(),
         ])
         .args(policy.then_some("--policy"))
+        .args(
+            LATENCIES
+                .iter()
+                .flat_map(|(_, flag, ms)| [flag.to_string(), ms.to_string()]),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
