@@ -216,20 +216,11 @@ impl Cim {
     /// `GET path` of the API over plain HTTP, as a client other than the
     /// CLI would ask it; the answer's JSON.
     pub fn api_get(&self, path: &str) -> Value {
-        use std::io::{Read, Write};
         let addr = self.api.trim_start_matches("http://");
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).expect("read the API's answer");
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+        let body = crate::http_get(addr, path, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"));
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}: {}", String::from_utf8_lossy(&body)))
     }
 
     pub fn status(&self) -> Value {

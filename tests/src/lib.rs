@@ -95,6 +95,33 @@ pub struct Fleet {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// `GET path` of the API at `addr` over plain HTTP/1.1, as a client other
+/// than the CLI asks it; the body of a 200 answer. The request goes in
+/// one write: split, Nagle's algorithm can hold its tail for a delayed
+/// ACK (40 ms), which a timed read would count.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)?;
+    if !response.starts_with(b"HTTP/1.1 200") {
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&response[..response.len().min(200)])
+        );
+    }
+    // The body: after the headers (the API sends a length, never chunks).
+    let body = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |at| at + 4);
+    response.drain(..body);
+    Ok(response)
+}
+
 /// Runs a command and fails with its stderr if it does not succeed.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)

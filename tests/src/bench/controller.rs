@@ -254,30 +254,9 @@ fn status_p99(api: &str, clients: usize, requests: usize) -> Result<f64> {
     Ok(all[i.saturating_sub(1).min(all.len() - 1)])
 }
 
-/// A plain HTTP/1.1 GET; the body is read to the end and dropped.
+/// A plain HTTP/1.1 GET of the API; the body.
 pub(crate) fn http_get(addr: &str, path: &str) -> Result<Vec<u8>> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    s.read_to_end(&mut response)?;
-    if !response.starts_with(b"HTTP/1.1 200") {
-        bail!(
-            "GET {path}: {}",
-            String::from_utf8_lossy(&response[..response.len().min(80)])
-        );
-    }
-    // The body: after the headers (the API sends a length, never chunks).
-    let body = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(0, |at| at + 4);
-    response.drain(..body);
-    Ok(response)
+    cim_sandbox::http_get(addr, path, Duration::from_secs(30))
 }
 
 /// The process's peak resident set (VmHWM), in MB.
