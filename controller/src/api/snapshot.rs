@@ -71,10 +71,11 @@ struct Slot {
 impl Slot {
     /// The host's JSON, serialized the first time it is asked for.
     fn fragment(&mut self) -> Result<&Bytes, StoreError> {
-        if self.json.is_none() {
-            self.json = Some(Bytes::from(serde_json::to_vec(&*self.status)?));
-        }
-        Ok(self.json.get_or_insert_with(Bytes::new))
+        let json = match self.json.take() {
+            Some(json) => json,
+            None => Bytes::from(serde_json::to_vec(&*self.status)?),
+        };
+        Ok(self.json.insert(json))
     }
 }
 
