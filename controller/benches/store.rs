@@ -85,6 +85,52 @@ fn appends(c: &mut Criterion) {
     group.finish();
 }
 
+/// What the controller's run loop does with a burst of outcomes: one
+/// group (an append per host, as each report is decided, and each host's
+/// row written once at the commit), the hosts spread over the fleet as
+/// workers that finish together are.
+fn group_commit(c: &mut Criterion) {
+    const GROUP: usize = 2048;
+    let mut group = c.benchmark_group("group commit");
+    group.sample_size(20);
+    let (dir, mut store, mut status) = fleet();
+    // As the controller's store: the log is checkpointed by a thread of
+    // its own, never inside a commit.
+    store.checkpoint_apart(dir.path()).expect("checkpointer");
+    let next = std::cell::Cell::new(0usize);
+    group.throughput(Throughput::Elements(GROUP as u64));
+    group.bench_function(
+        format!("{GROUP} convergences, one group (10k-host fleet)"),
+        |b| {
+            b.iter(|| {
+                store.begin_group();
+                for _ in 0..GROUP {
+                    let n = next.get();
+                    next.set(n + 1);
+                    // A stride coprime with the fleet's size visits every
+                    // host, in no order the tables are kept in.
+                    let host = format!("h-{}", (n * 7919) % FLEET);
+                    let system =
+                        format!("/nix/store/a2d7fyjd8hwymgg93c448m6l75xdn3gk-nixos-system-{host}");
+                    let new = NewEvent::host(
+                        &host,
+                        Reason::Converged,
+                        Some("5111111111111111111111111111111111111111"),
+                        format!("switched to {system}: no package changes, ±0 B"),
+                    )
+                    .phase(Phase::Converged)
+                    .system(system);
+                    store
+                        .append(&mut status, new, OffsetDateTime::UNIX_EPOCH)
+                        .expect("append");
+                }
+                store.commit_group(&status).expect("commit")
+            })
+        },
+    );
+    group.finish();
+}
+
 fn projection(c: &mut Criterion) {
     let (_dir, mut store, mut status) = fleet();
     let events = store
@@ -114,5 +160,5 @@ fn projection(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, appends, projection);
+criterion_group!(benches, appends, group_commit, projection);
 criterion_main!(benches);
