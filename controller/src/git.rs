@@ -62,6 +62,8 @@ pub struct Mirror {
     repo: gix::Repository,
     path: PathBuf,
     url: String,
+    /// `core.sshCommand` for fetches, quoted for the shell gix runs it in.
+    ssh_command: Option<String>,
 }
 
 impl Mirror {
@@ -75,29 +77,23 @@ impl Mirror {
     pub fn open(state_dir: &Path, source: &str, ssh: &[String]) -> Result<Mirror, GitError> {
         let path = std::path::absolute(state_dir.join("mirror.git"))
             .unwrap_or_else(|_| state_dir.join("mirror.git"));
-        let mirror_err = |source| GitError::Mirror {
-            path: path.clone(),
-            source,
-        };
-        let mut repo = if path.join("HEAD").exists() {
-            gix::open(&path).map_err(mirror_err)?
-        } else {
-            gix::init_bare(&path).map_err(mirror_err)?
-        };
-        if !ssh.is_empty() {
+        if !path.join("HEAD").exists() {
+            gix::init_bare(&path).map_err(|source| GitError::Mirror {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let ssh_command = match ssh.is_empty() {
+            true => None,
             // gix runs `core.sshCommand` through a shell: each argument is
             // quoted for it.
-            let command = shlex::try_join(ssh.iter().map(String::as_str)).map_err(|e| {
-                GitError::SshCommand(format!("cannot quote the ssh command line: {e}"))
-            })?;
-            let mut config = repo.config_snapshot_mut();
-            config
-                .set_value(&gix::config::tree::Core::SSH_COMMAND, command.as_str())
-                .map_err(|e| GitError::SshCommand(e.to_string()))?;
-            config
-                .commit()
-                .map_err(|e| GitError::SshCommand(e.to_string()))?;
-        }
+            false => Some(
+                shlex::try_join(ssh.iter().map(String::as_str)).map_err(|e| {
+                    GitError::SshCommand(format!("cannot quote the ssh command line: {e}"))
+                })?,
+            ),
+        };
+        let repo = open_mirror(&path, ssh_command.as_deref())?;
         let url = if Path::new(source).exists() {
             std::path::absolute(source)
                 .map(|p| p.display().to_string())
@@ -105,7 +101,12 @@ impl Mirror {
         } else {
             source.to_string()
         };
-        Ok(Mirror { repo, path, url })
+        Ok(Mirror {
+            repo,
+            path,
+            url,
+            ssh_command,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -142,8 +143,12 @@ impl Mirror {
             source,
         };
         let refspec = format!("+refs/heads/{branch}:{dest}");
-        let remote = self
-            .repo
+        // Opened afresh for each fetch: gix negotiates without looking for
+        // packs it has not seen, so a handle older than another's fetch
+        // (`cim plan` fetches a branch into this mirror through its own)
+        // cannot read the refs that fetch wrote, and every fetch failed.
+        let repo = open_mirror(&self.path, self.ssh_command.as_deref())?;
+        let remote = repo
             .remote_at(self.url.as_str())
             .map_err(fetch_err)?
             .with_fetch_tags(gix::remote::fetch::Tags::None)
@@ -156,7 +161,7 @@ impl Mirror {
             .map_err(fetch_err)?
             .receive(gix::progress::Discard, interrupt)
             .map_err(fetch_err)?;
-        ref_head(&self.repo, dest)?.ok_or_else(|| GitError::NoBranch {
+        ref_head(&repo, dest)?.ok_or_else(|| GitError::NoBranch {
             url: self.url.clone(),
             branch: branch.to_string(),
         })
@@ -273,6 +278,25 @@ impl LocalSource {
     pub fn head(&self, branch: &str) -> Result<Option<Revision>, GitError> {
         branch_head(&self.repo, branch)
     }
+}
+
+/// The mirror at `path`, with `ssh_command` as its `core.sshCommand` (in
+/// memory only: the mirror's config on disk is left as it is).
+fn open_mirror(path: &Path, ssh_command: Option<&str>) -> Result<gix::Repository, GitError> {
+    let mut repo = gix::open(path).map_err(|source| GitError::Mirror {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(command) = ssh_command {
+        let mut config = repo.config_snapshot_mut();
+        config
+            .set_value(&gix::config::tree::Core::SSH_COMMAND, command)
+            .map_err(|e| GitError::SshCommand(e.to_string()))?;
+        config
+            .commit()
+            .map_err(|e| GitError::SshCommand(e.to_string()))?;
+    }
+    Ok(repo)
 }
 
 fn branch_head(repo: &gix::Repository, branch: &str) -> Result<Option<Revision>, GitError> {
@@ -554,6 +578,37 @@ mod tests {
             mirror.fetch("nope", &no),
             Err(GitError::Fetch { .. } | GitError::NoBranch { .. })
         ));
+    }
+
+    #[test]
+    fn a_branch_fetched_for_a_plan_does_not_stop_the_watched_one() {
+        let src = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        git(src.path(), &["init", "-q"]);
+        std::fs::create_dir(src.path().join("specs")).unwrap();
+        std::fs::write(src.path().join("specs/a.yaml"), "a: 1\n").unwrap();
+        git(src.path(), &["add", "."]);
+        git(src.path(), &["commit", "-qm", "one"]);
+        let no = AtomicBool::new(false);
+        // The watcher's mirror, open for the controller's life.
+        let watched = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();
+        watched.fetch("main", &no).unwrap();
+        // A change proposed on a branch, planned through a mirror of its own.
+        git(src.path(), &["checkout", "-q", "-b", "proposal"]);
+        std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
+        git(src.path(), &["commit", "-qam", "two"]);
+        let proposal = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
+        let planner = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();
+        assert_eq!(planner.fetch_for_plan("proposal", &no).unwrap(), proposal);
+        planner.pin(&proposal).unwrap();
+        // Merged: the watcher follows main to it.
+        git(src.path(), &["checkout", "-q", "main"]);
+        git(src.path(), &["merge", "-q", "--ff-only", "proposal"]);
+        assert_eq!(watched.fetch("main", &no).unwrap(), proposal);
+        assert_eq!(
+            watched.read_specs(&proposal).unwrap()[0].contents,
+            b"a: 2\n"
+        );
     }
 
     #[test]

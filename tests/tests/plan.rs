@@ -132,7 +132,7 @@ fn a_plan_lists_upgraded_packages_and_what_activation_would_do() {
 }
 
 #[test]
-fn a_branch_not_yet_merged_is_planned_and_nothing_lands() {
+fn a_branch_not_yet_merged_is_planned_and_nothing_lands_until_merged() {
     let (fleet, dir) = fleet(1);
     fleet.set_host_config("web-1", V1).unwrap();
     let main = fleet.commit("web-1 runs hello and curl").unwrap();
@@ -162,6 +162,14 @@ fn a_branch_not_yet_merged_is_planned_and_nothing_lands() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(fleet.current_system("web-1").unwrap(), running);
     assert_eq!(cim.status()["revision"], main.as_str());
+
+    // Merged, the planned change lands: planning it (a fetch into the
+    // controller's mirror beside the watched branch) does not stop the
+    // controller from following the branch.
+    fleet.git(&["merge", "-q", "--ff-only", "next"]).unwrap();
+    cim.wait_converged(&["web-1"], Some(&proposed));
+    assert_ne!(fleet.current_system("web-1").unwrap(), running);
+
     let out = cim.cli(&["plan", "no-such-branch"]);
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
