@@ -143,7 +143,9 @@ pub enum Reason {
     /// and never deployed to.
     HostKeyMismatch,
     /// The deployment windows are closed: no host is worked on until the
-    /// time the message (and the status) names.
+    /// time the message (and the status) names. For a host: they closed
+    /// while its system was built and copied, and it stopped before
+    /// activating.
     WindowClosed,
     /// The deployment windows opened again.
     WindowOpened,

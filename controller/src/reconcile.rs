@@ -41,6 +41,9 @@ pub struct WorkItem {
     pub push: bool,
     /// Whether the host substitutes from its binary caches while copying.
     pub substitute: bool,
+    /// When the deployment windows that let this run through close: past
+    /// it, the run stops before activating (`None`: no window closes it).
+    pub activate_by: Option<std::time::Instant>,
 }
 
 /// Progress a worker reports while it runs.
@@ -149,6 +152,9 @@ pub enum Outcome {
     Rebooted {
         booted: Option<String>,
     },
+    /// The deployment windows closed while the system was built and
+    /// copied: nothing was activated.
+    WindowClosed,
     /// The controller is shutting down; nothing is recorded.
     Cancelled,
 }
@@ -425,6 +431,14 @@ async fn reconcile<B: Backend>(
             return failed(Reason::CopyFailed, &e);
         }
         let _ = report(Step::CopySucceeded).await;
+        // Builds and copies may outlast the window that let them start;
+        // outside the windows nothing is activated.
+        if item
+            .activate_by
+            .is_some_and(|by| tokio::time::Instant::now().into_std() >= by)
+        {
+            return Outcome::WindowClosed;
+        }
         // What to go back to if activation fails: the running system and
         // the generation the profile pointed at before it was moved.
         let previous_profile = found.profile.filter(|_| item.host.action.sets_profile());

@@ -208,6 +208,41 @@ pub fn verdict(windows: &[Window], at: OffsetDateTime) -> Verdict {
     }
 }
 
+/// When `windows`, open at `at`, next close (`None`: there are no
+/// windows, or none closes them within a year). A run let through while
+/// they are open must not activate past it.
+pub fn closes_at(windows: &[Window], at: OffsetDateTime) -> Option<OffsetDateTime> {
+    let at = to_chrono(at);
+    let horizon = at + chrono::Duration::days(366);
+    let mut candidates = closing_moments(windows, at);
+    // An allow window's end may fall inside another allow window; a deny
+    // window's start is always a closing.
+    for _ in 0..64 {
+        candidates.sort();
+        candidates.dedup();
+        let next = candidates.first().copied().filter(|t| *t <= horizon)?;
+        candidates.remove(0);
+        if closed_because(windows, next).is_some() {
+            return to_time(next);
+        }
+        candidates.extend(closing_moments(windows, next));
+    }
+    None
+}
+
+/// The moments after `at` at which `windows` may close: the ends of the
+/// allow windows open at `at` and the next starts of the deny windows.
+fn closing_moments(windows: &[Window], at: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    windows
+        .iter()
+        .filter_map(|w| match w.kind {
+            WindowKind::Allow => w.open_until(at),
+            WindowKind::Deny => w.next_start(at),
+        })
+        .filter(|t| *t > at)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +358,34 @@ mod tests {
             Window::new(WindowKind::Allow, "0 9 * * *", Duration::ZERO, None)
                 .unwrap_err()
                 .contains("at least 1s")
+        );
+    }
+
+    #[test]
+    fn open_windows_say_when_they_close() {
+        assert_eq!(closes_at(&[], at("2026-11-25T12:00:00Z")), None);
+        // 22:00–06:00 UTC: open at 23:30, closing at 06:00.
+        let night = window(WindowKind::Allow, "0 22 * * *", 8 * 60, None);
+        assert_eq!(
+            closes_at(std::slice::from_ref(&night), at("2026-11-25T23:30:00Z")),
+            Some(at("2026-11-26T06:00:00Z"))
+        );
+        // A second allow window that covers 06:00 carries it on to 07:00.
+        let morning = window(WindowKind::Allow, "0 5 * * *", 2 * 60, None);
+        assert_eq!(
+            closes_at(&[night.clone(), morning], at("2026-11-25T23:30:00Z")),
+            Some(at("2026-11-26T07:00:00Z"))
+        );
+        // A deny window that starts inside it closes it early.
+        let freeze = window(WindowKind::Deny, "0 2 * * *", 30, None);
+        assert_eq!(
+            closes_at(&[night, freeze.clone()], at("2026-11-25T23:30:00Z")),
+            Some(at("2026-11-26T02:00:00Z"))
+        );
+        // With deny windows only, the next one closes them.
+        assert_eq!(
+            closes_at(&[freeze], at("2026-11-25T12:00:00Z")),
+            Some(at("2026-11-26T02:00:00Z"))
         );
     }
 }

@@ -1,6 +1,7 @@
-//! End-to-end test of deployment windows: a deny window holds a change
+//! End-to-end tests of deployment windows: a deny window holds a change
 //! until it ends, `cim status` says so and when it opens, and `cim
-//! reconcile --force-window` lets one host through, recorded.
+//! reconcile --force-window` lets one host through, recorded; a build that
+//! outlasts the allow window it started in is not activated after it.
 
 use std::time::{Duration, Instant};
 
@@ -84,4 +85,78 @@ fn a_deny_window_holds_activation_and_releases_it_on_time() {
         .expect("WindowClosed");
     assert!(closed < opened);
     assert!(cim.status()["window"].is_null());
+}
+
+#[test]
+fn a_build_that_outlasts_its_window_is_not_activated_after_it() {
+    let (fleet, dir) = fleet(1);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    let before = cim.wait_converged(&["web-1"], None);
+    let running = cim_sandbox::harness::current_system(&before, "web-1");
+    let activations = fleet.activations("web-1");
+
+    // An allow window that opened a second ago and lasts 15s; the new
+    // system takes 25s to build (a nonce: no store of an earlier run
+    // holds it).
+    let now = OffsetDateTime::now_utc();
+    let opened = (now - time::Duration::seconds(1))
+        .replace_nanosecond(0)
+        .unwrap();
+    let ends = opened + time::Duration::seconds(15);
+    let ends_at = Instant::now() + Duration::try_from(ends - now).unwrap();
+    let schedule = format!(
+        "{} {} {} * * *",
+        opened.second(),
+        opened.minute(),
+        opened.hour()
+    );
+    let hosts = std::fs::read_to_string(fleet.repo.join("specs/fleet.yaml")).unwrap();
+    let specs = format!(
+        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: allow, schedule: '{schedule}', duration: 15s, timeZone: UTC}}\n---\n{hosts}"
+    );
+    fleet.write("specs/fleet.yaml", &specs).unwrap();
+    let nonce = format!("{}-{}", std::process::id(), now.unix_timestamp_nanos());
+    fleet
+        .set_host_config(
+            "web-1",
+            &format!("{{ version = 2; buildDelay = 25; nonce = \"{nonce}\"; }}"),
+        )
+        .unwrap();
+    let revision = fleet.commit("a slow build late in the window").unwrap();
+
+    let status = cim.wait_until(
+        "web-1 held by the closed window",
+        Duration::from_secs(90),
+        |s| {
+            cim_sandbox::harness::host_of(s, "web-1")["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("nothing was activated"))
+        },
+    );
+    assert!(Instant::now() >= ends_at, "held before the window closed");
+    let host = cim_sandbox::harness::host_of(&status, "web-1");
+    assert_eq!(host["phase"], "Pending", "{host:#}");
+    assert_eq!(host["failures"], 0, "{host:#}");
+    assert_eq!(
+        cim_sandbox::harness::current_system(&status, "web-1"),
+        running
+    );
+    // Started inside the window, stopped before activating, the host's
+    // system untouched.
+    let of_revision = |reason: &str| {
+        cim.events_of("web-1", reason)
+            .into_iter()
+            .filter(|e| e["revision"] == revision.as_str())
+            .count()
+    };
+    assert_eq!(of_revision("BuildStarted"), 1);
+    assert_eq!(of_revision("CopySucceeded"), 1);
+    assert_eq!(of_revision("ActivationStarted"), 0);
+    assert_eq!(fleet.activations("web-1"), activations);
+    // The fleet is said to be closed until tomorrow's opening.
+    let status = cim.wait_until("the window closed", Duration::from_secs(10), |s| {
+        s["window"].is_string()
+    });
+    let window = status["window"].as_str().unwrap();
+    assert!(window.contains("outside allow window"), "{window}");
 }

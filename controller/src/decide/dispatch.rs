@@ -125,8 +125,9 @@ impl State {
             }
         }
         let mut window = None;
+        let mut closes = None;
         let mut ahead = Vec::new();
-        for (host, item) in ready {
+        for (host, mut item) in ready {
             if !self.forced.contains(&host) {
                 let verdict = window.get_or_insert_with(|| self.windows_at(now, out));
                 if let crate::window::Verdict::Closed { until, .. } = verdict {
@@ -147,6 +148,7 @@ impl State {
                     }
                     continue;
                 }
+                item.activate_by = *closes.get_or_insert_with(|| self.windows_close(now));
             }
             out.push(Effect::Run(item));
         }
@@ -176,6 +178,7 @@ impl State {
             substitute: spec
                 .substitute_on_destination
                 .unwrap_or(self.cfg.substitute_on_destination),
+            activate_by: None,
         })
     }
 

@@ -220,6 +220,20 @@ impl State {
         }
         match outcome {
             Outcome::Cancelled => {}
+            Outcome::WindowClosed => {
+                news.push(
+                    NewEvent::host(
+                        host,
+                        Reason::WindowClosed,
+                        Some(revision),
+                        "the deployment windows closed before it was activated: nothing was activated; it waits for the next opening",
+                    )
+                    .phase(Phase::Pending),
+                );
+                // Handed out again, the windows hold it until they open
+                // (and say so once, with the opening).
+                self.queue.schedule(host, now.at);
+            }
             Outcome::BuildFailed { message } => {
                 news.push(self.build_failed(host, revision, message));
             }

@@ -48,4 +48,17 @@ impl State {
         }
         verdict
     }
+
+    /// When the deployment windows, open now, close (`None`: there are no
+    /// windows, or they stay open for at least a year).
+    pub(super) fn windows_close(&self, now: Now) -> Option<std::time::Instant> {
+        let windows = self
+            .specs
+            .as_ref()
+            .map(|(_, f)| f.policy.windows.as_slice())
+            .unwrap_or_default();
+        let at = crate::window::closes_at(windows, now.wall)?;
+        let wait = std::time::Duration::try_from(at - now.wall).unwrap_or_default();
+        Some(now.at + wait)
+    }
 }

@@ -38,6 +38,7 @@ fn item(host: std::sync::Arc<HostSpec>) -> WorkItem {
         likely_current: false,
         push: false,
         substitute: false,
+        activate_by: None,
     }
 }
 
@@ -109,6 +110,31 @@ async fn a_host_already_running_its_system_is_left_alone() {
     assert_eq!(
         sim.counts.copies.load(std::sync::atomic::Ordering::Relaxed),
         0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_window_that_closes_during_the_copy_stops_the_run_before_activation() {
+    let sim = Sim::new(SimConfig::default());
+    sim.install("web-1", OLD);
+    let mut late = item(spec(""));
+    // The copy alone takes 200 ms.
+    late.activate_by = Some((tokio::time::Instant::now() + Duration::from_millis(100)).into_std());
+    let (steps, outcome) = reconcile_on(&sim, late).await;
+    assert_eq!(outcome, Outcome::WindowClosed);
+    assert_eq!(steps.last(), Some(&Step::CopySucceeded), "{steps:?}");
+    assert!(!steps
+        .iter()
+        .any(|s| matches!(s, Step::ActivationStarted { .. })));
+    assert_eq!(sim.current("web-1").as_deref(), Some(OLD));
+    // Within its window, the same run activates.
+    let mut in_time = item(spec(""));
+    in_time.activate_by =
+        Some((tokio::time::Instant::now() + Duration::from_secs(3600)).into_std());
+    let (_, outcome) = reconcile_on(&sim, in_time).await;
+    assert!(
+        matches!(outcome, Outcome::Converged { changed: true, .. }),
+        "{outcome:?}"
     );
 }
 
