@@ -592,7 +592,7 @@ mod tests {
         let no = AtomicBool::new(false);
         // The watcher's mirror, open for the controller's life.
         let watched = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();
-        watched.fetch("main", &no).unwrap();
+        let first = watched.fetch("main", &no).unwrap();
         // A change proposed on a branch, planned through a mirror of its own.
         git(src.path(), &["checkout", "-q", "-b", "proposal"]);
         std::fs::write(src.path().join("specs/a.yaml"), "a: 2\n").unwrap();
@@ -605,10 +605,13 @@ mod tests {
         git(src.path(), &["checkout", "-q", "main"]);
         git(src.path(), &["merge", "-q", "--ff-only", "proposal"]);
         assert_eq!(watched.fetch("main", &no).unwrap(), proposal);
+        // What the watcher does with a new head, through its own handle.
         assert_eq!(
             watched.read_specs(&proposal).unwrap()[0].contents,
             b"a: 2\n"
         );
+        assert!(watched.descends_from(&proposal, &first).unwrap());
+        watched.pin(&proposal).unwrap();
     }
 
     #[test]
