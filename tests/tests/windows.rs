@@ -95,14 +95,14 @@ fn a_build_that_outlasts_its_window_is_not_activated_after_it() {
     let running = cim_sandbox::harness::current_system(&before, "web-1");
     let activations = fleet.activations("web-1");
 
-    // An allow window that opened a second ago and lasts 15s; the new
-    // system takes 25s to build (a nonce: no store of an earlier run
-    // holds it).
+    // An allow window that opened a second ago and lasts 30s (time for a
+    // busy machine to hand the host out inside it); the new system takes
+    // 40s to build (a nonce: no store of an earlier run holds it).
     let now = OffsetDateTime::now_utc();
     let opened = (now - time::Duration::seconds(1))
         .replace_nanosecond(0)
         .unwrap();
-    let ends = opened + time::Duration::seconds(15);
+    let ends = opened + time::Duration::seconds(30);
     let ends_at = Instant::now() + Duration::try_from(ends - now).unwrap();
     let schedule = format!(
         "{} {} {} * * *",
@@ -112,21 +112,21 @@ fn a_build_that_outlasts_its_window_is_not_activated_after_it() {
     );
     let hosts = std::fs::read_to_string(fleet.repo.join("specs/fleet.yaml")).unwrap();
     let specs = format!(
-        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: allow, schedule: '{schedule}', duration: 15s, timeZone: UTC}}\n---\n{hosts}"
+        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: allow, schedule: '{schedule}', duration: 30s, timeZone: UTC}}\n---\n{hosts}"
     );
     fleet.write("specs/fleet.yaml", &specs).unwrap();
     let nonce = format!("{}-{}", std::process::id(), now.unix_timestamp_nanos());
     fleet
         .set_host_config(
             "web-1",
-            &format!("{{ version = 2; buildDelay = 25; nonce = \"{nonce}\"; }}"),
+            &format!("{{ version = 2; buildDelay = 40; nonce = \"{nonce}\"; }}"),
         )
         .unwrap();
     let revision = fleet.commit("a slow build late in the window").unwrap();
 
     let status = cim.wait_until(
         "web-1 held by the closed window",
-        Duration::from_secs(90),
+        Duration::from_secs(120),
         |s| {
             cim_sandbox::harness::host_of(s, "web-1")["message"]
                 .as_str()
