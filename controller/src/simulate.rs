@@ -325,8 +325,9 @@ impl Follow<'_> {
 }
 
 /// The simulated fleet's specs, 1,000 hosts per file (files are limited to
-/// 1 MiB each), and with `policy` a Fleet document.
-fn spec_files(names: &[String], policy: bool) -> Vec<SpecFile> {
+/// 1 MiB each), and with `policy` a Fleet document. Also the decisions'
+/// benchmark's fleet.
+pub fn spec_files(names: &[String], policy: bool) -> Vec<SpecFile> {
     let mut files: Vec<SpecFile> = names
         .chunks(1000)
         .enumerate()
