@@ -539,16 +539,24 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    #[test]
-    fn fetches_reads_pins_and_follows_force_pushes() {
+    /// A repository on `main` with one commit of `files` (path, contents).
+    fn source(files: &[(&str, &str)]) -> tempfile::TempDir {
         let src = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
         git(src.path(), &["init", "-q"]);
-        std::fs::create_dir(src.path().join("specs")).unwrap();
-        std::fs::write(src.path().join("specs/a.yaml"), "a: 1\n").unwrap();
-        std::fs::write(src.path().join("specs/notes.txt"), "ignored").unwrap();
+        for (path, contents) in files {
+            let path = src.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
         git(src.path(), &["add", "."]);
         git(src.path(), &["commit", "-qm", "one"]);
+        src
+    }
+
+    #[test]
+    fn fetches_reads_pins_and_follows_force_pushes() {
+        let src = source(&[("specs/a.yaml", "a: 1\n"), ("specs/notes.txt", "ignored")]);
+        let state = tempfile::tempdir().unwrap();
         let first = Revision::parse(&git(src.path(), &["rev-parse", "HEAD"])).unwrap();
 
         let mirror = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();
@@ -582,13 +590,8 @@ mod tests {
 
     #[test]
     fn a_branch_fetched_for_a_plan_does_not_stop_the_watched_one() {
-        let src = tempfile::tempdir().unwrap();
+        let src = source(&[("specs/a.yaml", "a: 1\n")]);
         let state = tempfile::tempdir().unwrap();
-        git(src.path(), &["init", "-q"]);
-        std::fs::create_dir(src.path().join("specs")).unwrap();
-        std::fs::write(src.path().join("specs/a.yaml"), "a: 1\n").unwrap();
-        git(src.path(), &["add", "."]);
-        git(src.path(), &["commit", "-qm", "one"]);
         let no = AtomicBool::new(false);
         // The watcher's mirror, open for the controller's life.
         let watched = Mirror::open(state.path(), src.path().to_str().unwrap(), &ssh()).unwrap();

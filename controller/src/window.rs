@@ -178,33 +178,19 @@ fn closed_because(windows: &[Window], at: DateTime<Utc>) -> Option<(String, Vec<
 /// Whether hosts may be worked on at `at`, and if not, until when.
 pub fn verdict(windows: &[Window], at: OffsetDateTime) -> Verdict {
     let at = to_chrono(at);
-    let Some((because, mut candidates)) = closed_because(windows, at) else {
+    let Some((because, candidates)) = closed_because(windows, at) else {
         return Verdict::Open;
     };
     // The earliest moment at which nothing closes them: a deny window's
     // end may fall outside every allow window, an allow window may open
     // inside a deny window.
-    let horizon = at + chrono::Duration::days(366);
-    for _ in 0..64 {
-        candidates.sort();
-        candidates.dedup();
-        let Some(next) = candidates.first().copied().filter(|t| *t <= horizon) else {
-            break;
-        };
-        candidates.remove(0);
-        match closed_because(windows, next) {
-            None => {
-                return Verdict::Closed {
-                    because,
-                    until: to_time(next),
-                }
-            }
-            Some((_, more)) => candidates.extend(more.into_iter().filter(|t| *t > next)),
-        }
-    }
+    let until = first_moment(at, candidates, |t| match closed_because(windows, t) {
+        None => Ok(()),
+        Some((_, more)) => Err(more),
+    });
     Verdict::Closed {
         because,
-        until: None,
+        until: until.and_then(to_time),
     }
 }
 
@@ -213,19 +199,34 @@ pub fn verdict(windows: &[Window], at: OffsetDateTime) -> Verdict {
 /// they are open must not activate past it.
 pub fn closes_at(windows: &[Window], at: OffsetDateTime) -> Option<OffsetDateTime> {
     let at = to_chrono(at);
-    let horizon = at + chrono::Duration::days(366);
-    let mut candidates = closing_moments(windows, at);
     // An allow window's end may fall inside another allow window; a deny
     // window's start is always a closing.
+    first_moment(at, closing_moments(windows, at), |t| {
+        match closed_because(windows, t) {
+            Some(_) => Ok(()),
+            None => Err(closing_moments(windows, t)),
+        }
+    })
+    .and_then(to_time)
+}
+
+/// The earliest of `candidates` (moments after `at`) that `found` accepts,
+/// within a year; a moment it refuses names the later moments to try.
+fn first_moment(
+    at: DateTime<Utc>,
+    mut candidates: Vec<DateTime<Utc>>,
+    found: impl Fn(DateTime<Utc>) -> Result<(), Vec<DateTime<Utc>>>,
+) -> Option<DateTime<Utc>> {
+    let horizon = at + chrono::Duration::days(366);
     for _ in 0..64 {
         candidates.sort();
         candidates.dedup();
         let next = candidates.first().copied().filter(|t| *t <= horizon)?;
         candidates.remove(0);
-        if closed_because(windows, next).is_some() {
-            return to_time(next);
+        match found(next) {
+            Ok(()) => return Some(next),
+            Err(more) => candidates.extend(more.into_iter().filter(|t| *t > next)),
         }
-        candidates.extend(closing_moments(windows, next));
     }
     None
 }

@@ -8,19 +8,19 @@ use std::time::{Duration, Instant};
 use cim_sandbox::harness::{fleet_and_state as fleet, Cim};
 use time::OffsetDateTime;
 
-#[test]
-fn a_deny_window_holds_activation_and_releases_it_on_time() {
-    let (fleet, dir) = fleet(2);
-    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
-    cim.wait_converged(&["web-1", "web-2"], None);
-
-    // A deny window that opened a second ago and lasts 20s (cron with
-    // seconds, in UTC).
+/// Writes a `kind` window into the fleet's specs (not committed) that
+/// opened a second ago and lasts `seconds` (cron with seconds, in UTC);
+/// when it ends, by the wall clock and by this process's.
+fn window_from_a_second_ago(
+    fleet: &cim_sandbox::Fleet,
+    kind: &str,
+    seconds: i64,
+) -> (OffsetDateTime, Instant) {
     let now = OffsetDateTime::now_utc();
     let opened = (now - time::Duration::seconds(1))
         .replace_nanosecond(0)
         .unwrap();
-    let ends = opened + time::Duration::seconds(20);
+    let ends = opened + time::Duration::seconds(seconds);
     let ends_at = Instant::now() + Duration::try_from(ends - now).unwrap();
     let schedule = format!(
         "{} {} {} * * *",
@@ -30,9 +30,20 @@ fn a_deny_window_holds_activation_and_releases_it_on_time() {
     );
     let hosts = std::fs::read_to_string(fleet.repo.join("specs/fleet.yaml")).unwrap();
     let specs = format!(
-        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: deny, schedule: '{schedule}', duration: 20s, timeZone: UTC}}\n---\n{hosts}"
+        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: {kind}, schedule: '{schedule}', duration: {seconds}s, timeZone: UTC}}\n---\n{hosts}"
     );
     fleet.write("specs/fleet.yaml", &specs).unwrap();
+    (ends, ends_at)
+}
+
+#[test]
+fn a_deny_window_holds_activation_and_releases_it_on_time() {
+    let (fleet, dir) = fleet(2);
+    let cim = Cim::start(&fleet, &dir.path().join("state"), &[]);
+    cim.wait_converged(&["web-1", "web-2"], None);
+
+    // A deny window that opened a second ago and lasts 20s.
+    let (ends, ends_at) = window_from_a_second_ago(&fleet, "deny", 20);
     fleet.set_host_config("web-1", "{ version = 2; }").unwrap();
     fleet.set_host_config("web-2", "{ version = 2; }").unwrap();
     let revision = fleet.commit("a change inside a change freeze").unwrap();
@@ -98,23 +109,8 @@ fn a_build_that_outlasts_its_window_is_not_activated_after_it() {
     // An allow window that opened a second ago and lasts 30s (time for a
     // busy machine to hand the host out inside it); the new system takes
     // 40s to build (a nonce: no store of an earlier run holds it).
+    let (_, ends_at) = window_from_a_second_ago(&fleet, "allow", 30);
     let now = OffsetDateTime::now_utc();
-    let opened = (now - time::Duration::seconds(1))
-        .replace_nanosecond(0)
-        .unwrap();
-    let ends = opened + time::Duration::seconds(30);
-    let ends_at = Instant::now() + Duration::try_from(ends - now).unwrap();
-    let schedule = format!(
-        "{} {} {} * * *",
-        opened.second(),
-        opened.minute(),
-        opened.hour()
-    );
-    let hosts = std::fs::read_to_string(fleet.repo.join("specs/fleet.yaml")).unwrap();
-    let specs = format!(
-        "apiVersion: cim/v1\nkind: Fleet\nmetadata: {{name: fleet}}\nspec:\n  windows:\n    - {{kind: allow, schedule: '{schedule}', duration: 30s, timeZone: UTC}}\n---\n{hosts}"
-    );
-    fleet.write("specs/fleet.yaml", &specs).unwrap();
     let nonce = format!("{}-{}", std::process::id(), now.unix_timestamp_nanos());
     fleet
         .set_host_config(
