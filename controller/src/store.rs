@@ -38,6 +38,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("cannot start the store's checkpoint thread")]
     Thread(#[source] std::io::Error),
+    #[error("a failed write rolled back the whole group commit: the events appended before it in the group are not on disk")]
+    GroupLost,
 }
 
 /// Which events to read.
@@ -68,6 +70,11 @@ pub struct Store {
     /// The hosts the group's appends changed: their rows are written once
     /// each, by [`Store::commit_group`], however many events they had.
     group_hosts: std::collections::BTreeSet<String>,
+    /// The group's transaction is open (begun by its first append).
+    group_open: bool,
+    /// A failure rolled the group's transaction back whole (SQLite does so
+    /// for a full disk or an I/O error): the group can only fail.
+    group_lost: bool,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -140,6 +147,8 @@ impl Store {
             checkpointer: None,
             group_repo: None,
             group_hosts: std::collections::BTreeSet::new(),
+            group_open: false,
+            group_lost: false,
         })
     }
 
@@ -177,6 +186,8 @@ impl Store {
             checkpointer: None,
             group_repo: None,
             group_hosts: std::collections::BTreeSet::new(),
+            group_open: false,
+            group_lost: false,
         })
     }
 
@@ -212,6 +223,9 @@ impl Store {
         if news.is_empty() {
             return Ok(Vec::new());
         }
+        if self.group_lost {
+            return Err(StoreError::GroupLost);
+        }
         let mut repo = status.repo.clone();
         // Each touched host's row as the batch leaves it (`None`: removed).
         let mut touched: std::collections::BTreeMap<String, Option<Arc<HostStatus>>> =
@@ -245,22 +259,41 @@ impl Store {
 
         if self.grouped && self.conn.is_autocommit() {
             self.run_cached("BEGIN IMMEDIATE")?;
+            self.group_open = true;
         }
         // A savepoint: its own transaction outside a group, a part of the
-        // group's that can fail alone inside one.
-        self.run_cached("SAVEPOINT append")?;
-        let written = self
-            .write_events(&events)
-            .and_then(|()| match self.grouped {
-                true => Ok(()),
-                false => self
-                    .write_hosts(touched.iter().map(|(name, row)| (name, row.as_deref())))
-                    .and_then(|_| self.write_repo(&repo)),
-            })
-            .and_then(|()| self.run_cached("RELEASE append"));
+        // group's that can fail alone inside one. One event in a group
+        // needs none: its single-row insert fails before it writes
+        // anything, and a savepoint made SQLite copy every page the insert
+        // touched into a statement journal first (a tenth of a busy
+        // controller's appends).
+        let savepoint = !self.grouped || events.len() > 1;
+        let written = (if savepoint {
+            self.run_cached("SAVEPOINT append")
+        } else {
+            Ok(())
+        })
+        .and_then(|()| self.write_events(&events))
+        .and_then(|()| match self.grouped {
+            true => Ok(()),
+            false => self
+                .write_hosts(touched.iter().map(|(name, row)| (name, row.as_deref())))
+                .and_then(|_| self.write_repo(&repo)),
+        })
+        .and_then(|()| match savepoint {
+            true => self.run_cached("RELEASE append"),
+            false => Ok(()),
+        });
         if let Err(e) = written {
-            let _ = self.run_cached("ROLLBACK TO append");
-            let _ = self.run_cached("RELEASE append");
+            if savepoint {
+                let _ = self.run_cached("ROLLBACK TO append");
+                let _ = self.run_cached("RELEASE append");
+            }
+            if self.group_open && self.conn.is_autocommit() {
+                // Lost only if earlier appends of the group went with it.
+                self.group_lost = self.group_repo.is_some();
+                self.group_open = false;
+            }
             return Err(e);
         }
         if self.grouped {
@@ -360,8 +393,12 @@ impl Store {
         status: &FleetStatus,
     ) -> Result<crate::feed::WrittenRows, StoreError> {
         self.grouped = false;
+        self.group_open = false;
         let repo = self.group_repo.take();
         let hosts = std::mem::take(&mut self.group_hosts);
+        if std::mem::take(&mut self.group_lost) {
+            return Err(StoreError::GroupLost);
+        }
         if self.conn.is_autocommit() {
             return Ok(Vec::new());
         }

@@ -186,6 +186,54 @@ fn a_failed_append_in_a_group_leaves_the_others_to_commit() {
     assert_eq!(FleetStatus::replay(&log), status);
 }
 
+/// SQLite answers a full disk (or an I/O error) in the middle of a
+/// transaction by rolling all of it back, the group's earlier appends with
+/// it: the group must then fail, never commit what came after as if they
+/// had been kept.
+#[test]
+fn a_group_whose_transaction_the_disk_rolled_back_does_not_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut status = FleetStatus::default();
+    let mut news = sample_events().into_iter();
+    store
+        .append(&mut status, news.next().unwrap(), t(0))
+        .unwrap();
+    let durable = status.clone();
+    store.begin_group();
+    store
+        .append(&mut status, news.next().unwrap(), t(1))
+        .unwrap();
+    let pages: u64 = store
+        .conn
+        .pragma_query_value(None, "page_count", |r| r.get(0))
+        .unwrap();
+    store
+        .conn
+        .pragma_update(None, "max_page_count", pages)
+        .unwrap();
+    let big = NewEvent::repo(Reason::FetchFailed, None, "x".repeat(64 * 1024));
+    let before = status.clone();
+    assert!(store.append(&mut status, big, t(2)).is_err());
+    assert_eq!(status, before);
+    store
+        .conn
+        .pragma_update(None, "max_page_count", 1 << 30)
+        .unwrap();
+    assert!(
+        store
+            .append(&mut status, news.next().unwrap(), t(3))
+            .is_err(),
+        "an append after the group was lost"
+    );
+    assert!(store.commit_group(&status).is_err());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let log = store.events(&EventQuery::default()).unwrap();
+    assert_eq!(store.load_status().unwrap(), durable);
+    assert_eq!(FleetStatus::replay(&log), durable);
+}
+
 #[test]
 fn the_log_is_checkpointed_apart_from_the_writer() {
     let dir = tempfile::tempdir().unwrap();
