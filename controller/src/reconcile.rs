@@ -530,7 +530,9 @@ pub async fn closure_diff<H: Host>(
 
 /// Deletes old system generations after a successful activation.
 /// Housekeeping: a failure here changes nothing about the outcome, it is
-/// only said.
+/// only said, and nothing deleted is not said at all (10,000 hosts
+/// finishing together sent 10,000 reports that the controller, at the
+/// busiest moment of a rollout, read only to drop).
 pub(crate) async fn prune<H: Host>(session: &H, item: &WorkItem, tx: &mpsc::Sender<Report>) {
     if !item.host.action.sets_profile() {
         return;
@@ -540,6 +542,9 @@ pub(crate) async fn prune<H: Host>(session: &H, item: &WorkItem, tx: &mpsc::Send
         .prune_generations(keep)
         .await
         .map_err(|e| error_chain(&e));
+    if result == Ok(0) {
+        return;
+    }
     let step = Step::Pruned { keep, result };
     report_step(tx, &item.host.name, &item.revision, step).await;
 }

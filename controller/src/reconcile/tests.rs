@@ -85,13 +85,10 @@ async fn a_host_is_copied_activated_confirmed_and_converged() {
             },
             Step::CopyStarted,
             Step::CopySucceeded,
+            // Two generations, within the default ten: nothing deleted,
+            // nothing said.
             Step::ActivationStarted {
                 action: Action::Switch
-            },
-            // Two generations, within the default ten: nothing deleted.
-            Step::Pruned {
-                keep: 10,
-                result: Ok(0)
             },
         ]
     );
@@ -242,7 +239,7 @@ async fn old_generations_beyond_keep_generations_are_deleted() {
             _ => None,
         }));
     }
-    assert_eq!(pruned, [Ok(0), Ok(1), Ok(1)]);
+    assert_eq!(pruned, [Ok(1), Ok(1)], "the first run deleted nothing");
 }
 
 /// web-1 booted into OLD, and a desired system with another kernel.
