@@ -17,7 +17,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::event::{Event, Phase, Reason};
+use crate::event::{Event, EventType, Phase, Reason};
 use crate::status::{HostStatus, RepoStatus};
 
 /// What a step's start is ended by.
@@ -49,6 +49,12 @@ const STEPS: &[(&str, Reason, &[Reason])] = &[
         &[Reason::Converged, Reason::HealthCheckFailed],
     ),
 ];
+
+/// When a host's steps (in [`STEPS`]' order) and its run ([`RUN`])
+/// started: one entry per host, looked up by name once per event (a key
+/// per step made the controller copy the host's name for each lookup).
+type Starts = [Option<f64>; STEPS.len() + 1];
+const RUN: usize = STEPS.len();
 
 /// Events that end a host's reconcile, and how.
 fn run_end(reason: Reason) -> Option<&'static str> {
@@ -83,8 +89,8 @@ pub struct Metrics {
     rollout_halted: IntGauge,
     window_closed: IntGauge,
     reboot_required: IntGauge,
-    /// When each host's steps and runs started (event time, seconds).
-    started: Mutex<HashMap<(String, &'static str), f64>>,
+    /// When each host's steps and run started (event time, seconds).
+    started: Mutex<HashMap<String, Starts>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,9 +219,12 @@ impl Metrics {
 
     /// Counts a committed event and times what it ends.
     pub fn observe(&self, ev: &Event) {
-        let kind = format!("{:?}", ev.event_type);
+        let kind = match ev.event_type {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        };
         self.events
-            .with_label_values(&[&ev.reason.to_string(), &kind])
+            .with_label_values(&[&ev.reason.to_string(), kind])
             .inc();
         let at = ev.time.unix_timestamp_nanos() as f64 / 1e9;
         match ev.reason {
@@ -228,31 +237,34 @@ impl Metrics {
             return;
         };
         let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
-        for (step, start, ends) in STEPS {
+        let begins = STEPS.iter().position(|(_, start, _)| *start == ev.reason);
+        let starts = match started.get_mut(host.as_str()) {
+            Some(starts) => starts,
+            None if begins.is_some() => started.entry(host.clone()).or_default(),
+            None => return,
+        };
+        for (i, (step, _, ends)) in STEPS.iter().enumerate() {
             if ends.contains(&ev.reason) {
-                if let Some(from) = started.remove(&(host.clone(), *step)) {
+                if let Some(from) = starts[i].take() {
                     self.step_seconds
                         .with_label_values(&[step])
                         .observe((at - from).max(0.0));
                 }
             }
-            if ev.reason == *start {
-                started.insert((host.clone(), step), at);
-            }
         }
-        let begins_run = STEPS.iter().any(|(_, start, _)| *start == ev.reason);
-        if begins_run {
-            started.entry((host.clone(), "run")).or_insert(at);
+        if let Some(i) = begins {
+            starts[i] = Some(at);
+            starts[RUN].get_or_insert(at);
         }
         if let Some(outcome) = run_end(ev.reason) {
-            if let Some(from) = started.remove(&(host.clone(), "run")) {
+            if let Some(from) = starts[RUN].take() {
                 self.reconcile_seconds
                     .with_label_values(&[outcome])
                     .observe((at - from).max(0.0));
             }
         }
         if ev.reason == Reason::HostRemoved {
-            started.retain(|(h, _), _| h != host);
+            started.remove(host.as_str());
         }
     }
 
@@ -360,6 +372,8 @@ mod tests {
             text.contains("cim_step_duration_seconds_sum{step=\"build\"} 3"),
             "{text}"
         );
+        assert!(text.contains("cim_step_duration_seconds_sum{step=\"copy\"} 1"));
+        assert!(text.contains("cim_step_duration_seconds_sum{step=\"activate\"} 2"));
         assert!(text.contains("cim_reconcile_duration_seconds_sum{outcome=\"converged\"} 6"));
         assert!(text.contains("cim_events_total{reason=\"Converged\",type=\"Normal\"} 1"));
         assert!(text.contains("cim_hosts{phase=\"Converged\"} 1"));

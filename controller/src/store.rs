@@ -64,9 +64,9 @@ pub struct Store {
     grouped: bool,
     /// Set by [`Store::checkpoint_apart`].
     checkpointer: Option<checkpoint::Checkpointer>,
-    /// The repository row as the group's appends leave it, written once
-    /// by [`Store::commit_group`] rather than by each append.
-    group_repo: Option<RepoStatus>,
+    /// The group has appended: [`Store::commit_group`] writes the
+    /// repository row once, as the appends left it, rather than each.
+    group_appended: bool,
     /// The hosts the group's appends changed: their rows are written once
     /// each, by [`Store::commit_group`], however many events they had.
     group_hosts: std::collections::BTreeSet<String>,
@@ -145,7 +145,7 @@ impl Store {
             conn,
             grouped: false,
             checkpointer: None,
-            group_repo: None,
+            group_appended: false,
             group_hosts: std::collections::BTreeSet::new(),
             group_open: false,
             group_lost: false,
@@ -184,7 +184,7 @@ impl Store {
             conn,
             grouped: false,
             checkpointer: None,
-            group_repo: None,
+            group_appended: false,
             group_hosts: std::collections::BTreeSet::new(),
             group_open: false,
             group_lost: false,
@@ -208,9 +208,10 @@ impl Store {
 
     /// Appends events in order, in one transaction (one disk sync for all
     /// of them), with the projection rows they change. Only the rows they
-    /// touch are copied and folded, never the whole status, so the cost of
-    /// an event does not grow with the fleet. `status` is only changed if
-    /// the transaction commits. Inside a group, the rows are written by
+    /// touch are folded, never the whole status, so the cost of an event
+    /// does not grow with the fleet. `status` is only changed once the
+    /// events are written (inside a group, in place: a row no reader
+    /// shares is changed, not copied). Inside a group, the rows are written by
     /// [`Store::commit_group`]: a host that moves through several phases
     /// in one group (a build that succeeds and its copy that starts) has
     /// its row written once.
@@ -226,37 +227,7 @@ impl Store {
         if self.group_lost {
             return Err(StoreError::GroupLost);
         }
-        let mut repo = status.repo.clone();
-        // Each touched host's row as the batch leaves it (`None`: removed).
-        let mut touched: std::collections::BTreeMap<String, Option<Arc<HostStatus>>> =
-            std::collections::BTreeMap::new();
-        let mut events = Vec::with_capacity(news.len());
-        for new in news {
-            let mut scratch = FleetStatus {
-                repo,
-                hosts: std::collections::BTreeMap::new(),
-            };
-            if let Some(name) = &new.host {
-                let row = match touched.get(name) {
-                    Some(row) => row.clone(),
-                    None => status.hosts.get(name).cloned(),
-                };
-                if let Some(row) = row {
-                    scratch.hosts.insert(name.clone(), row);
-                }
-            }
-            let seq = scratch.repo.last_seq + 1;
-            let from = new.host.as_deref().and_then(|h| scratch.phase_of(h));
-            let event = new.into_event(seq, now, from);
-            // A host event changes only its host (and the sequence number).
-            scratch.apply(&event);
-            if let Some(name) = &event.host {
-                touched.insert(name.clone(), scratch.hosts.remove(name));
-            }
-            repo = scratch.repo;
-            events.push(event);
-        }
-
+        let events = number(status, news, now);
         if self.grouped && self.conn.is_autocommit() {
             self.run_cached("BEGIN IMMEDIATE")?;
             self.group_open = true;
@@ -275,39 +246,75 @@ impl Store {
         })
         .and_then(|()| self.write_events(&events))
         .and_then(|()| match self.grouped {
-            true => Ok(()),
-            false => self
-                .write_hosts(touched.iter().map(|(name, row)| (name, row.as_deref())))
-                .and_then(|_| self.write_repo(&repo)),
+            true => Ok(None),
+            false => self.write_rows_alone(status, &events).map(Some),
         })
-        .and_then(|()| match savepoint {
-            true => self.run_cached("RELEASE append"),
-            false => Ok(()),
+        .and_then(|after| match savepoint {
+            true => self.run_cached("RELEASE append").map(|()| after),
+            false => Ok(after),
         });
-        if let Err(e) = written {
-            if savepoint {
-                let _ = self.run_cached("ROLLBACK TO append");
-                let _ = self.run_cached("RELEASE append");
+        match written {
+            Err(e) => {
+                if savepoint {
+                    let _ = self.run_cached("ROLLBACK TO append");
+                    let _ = self.run_cached("RELEASE append");
+                }
+                if self.group_open && self.conn.is_autocommit() {
+                    // Lost only if earlier appends of the group went with it.
+                    self.group_lost = self.group_appended;
+                    self.group_open = false;
+                }
+                return Err(e);
             }
-            if self.group_open && self.conn.is_autocommit() {
-                // Lost only if earlier appends of the group went with it.
-                self.group_lost = self.group_repo.is_some();
-                self.group_open = false;
+            Ok(Some(after)) => {
+                status.repo = after.repo;
+                let touched: std::collections::BTreeSet<&String> =
+                    events.iter().filter_map(|e| e.host.as_ref()).collect();
+                for name in touched {
+                    status.hosts.remove(name);
+                }
+                status.hosts.extend(after.hosts);
             }
-            return Err(e);
-        }
-        if self.grouped {
-            self.group_repo = Some(repo.clone());
-            self.group_hosts.extend(touched.keys().cloned());
-        }
-        status.repo = repo;
-        for (name, row) in touched {
-            match row {
-                Some(host) => status.hosts.insert(name, host),
-                None => status.hosts.remove(&name),
-            };
+            // Folded in place: a row no reader shares is changed, not
+            // copied.
+            Ok(None) => {
+                for event in &events {
+                    status.apply(event);
+                    if let Some(host) = &event.host {
+                        if !self.group_hosts.contains(host) {
+                            self.group_hosts.insert(host.clone());
+                        }
+                    }
+                }
+                self.group_appended = true;
+            }
         }
         Ok(events)
+    }
+
+    /// Outside a group: writes the rows `events` change, as they leave
+    /// them, and returns them (the repository and the touched hosts, a
+    /// removed host absent) for the caller to take once it commits.
+    fn write_rows_alone(
+        &self,
+        status: &FleetStatus,
+        events: &[Event],
+    ) -> Result<FleetStatus, StoreError> {
+        let touched: std::collections::BTreeSet<&String> =
+            events.iter().filter_map(|e| e.host.as_ref()).collect();
+        let mut after = FleetStatus {
+            repo: status.repo.clone(),
+            hosts: touched
+                .iter()
+                .filter_map(|name| Some(((*name).clone(), status.hosts.get(*name)?.clone())))
+                .collect(),
+        };
+        for event in events {
+            after.apply(event);
+        }
+        self.write_hosts(touched.iter().map(|name| (*name, after.host(name))))?;
+        self.write_repo(&after.repo)?;
+        Ok(after)
     }
 
     /// The events of one append, inside its savepoint.
@@ -394,7 +401,7 @@ impl Store {
     ) -> Result<crate::feed::WrittenRows, StoreError> {
         self.grouped = false;
         self.group_open = false;
-        let repo = self.group_repo.take();
+        let appended = std::mem::take(&mut self.group_appended);
         let hosts = std::mem::take(&mut self.group_hosts);
         if std::mem::take(&mut self.group_lost) {
             return Err(StoreError::GroupLost);
@@ -404,9 +411,9 @@ impl Store {
         }
         let written = self
             .write_hosts(hosts.iter().map(|name| (name, status.host(name))))
-            .and_then(|rows| match &repo {
-                Some(repo) => self.write_repo(repo).map(|()| rows),
-                None => Ok(rows),
+            .and_then(|rows| match appended {
+                true => self.write_repo(&status.repo).map(|()| rows),
+                false => Ok(rows),
             });
         match written.and_then(|rows| self.run_cached("COMMIT").map(|()| rows)) {
             Ok(rows) => Ok(rows),
@@ -596,6 +603,27 @@ impl Store {
         }
         Ok((newest, events))
     }
+}
+
+/// Numbers `news` after the status's last event and gives each the phase
+/// its host is in before it, as the earlier events of the batch leave it
+/// (what [`FleetStatus::apply`] would make of them), without folding them.
+fn number(status: &FleetStatus, news: Vec<NewEvent>, now: OffsetDateTime) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::with_capacity(news.len());
+    for new in news {
+        let seq = status.repo.last_seq + events.len() as u64 + 1;
+        let from = new.host.as_deref().and_then(|host| {
+            events
+                .iter()
+                .filter(|e| e.host.as_deref() == Some(host))
+                .fold(status.phase_of(host), |phase, e| match e.reason {
+                    Reason::HostRemoved => None,
+                    _ => e.to_phase.or(phase).or(Some(crate::event::Phase::Pending)),
+                })
+        });
+        events.push(new.into_event(seq, now, from));
+    }
+    events
 }
 
 /// Where readers of the log that must survive a restart (the notifier)

@@ -363,7 +363,7 @@ impl State {
         refresh: bool,
         now: Now,
     ) -> Vec<NewEvent> {
-        let hosts: Vec<(String, String)> = self
+        let hosts: Vec<std::sync::Arc<crate::spec::HostSpec>> = self
             .specs
             .as_ref()
             .map(|(_, fleet)| {
@@ -371,20 +371,21 @@ impl State {
                     .hosts
                     .values()
                     .filter(|h| !h.suspend)
-                    .map(|h| (h.name.to_string(), h.configuration.clone()))
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default();
         let mut failures = Vec::new();
-        for (host, configuration) in hosts {
-            if refresh && self.desired.contains_key(&host) {
+        for spec in hosts {
+            let (host, configuration) = (spec.name.as_str(), &spec.configuration);
+            if refresh && self.desired.contains_key(host) {
                 continue;
             }
             let system = match result {
                 Err(message) => Err(message.clone()),
                 Ok(evaluation) => evaluation
                     .systems
-                    .get(&configuration)
+                    .get(configuration)
                     .cloned()
                     .unwrap_or_else(|| {
                         Err(format!(
@@ -395,12 +396,17 @@ impl State {
             };
             match system {
                 Ok(system) => {
-                    self.desired.insert(host.clone(), system);
-                    if !self.held(&host) {
-                        self.queue.enqueue(&host, now.at);
+                    match self.desired.get_mut(host) {
+                        Some(desired) => *desired = system,
+                        None => {
+                            self.desired.insert(host.to_string(), system);
+                        }
+                    }
+                    if !self.held(host) {
+                        self.queue.enqueue(host, now.at);
                     }
                 }
-                Err(message) => failures.push(self.build_failed(&host, revision, message)),
+                Err(message) => failures.push(self.build_failed(host, revision, message)),
             }
         }
         failures

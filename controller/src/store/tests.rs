@@ -318,3 +318,59 @@ fn read_only_open_of_a_missing_store_says_so() {
     let err = Store::open_read_only(dir.path()).err().unwrap();
     assert!(err.to_string().starts_with("no store at"), "{err}");
 }
+
+/// One append of several events, in a group or alone, records what
+/// appending them one at a time does: the same phases each leaves, the
+/// same rows.
+#[test]
+fn a_batch_is_recorded_as_its_events_one_at_a_time() {
+    let batch = || {
+        vec![
+            NewEvent::host("a", Reason::BuildStarted, Some("r1"), "").phase(Phase::Building),
+            NewEvent::host("a", Reason::DriftDetected, Some("r1"), ""),
+            NewEvent::host("b", Reason::BuildStarted, Some("r1"), "").phase(Phase::Building),
+            NewEvent::host("a", Reason::BuildSucceeded, Some("r1"), "")
+                .phase(Phase::Pending)
+                .system("/nix/store/a"),
+            NewEvent::host("b", Reason::HostRemoved, Some("r1"), "gone"),
+            NewEvent::host("b", Reason::BuildStarted, Some("r1"), "").phase(Phase::Building),
+            NewEvent::repo(Reason::SpecsLoaded, Some("r1"), "2 hosts"),
+        ]
+    };
+    let record = |how: u8| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        match how {
+            0 => {
+                for new in batch() {
+                    store.append(&mut status, new, t(1)).unwrap();
+                }
+            }
+            1 => {
+                store.append_all(&mut status, batch(), t(1)).unwrap();
+            }
+            _ => {
+                store.begin_group();
+                store.append_all(&mut status, batch(), t(1)).unwrap();
+                store.commit_group(&status).unwrap();
+            }
+        }
+        let log = store.events(&EventQuery::default()).unwrap();
+        assert_eq!(store.load_status().unwrap(), status);
+        assert_eq!(FleetStatus::replay(&log), status);
+        (log, status)
+    };
+    let one_at_a_time = record(0);
+    assert_eq!(record(1), one_at_a_time);
+    assert_eq!(record(2), one_at_a_time);
+    assert_eq!(
+        one_at_a_time
+            .0
+            .iter()
+            .map(|e| e.from_phase)
+            .collect::<Vec<_>>(),
+        [None, None, None, Some(Phase::Building), None, None, None],
+        "a phase left, said only by the events that change it"
+    );
+}
