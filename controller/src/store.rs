@@ -383,6 +383,19 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the database full (SQLite's `max_page_count`) once it has
+    /// grown by `pages`: a full disk, for tests.
+    #[cfg(test)]
+    pub(crate) fn fill_after(&self, pages: u64) {
+        let count: u64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .expect("page count");
+        self.conn
+            .pragma_update(None, "max_page_count", count + pages)
+            .expect("max page count");
+    }
+
     /// Starts a group commit: the appends until [`Store::commit_group`]
     /// share one transaction, opened by the first of them. Each append
     /// still fails or succeeds alone (a savepoint).

@@ -1,6 +1,6 @@
 //! Tests of the run loop's own duties, with a real store: a worker that
-//! panics, appends the store refuses inside a group, what waits for the
-//! group's commit, retention. The rules themselves are tested in
+//! panics, appends the store refuses inside a group, a group the disk
+//! rolls back, what waits for the group's commit, retention. The rules themselves are tested in
 //! `decide/tests.rs`.
 
 use super::*;
@@ -123,6 +123,46 @@ async fn a_request_the_store_refuses_is_answered_with_why_and_not_done() {
     break_store(dir.path(), false);
     c.group(vec![Msg::StoreWritable]).unwrap();
     assert!(health.borrow().is_none());
+}
+
+/// A full disk in the middle of a group rolls back its whole transaction:
+/// the controller stops, nobody is told of the group's events, and the
+/// store holds what it held before the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_the_disk_rolled_back_stops_the_controller_and_tells_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller(dir.path());
+    c.group(vec![Msg::FetchFailed {
+        message: "before".into(),
+    }])
+    .unwrap();
+    let mut seen = c.events.subscribe();
+    c.store.fill_after(1);
+    let msgs = vec![
+        Msg::FetchFailed {
+            message: "fits".into(),
+        },
+        Msg::FetchFailed {
+            message: "x".repeat(64 * 1024),
+        },
+        Msg::FetchFailed {
+            message: "after".into(),
+        },
+    ];
+    let stopped = c.group(msgs).expect_err("the group cannot commit");
+    assert!(
+        matches!(stopped.0, crate::store::StoreError::GroupLost),
+        "{stopped:?}"
+    );
+    assert!(seen.try_recv().is_err(), "nothing broadcast");
+    drop(c);
+    let store = Store::open(dir.path()).unwrap();
+    let log = store.events(&crate::store::EventQuery::default()).unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+        ["before"]
+    );
+    assert_eq!(store.load_status().unwrap(), FleetStatus::replay(&log));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -204,14 +204,7 @@ fn a_group_whose_transaction_the_disk_rolled_back_does_not_commit() {
     store
         .append(&mut status, news.next().unwrap(), t(1))
         .unwrap();
-    let pages: u64 = store
-        .conn
-        .pragma_query_value(None, "page_count", |r| r.get(0))
-        .unwrap();
-    store
-        .conn
-        .pragma_update(None, "max_page_count", pages)
-        .unwrap();
+    store.fill_after(0);
     let big = NewEvent::repo(Reason::FetchFailed, None, "x".repeat(64 * 1024));
     let before = status.clone();
     assert!(store.append(&mut status, big, t(2)).is_err());
