@@ -165,6 +165,9 @@ const REPORTS_LIMIT: usize = 1 << 18;
 /// When `--event-retention` first runs after a start, and how often after.
 const RETENTION_FIRST: Duration = Duration::from_secs(30);
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+/// How long the controller is idle before it writes the status rows that
+/// lag the log (see `Store::commit_group_with`).
+const IDLE_BEFORE_ROWS: Duration = Duration::from_millis(50);
 /// How often a store that refused a write is tried again.
 const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -175,7 +178,7 @@ impl<B: Backend> Controller<B> {
         mut store: Store,
         fetch_now: Arc<Notify>,
     ) -> Result<Controller<B>, StoreError> {
-        let status = store.load_status()?;
+        let status = store.load_status_to_write()?;
         store.checkpoint_apart(&cfg.state_dir)?;
         let backend = Arc::new(backend);
         let state = State::new(
@@ -287,6 +290,10 @@ impl<B: Backend> Controller<B> {
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retains_all = self.cfg.retention.keeps_everything();
         let mut result = self.group(Vec::new());
+        // When the projection's rows that lag the log are written: once
+        // nothing has come for a moment (a burst's groups write only their
+        // events).
+        let mut write_rows_at = Instant::now() + IDLE_BEFORE_ROWS;
         while result.is_ok() {
             let next_due = self.state.next_dispatch().map(Instant::from_std);
             let msg = tokio::select! {
@@ -309,6 +316,16 @@ impl<B: Backend> Controller<B> {
                         }
                     }
                 }
+                () = tokio::time::sleep_until(write_rows_at), if self.store.lagging() => {
+                    let written = tokio::task::block_in_place(|| {
+                        self.store.write_lagging(self.state.status())
+                    });
+                    if let Err(e) = written {
+                        tracing::warn!(error = %crate::error::error_chain(&e), "cannot write the status rows; the log holds them, trying again");
+                        write_rows_at = Instant::now() + STORE_CHECK_INTERVAL;
+                    }
+                    continue;
+                }
                 () = sleep_until(next_due) => Msg::Tick,
                 Some(joined) = self.workers.join_next_with_id(), if !self.workers.is_empty() => {
                     match self.worker_ended(joined) {
@@ -326,6 +343,7 @@ impl<B: Backend> Controller<B> {
                 }
             }
             result = self.group(msgs);
+            write_rows_at = Instant::now() + IDLE_BEFORE_ROWS;
         }
         if let Err(e) = &result {
             tracing::error!(error = %crate::error::error_chain(e), "stopping");
@@ -351,7 +369,9 @@ impl<B: Backend> Controller<B> {
             }
             self.step(Msg::Tick);
             let started = std::time::Instant::now();
-            let committed = self.store.commit_group(self.state.status());
+            let committed = self
+                .store
+                .commit_group_with(self.state.status(), || self.feed.is_followed());
             if !self.appended.is_empty() {
                 self.metrics.observe_commit(started.elapsed().as_secs_f64());
             }

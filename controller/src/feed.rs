@@ -106,6 +106,11 @@ impl StatusFeed {
         self.inner.followed.store(true, Ordering::Release);
     }
 
+    /// Whether a reader follows (and the commits' rows are wanted).
+    pub fn is_followed(&self) -> bool {
+        self.inner.followed.load(Ordering::Acquire)
+    }
+
     /// Takes every change published since the last take.
     pub fn take(&self) -> Changes {
         std::mem::take(&mut *self.pending())

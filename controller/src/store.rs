@@ -1,10 +1,12 @@
 //! The durable event log and status projection, in SQLite (WAL mode).
 //!
-//! Appending an event and writing the projection rows it changes happen in one
-//! transaction, so after a crash the log and the projection never disagree,
-//! and an event is acknowledged only once it is on disk. Readers (the API, the
-//! CLI with `--state-dir`) open their own connections; WAL lets them read while
-//! the controller writes.
+//! An event is acknowledged only once it is on disk. The projection's rows
+//! are written behind the log, in their own transactions or with a group's,
+//! always together with the repository row that names the last event they
+//! hold; reading the stored status folds the events after it in, so after
+//! a crash the log and the projection read never disagree. Readers (the
+//! API, the CLI with `--state-dir`) open their own connections; WAL lets
+//! them read while the controller writes.
 
 mod checkpoint;
 
@@ -68,8 +70,13 @@ pub struct Store {
     /// repository row once, as the appends left it, rather than each.
     group_appended: bool,
     /// The hosts the group's appends changed: their rows are written once
-    /// each, by [`Store::commit_group`], however many events they had.
+    /// each, however many events they had.
     group_hosts: std::collections::BTreeSet<String>,
+    /// Hosts whose rows (and whether the repository row) lag the log, and
+    /// since when: see [`Store::commit_group`].
+    unflushed: std::collections::BTreeSet<String>,
+    unflushed_repo: bool,
+    unflushed_since: Option<std::time::Instant>,
     /// The group's transaction is open (begun by its first append).
     group_open: bool,
     /// A failure rolled the group's transaction back whole (SQLite does so
@@ -149,6 +156,9 @@ impl Store {
             group_hosts: std::collections::BTreeSet::new(),
             group_open: false,
             group_lost: false,
+            unflushed: std::collections::BTreeSet::new(),
+            unflushed_repo: false,
+            unflushed_since: None,
         })
     }
 
@@ -188,6 +198,9 @@ impl Store {
             group_hosts: std::collections::BTreeSet::new(),
             group_open: false,
             group_lost: false,
+            unflushed: std::collections::BTreeSet::new(),
+            unflushed_repo: false,
+            unflushed_since: None,
         })
     }
 
@@ -267,6 +280,9 @@ impl Store {
                 return Err(e);
             }
             Ok(Some(after)) => {
+                self.unflushed.clear();
+                self.unflushed_repo = false;
+                self.unflushed_since = None;
                 status.repo = after.repo;
                 let touched: std::collections::BTreeSet<&String> =
                     events.iter().filter_map(|e| e.host.as_ref()).collect();
@@ -313,6 +329,14 @@ impl Store {
             after.apply(event);
         }
         self.write_hosts(touched.iter().map(|name| (*name, after.host(name))))?;
+        // The repository row says which event the rows are as of: rows
+        // that lag from earlier groups go with it.
+        self.write_hosts(
+            self.unflushed
+                .iter()
+                .filter(|name| !touched.contains(name))
+                .map(|name| (name, status.host(name))),
+        )?;
         self.write_repo(&after.repo)?;
         Ok(after)
     }
@@ -333,12 +357,11 @@ impl Store {
         Ok(())
     }
 
-    /// Hosts' projection rows (`None`: the host was removed); what was
-    /// written, the rows' JSON kept for the status feed.
+    /// Hosts' projection rows (`None`: the host was removed).
     fn write_hosts<'a>(
         &self,
         rows: impl Iterator<Item = (&'a String, Option<&'a HostStatus>)>,
-    ) -> Result<crate::feed::WrittenRows, StoreError> {
+    ) -> Result<(), StoreError> {
         let mut upsert = self.conn.prepare_cached(
             "INSERT INTO hosts (name, body) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET body = excluded.body",
@@ -346,22 +369,13 @@ impl Store {
         let mut delete = self
             .conn
             .prepare_cached("DELETE FROM hosts WHERE name = ?1")?;
-        let mut written = Vec::new();
         for (name, row) in rows {
-            let json = match row {
-                Some(host) => {
-                    let json = serde_json::to_string(host)?;
-                    upsert.execute(params![name, json])?;
-                    Some(json)
-                }
-                None => {
-                    delete.execute(params![name])?;
-                    None
-                }
+            match row {
+                Some(host) => upsert.execute(params![name, serde_json::to_string(host)?])?,
+                None => delete.execute(params![name])?,
             };
-            written.push((name.clone(), json));
         }
-        Ok(written)
+        Ok(())
     }
 
     fn write_repo(&self, repo: &RepoStatus) -> Result<(), StoreError> {
@@ -403,14 +417,32 @@ impl Store {
         self.grouped = true;
     }
 
-    /// Commits the group's appends with one disk sync, with the rows of
-    /// the hosts they changed as `status` (which the appends were given)
-    /// holds them now; returns those rows as written, for the status feed.
-    /// On failure the group is rolled back whole: the caller's in-memory
-    /// state is then ahead of the store and must be rebuilt from it.
+    /// Commits the group's appends with one disk sync; returns the rows of
+    /// the hosts they changed, as `status` (which the appends were given)
+    /// holds them now, as JSON for the status feed. On failure the group
+    /// is rolled back whole: the caller's in-memory state is then ahead of
+    /// the store and must be rebuilt from it.
     pub fn commit_group(
         &mut self,
         status: &FleetStatus,
+    ) -> Result<crate::feed::WrittenRows, StoreError> {
+        self.commit_group_with(status, || true)
+    }
+
+    /// [`Store::commit_group`], returning the rows' JSON only if `rows()`
+    /// says so once the group is committed (the status feed has a reader
+    /// by then: one that follows later reads this commit from the store).
+    /// The events are written at once;
+    /// the projection's rows by [`Store::write_lagging`] once the
+    /// controller is idle, or here when many wait or the oldest has
+    /// waited long: in a burst of 10,000 hosts each group rewrote nearly
+    /// every page of the hosts' table. The tables always hold the
+    /// projection as of the repository row's last event (written with
+    /// them), and reading them folds the events after it in.
+    pub fn commit_group_with(
+        &mut self,
+        status: &FleetStatus,
+        rows: impl FnOnce() -> bool,
     ) -> Result<crate::feed::WrittenRows, StoreError> {
         self.grouped = false;
         self.group_open = false;
@@ -422,14 +454,54 @@ impl Store {
         if self.conn.is_autocommit() {
             return Ok(Vec::new());
         }
-        let written = self
-            .write_hosts(hosts.iter().map(|name| (name, status.host(name))))
-            .and_then(|rows| match appended {
-                true => self.write_repo(&status.repo).map(|()| rows),
-                false => Ok(rows),
-            });
-        match written.and_then(|rows| self.run_cached("COMMIT").map(|()| rows)) {
-            Ok(rows) => Ok(rows),
+        self.unflushed.extend(hosts.iter().cloned());
+        self.unflushed_repo |= appended;
+        let since = *self
+            .unflushed_since
+            .get_or_insert_with(std::time::Instant::now);
+        let flush = self.unflushed.len() >= FLUSH_ROWS || since.elapsed() >= FLUSH_AFTER;
+        let committed = (if flush { self.flush(status) } else { Ok(()) })
+            .and_then(|()| self.run_cached("COMMIT"));
+        if let Err(e) = committed {
+            let _ = self.run_cached("ROLLBACK");
+            return Err(e);
+        }
+        if flush {
+            self.unflushed.clear();
+            self.unflushed_repo = false;
+            self.unflushed_since = None;
+        }
+        if !rows() {
+            return Ok(Vec::new());
+        }
+        Ok(hosts
+            .into_iter()
+            .map(|name| {
+                let json = status.host(&name).map(serde_json::to_string).transpose()?;
+                Ok((name, json))
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?)
+    }
+
+    /// Whether rows lag the log (see [`Store::write_lagging`]).
+    pub fn lagging(&self) -> bool {
+        self.unflushed_repo || !self.unflushed.is_empty()
+    }
+
+    /// Writes the rows that lag the log, as `status` holds them, in a
+    /// transaction of their own: the controller's, once it is idle.
+    pub fn write_lagging(&mut self, status: &FleetStatus) -> Result<(), StoreError> {
+        if !self.lagging() {
+            return Ok(());
+        }
+        self.run_cached("BEGIN IMMEDIATE")?;
+        match self.flush(status).and_then(|()| self.run_cached("COMMIT")) {
+            Ok(()) => {
+                self.unflushed.clear();
+                self.unflushed_repo = false;
+                self.unflushed_since = None;
+                Ok(())
+            }
             Err(e) => {
                 let _ = self.run_cached("ROLLBACK");
                 Err(e)
@@ -437,10 +509,21 @@ impl Store {
         }
     }
 
+    /// Writes the rows that lag the log, as `status` holds them, and the
+    /// repository row, inside the open transaction.
+    fn flush(&self, status: &FleetStatus) -> Result<(), StoreError> {
+        if self.unflushed.is_empty() && !self.unflushed_repo {
+            return Ok(());
+        }
+        self.write_hosts(self.unflushed.iter().map(|name| (name, status.host(name))))?;
+        self.write_repo(&status.repo)
+    }
+
     /// Deletes the events `retention` no longer keeps (never the newest
-    /// one). Returns the highest deleted sequence number and how many were
-    /// deleted, or `None` if nothing was. The projection is untouched: it is
-    /// kept up to date as events come, never rebuilt from the log.
+    /// one, nor one the projection's tables do not hold yet). Returns the
+    /// highest deleted sequence number and how many were deleted, or `None`
+    /// if nothing was. The projection is untouched: it is kept up to date
+    /// as events come, never rebuilt from the log.
     pub fn trim(
         &mut self,
         retention: &Retention,
@@ -464,7 +547,8 @@ impl Store {
             )?;
             through = through.max(old.map_or(0, |s| u64::try_from(s).unwrap_or(0)));
         }
-        let through = through.min(last.saturating_sub(1));
+        // Never an event the projection's tables do not hold yet.
+        let through = through.min(last.saturating_sub(1)).min(self.rows_as_of()?);
         if through == 0 {
             return Ok(None);
         }
@@ -536,7 +620,47 @@ impl Store {
         Ok(status)
     }
 
+    /// The tables' projection, and the events after it folded in.
     fn read_status(&self) -> Result<FleetStatus, StoreError> {
+        Ok(self.read_lagging()?.0)
+    }
+
+    /// [`Store::read_status`], and the hosts whose rows lag the log (the
+    /// repository row lags if the events are not empty).
+    #[allow(clippy::type_complexity)]
+    fn read_lagging(
+        &self,
+    ) -> Result<(FleetStatus, std::collections::BTreeSet<String>, bool), StoreError> {
+        let mut status = self.read_tables()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq")?;
+        let mut rows = stmt.query([status.repo.last_seq])?;
+        let (mut lagging, mut any) = (std::collections::BTreeSet::new(), false);
+        while let Some(row) = rows.next()? {
+            let event = serde_json::from_str::<Event>(&row.get::<_, String>(0)?)?;
+            status.apply(&event);
+            lagging.extend(event.host);
+            any = true;
+        }
+        Ok((status, lagging, any))
+    }
+
+    /// [`Store::load_status`] for the connection that writes: the rows that
+    /// lag the log are written with its next flush.
+    pub fn load_status_to_write(&mut self) -> Result<FleetStatus, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let (status, lagging, any) = self.read_lagging()?;
+        tx.finish()?;
+        if any {
+            self.unflushed.extend(lagging);
+            self.unflushed_repo = true;
+            self.unflushed_since = Some(std::time::Instant::now());
+        }
+        Ok(status)
+    }
+
+    fn read_tables(&self) -> Result<FleetStatus, StoreError> {
         let repo: Option<String> = self
             .conn
             .query_row("SELECT body FROM repo WHERE id = 1", [], |r| r.get(0))
@@ -557,15 +681,44 @@ impl Store {
         Ok(FleetStatus { repo, hosts })
     }
 
-    /// One host's status row, without reading the others.
+    /// One host's status, without reading the others: its row and its
+    /// events after the one the rows are as of.
     pub fn host(&self, name: &str) -> Result<Option<HostStatus>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
         let body: Option<String> = self
             .conn
             .query_row("SELECT body FROM hosts WHERE name = ?1", [name], |r| {
                 r.get(0)
             })
             .optional()?;
-        Ok(body.map(|b| serde_json::from_str(&b)).transpose()?)
+        let mut status = FleetStatus::default();
+        if let Some(body) = body {
+            let host: HostStatus = serde_json::from_str(&body)?;
+            status.hosts.insert(name.to_string(), Arc::new(host));
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT body FROM events WHERE host = ?1 AND seq > ?2 ORDER BY seq")?;
+        let mut rows = stmt.query(params![name, self.rows_as_of()?])?;
+        while let Some(row) = rows.next()? {
+            status.apply(&serde_json::from_str::<Event>(&row.get::<_, String>(0)?)?);
+        }
+        drop(rows);
+        drop(stmt);
+        tx.finish()?;
+        Ok(status.hosts.remove(name).map(Arc::unwrap_or_clone))
+    }
+
+    /// The event the projection's tables are as of (the repository row's).
+    fn rows_as_of(&self) -> Result<u64, StoreError> {
+        let repo: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM repo WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        Ok(match repo {
+            Some(body) => serde_json::from_str::<RepoStatus>(&body)?.last_seq,
+            None => 0,
+        })
     }
 
     /// Events in sequence order.
@@ -617,6 +770,12 @@ impl Store {
         Ok((newest, events))
     }
 }
+
+/// [`Store::commit_group`] writes the rows that lag the log itself when
+/// this many lag, or when the oldest has lagged this long (a controller
+/// never idle); otherwise the controller does once it is idle.
+const FLUSH_ROWS: usize = 16_384;
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Numbers `news` after the status's last event and gives each the phase
 /// its host is in before it, as the earlier events of the batch leave it

@@ -367,3 +367,56 @@ fn a_batch_is_recorded_as_its_events_one_at_a_time() {
         "a phase left, said only by the events that change it"
     );
 }
+
+/// A burst's groups write their events and leave the hosts' rows to a
+/// later group: every read folds the events the tables lag by, retention
+/// keeps them, and a new writer writes the rows with its next group.
+#[test]
+fn rows_left_to_a_later_group_are_read_as_the_log_leaves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut status = FleetStatus::default();
+    store.begin_group();
+    for i in 0..300 {
+        let host = format!("h{i}");
+        let new =
+            NewEvent::host(&host, Reason::BuildStarted, Some("r1"), "").phase(Phase::Building);
+        store.append(&mut status, new, t(1)).unwrap();
+    }
+    store.commit_group(&status).unwrap();
+    assert!(
+        store.read_tables().unwrap().hosts.is_empty(),
+        "the rows lag"
+    );
+
+    let reader = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(reader.load_status().unwrap(), status);
+    assert_eq!(reader.host("h7").unwrap().as_ref(), status.host("h7"));
+    assert_eq!(reader.host("nobody").unwrap(), None);
+    let keep_one = Retention {
+        max_events: Some(1),
+        max_age: None,
+    };
+    let mut trimmer = Store::open(dir.path()).unwrap();
+    assert_eq!(trimmer.trim(&keep_one, t(2)).unwrap(), None, "all lag");
+
+    drop(store);
+    let mut store = Store::open(dir.path()).unwrap();
+    let mut status = store.load_status_to_write().unwrap();
+    assert_eq!(status, reader.load_status().unwrap());
+    store.begin_group();
+    let new = NewEvent::host("h0", Reason::BuildSucceeded, Some("r1"), "").phase(Phase::Pending);
+    store.append(&mut status, new, t(3)).unwrap();
+    store.commit_group(&status).unwrap();
+    assert!(store.lagging());
+    store.write_lagging(&status).unwrap();
+    assert!(!store.lagging());
+    assert_eq!(store.read_tables().unwrap(), status, "written once idle");
+    assert_eq!(reader.load_status().unwrap(), status);
+    let last = status.repo.last_seq;
+    assert_eq!(
+        trimmer.trim(&keep_one, t(4)).unwrap(),
+        Some((last - 1, last - 1))
+    );
+    assert_eq!(reader.load_status().unwrap(), status);
+}
