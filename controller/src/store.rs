@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use time::OffsetDateTime;
 
-use crate::event::{Event, NewEvent, Reason, EVENT_SCHEMA_VERSION};
+use crate::event::{Event, NewEvent, Phase, Reason, EVENT_SCHEMA_VERSION};
 use crate::status::{FleetStatus, HostStatus, RepoStatus};
 
 /// File name of the database inside the state directory.
@@ -781,19 +781,27 @@ const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 /// its host is in before it, as the earlier events of the batch leave it
 /// (what [`FleetStatus::apply`] would make of them), without folding them.
 fn number(status: &FleetStatus, news: Vec<NewEvent>, now: OffsetDateTime) -> Vec<Event> {
+    // The phase each host of the batch is left in so far (`None`:
+    // removed); a revision adds or removes thousands in one batch.
+    let mut left: std::collections::HashMap<String, Option<Phase>> =
+        std::collections::HashMap::new();
+    let batch = news.len() > 1;
     let mut events: Vec<Event> = Vec::with_capacity(news.len());
     for new in news {
         let seq = status.repo.last_seq + events.len() as u64 + 1;
-        let from = new.host.as_deref().and_then(|host| {
-            events
-                .iter()
-                .filter(|e| e.host.as_deref() == Some(host))
-                .fold(status.phase_of(host), |phase, e| match e.reason {
-                    Reason::HostRemoved => None,
-                    _ => e.to_phase.or(phase).or(Some(crate::event::Phase::Pending)),
-                })
+        let from = new.host.as_deref().and_then(|host| match left.get(host) {
+            Some(phase) => *phase,
+            None => status.phase_of(host),
         });
-        events.push(new.into_event(seq, now, from));
+        let event = new.into_event(seq, now, from);
+        if let Some(host) = event.host.as_ref().filter(|_| batch) {
+            let after = match event.reason {
+                Reason::HostRemoved => None,
+                _ => event.to_phase.or(from).or(Some(Phase::Pending)),
+            };
+            left.insert(host.clone(), after);
+        }
+        events.push(event);
     }
     events
 }
