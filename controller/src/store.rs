@@ -9,6 +9,7 @@
 //! them read while the controller writes.
 
 mod checkpoint;
+mod read;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,16 +73,23 @@ pub struct Store {
     /// The hosts the group's appends changed: their rows are written once
     /// each, however many events they had.
     group_hosts: std::collections::BTreeSet<String>,
-    /// Hosts whose rows (and whether the repository row) lag the log, and
-    /// since when: see [`Store::commit_group`].
-    unflushed: std::collections::BTreeSet<String>,
-    unflushed_repo: bool,
-    unflushed_since: Option<std::time::Instant>,
+    /// What of the projection's tables lags the log: see
+    /// [`Store::commit_group_with`].
+    lagging: Lagging,
     /// The group's transaction is open (begun by its first append).
     group_open: bool,
     /// A failure rolled the group's transaction back whole (SQLite does so
     /// for a full disk or an I/O error): the group can only fail.
     group_lost: bool,
+}
+
+/// The projection rows that lag the log: these hosts' rows, the
+/// repository row, since when.
+#[derive(Debug, Default)]
+struct Lagging {
+    hosts: std::collections::BTreeSet<String>,
+    repo: bool,
+    since: Option<std::time::Instant>,
 }
 
 /// Which events `--event-retention` keeps: those younger than `max_age`
@@ -115,6 +123,19 @@ impl Retention {
 }
 
 impl Store {
+    fn on(conn: Connection) -> Store {
+        Store {
+            conn,
+            grouped: false,
+            checkpointer: None,
+            group_appended: false,
+            group_hosts: std::collections::BTreeSet::new(),
+            group_open: false,
+            group_lost: false,
+            lagging: Lagging::default(),
+        }
+    }
+
     /// Opens (creating if needed) the store in `state_dir` for writing.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         let path = state_dir.join(DB_FILE);
@@ -148,18 +169,7 @@ impl Store {
                 found: version,
             });
         }
-        Ok(Store {
-            conn,
-            grouped: false,
-            checkpointer: None,
-            group_appended: false,
-            group_hosts: std::collections::BTreeSet::new(),
-            group_open: false,
-            group_lost: false,
-            unflushed: std::collections::BTreeSet::new(),
-            unflushed_repo: false,
-            unflushed_since: None,
-        })
+        Ok(Store::on(conn))
     }
 
     /// Checkpoints the log on a thread of its own from now on, never in
@@ -190,18 +200,7 @@ impl Store {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Store {
-            conn,
-            grouped: false,
-            checkpointer: None,
-            group_appended: false,
-            group_hosts: std::collections::BTreeSet::new(),
-            group_open: false,
-            group_lost: false,
-            unflushed: std::collections::BTreeSet::new(),
-            unflushed_repo: false,
-            unflushed_since: None,
-        })
+        Ok(Store::on(conn))
     }
 
     /// Appends `new` to the log and folds it into `status`, writing the
@@ -280,16 +279,14 @@ impl Store {
                 return Err(e);
             }
             Ok(Some(after)) => {
-                self.unflushed.clear();
-                self.unflushed_repo = false;
-                self.unflushed_since = None;
-                status.repo = after.repo;
-                let touched: std::collections::BTreeSet<&String> =
-                    events.iter().filter_map(|e| e.host.as_ref()).collect();
-                for name in touched {
-                    status.hosts.remove(name);
+                self.lagging = Lagging::default();
+                for name in events.iter().filter_map(|e| e.host.as_ref()) {
+                    match after.hosts.get(name) {
+                        Some(row) => status.hosts.insert(name.clone(), Arc::clone(row)),
+                        None => status.hosts.remove(name),
+                    };
                 }
-                status.hosts.extend(after.hosts);
+                status.repo = after.repo;
             }
             // Folded in place: a row no reader shares is changed, not
             // copied.
@@ -332,7 +329,8 @@ impl Store {
         // The repository row says which event the rows are as of: rows
         // that lag from earlier groups go with it.
         self.write_hosts(
-            self.unflushed
+            self.lagging
+                .hosts
                 .iter()
                 .filter(|name| !touched.contains(name))
                 .map(|name| (name, status.host(name))),
@@ -454,12 +452,13 @@ impl Store {
         if self.conn.is_autocommit() {
             return Ok(Vec::new());
         }
-        self.unflushed.extend(hosts.iter().cloned());
-        self.unflushed_repo |= appended;
+        self.lagging.hosts.extend(hosts.iter().cloned());
+        self.lagging.repo |= appended;
         let since = *self
-            .unflushed_since
+            .lagging
+            .since
             .get_or_insert_with(std::time::Instant::now);
-        let flush = self.unflushed.len() >= FLUSH_ROWS || since.elapsed() >= FLUSH_AFTER;
+        let flush = self.lagging.hosts.len() >= FLUSH_ROWS || since.elapsed() >= FLUSH_AFTER;
         let committed = (if flush { self.flush(status) } else { Ok(()) })
             .and_then(|()| self.run_cached("COMMIT"));
         if let Err(e) = committed {
@@ -467,9 +466,7 @@ impl Store {
             return Err(e);
         }
         if flush {
-            self.unflushed.clear();
-            self.unflushed_repo = false;
-            self.unflushed_since = None;
+            self.lagging = Lagging::default();
         }
         if !rows() {
             return Ok(Vec::new());
@@ -485,7 +482,7 @@ impl Store {
 
     /// Whether rows lag the log (see [`Store::write_lagging`]).
     pub fn lagging(&self) -> bool {
-        self.unflushed_repo || !self.unflushed.is_empty()
+        self.lagging.repo || !self.lagging.hosts.is_empty()
     }
 
     /// Writes the rows that lag the log, as `status` holds them, in a
@@ -497,9 +494,7 @@ impl Store {
         self.run_cached("BEGIN IMMEDIATE")?;
         match self.flush(status).and_then(|()| self.run_cached("COMMIT")) {
             Ok(()) => {
-                self.unflushed.clear();
-                self.unflushed_repo = false;
-                self.unflushed_since = None;
+                self.lagging = Lagging::default();
                 Ok(())
             }
             Err(e) => {
@@ -512,10 +507,15 @@ impl Store {
     /// Writes the rows that lag the log, as `status` holds them, and the
     /// repository row, inside the open transaction.
     fn flush(&self, status: &FleetStatus) -> Result<(), StoreError> {
-        if self.unflushed.is_empty() && !self.unflushed_repo {
+        if !self.lagging() {
             return Ok(());
         }
-        self.write_hosts(self.unflushed.iter().map(|name| (name, status.host(name))))?;
+        self.write_hosts(
+            self.lagging
+                .hosts
+                .iter()
+                .map(|name| (name, status.host(name))),
+        )?;
         self.write_repo(&status.repo)
     }
 
@@ -598,176 +598,6 @@ impl Store {
             params![name, seq],
         )?;
         Ok(())
-    }
-
-    /// The sequence number of the newest event folded into the stored
-    /// projection (0 for an empty store); cheap, for caches.
-    pub fn last_seq(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|s| u64::try_from(s).unwrap_or(0))?)
-    }
-
-    /// The stored projection, read in one transaction (one consistent
-    /// snapshot of the repository row and the host rows).
-    pub fn load_status(&self) -> Result<FleetStatus, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
-        let status = self.read_status()?;
-        tx.finish()?;
-        Ok(status)
-    }
-
-    /// The tables' projection, and the events after it folded in.
-    fn read_status(&self) -> Result<FleetStatus, StoreError> {
-        Ok(self.read_lagging()?.0)
-    }
-
-    /// [`Store::read_status`], and the hosts whose rows lag the log (the
-    /// repository row lags if the events are not empty).
-    #[allow(clippy::type_complexity)]
-    fn read_lagging(
-        &self,
-    ) -> Result<(FleetStatus, std::collections::BTreeSet<String>, bool), StoreError> {
-        let mut status = self.read_tables()?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq")?;
-        let mut rows = stmt.query([status.repo.last_seq])?;
-        let (mut lagging, mut any) = (std::collections::BTreeSet::new(), false);
-        while let Some(row) = rows.next()? {
-            let event = serde_json::from_str::<Event>(&row.get::<_, String>(0)?)?;
-            status.apply(&event);
-            lagging.extend(event.host);
-            any = true;
-        }
-        Ok((status, lagging, any))
-    }
-
-    /// [`Store::load_status`] for the connection that writes: the rows that
-    /// lag the log are written with its next flush.
-    pub fn load_status_to_write(&mut self) -> Result<FleetStatus, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
-        let (status, lagging, any) = self.read_lagging()?;
-        tx.finish()?;
-        if any {
-            self.unflushed.extend(lagging);
-            self.unflushed_repo = true;
-            self.unflushed_since = Some(std::time::Instant::now());
-        }
-        Ok(status)
-    }
-
-    fn read_tables(&self) -> Result<FleetStatus, StoreError> {
-        let repo: Option<String> = self
-            .conn
-            .query_row("SELECT body FROM repo WHERE id = 1", [], |r| r.get(0))
-            .optional()?;
-        let repo = match repo {
-            Some(body) => serde_json::from_str::<RepoStatus>(&body)?,
-            None => RepoStatus::default(),
-        };
-        let mut stmt = self.conn.prepare("SELECT body FROM hosts ORDER BY name")?;
-        let bodies = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut hosts = std::collections::BTreeMap::new();
-        for body in bodies {
-            let host: HostStatus = serde_json::from_str(&body)?;
-            hosts.insert(host.name.clone(), Arc::new(host));
-        }
-        Ok(FleetStatus { repo, hosts })
-    }
-
-    /// One host's status, without reading the others: its row and its
-    /// events after the one the rows are as of.
-    pub fn host(&self, name: &str) -> Result<Option<HostStatus>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
-        let body: Option<String> = self
-            .conn
-            .query_row("SELECT body FROM hosts WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let mut status = FleetStatus::default();
-        if let Some(body) = body {
-            let host: HostStatus = serde_json::from_str(&body)?;
-            status.hosts.insert(name.to_string(), Arc::new(host));
-        }
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT body FROM events WHERE host = ?1 AND seq > ?2 ORDER BY seq")?;
-        let mut rows = stmt.query(params![name, self.rows_as_of()?])?;
-        while let Some(row) = rows.next()? {
-            status.apply(&serde_json::from_str::<Event>(&row.get::<_, String>(0)?)?);
-        }
-        drop(rows);
-        drop(stmt);
-        tx.finish()?;
-        Ok(status.hosts.remove(name).map(Arc::unwrap_or_clone))
-    }
-
-    /// The event the projection's tables are as of (the repository row's).
-    fn rows_as_of(&self) -> Result<u64, StoreError> {
-        let repo: Option<String> = self
-            .conn
-            .query_row("SELECT body FROM repo WHERE id = 1", [], |r| r.get(0))
-            .optional()?;
-        Ok(match repo {
-            Some(body) => serde_json::from_str::<RepoStatus>(&body)?.last_seq,
-            None => 0,
-        })
-    }
-
-    /// Events in sequence order.
-    pub fn events(&self, q: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        let since = q.since.unwrap_or(0);
-        let limit = q.limit.map_or(-1, i64::from);
-        // Without `since`, a limit means "the newest N", as `kubectl get
-        // events` shows the recent past; with it, "the next N" for paging.
-        let newest_first = q.since.is_none() && q.limit.is_some();
-        let sql = format!(
-            "SELECT body FROM events WHERE seq > ?1 AND (?2 IS NULL OR host = ?2)
-             AND (?4 IS NULL OR host IN (SELECT value FROM json_each(?4)))
-             ORDER BY seq {} LIMIT ?3",
-            if newest_first { "DESC" } else { "ASC" }
-        );
-        let hosts = q.hosts.as_ref().map(serde_json::to_string).transpose()?;
-        let mut stmt = self.conn.prepare(&sql)?;
-        let bodies = stmt
-            .query_map(params![since, q.host, limit, hosts], |r| {
-                r.get::<_, String>(0)
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut events = bodies
-            .iter()
-            .map(|b| serde_json::from_str::<Event>(b))
-            .collect::<Result<Vec<_>, _>>()?;
-        if newest_first {
-            events.reverse();
-        }
-        Ok(events)
-    }
-
-    /// The events of one reason after `since`, in order, without parsing
-    /// the others, and the newest sequence number looked at (where the
-    /// next call starts): `cim simulate` waits for every host's
-    /// `Converged` this way, at a fraction of the CPU of reading the log.
-    pub fn events_of(&self, reason: Reason, since: u64) -> Result<(u64, Vec<Event>), StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, CASE WHEN reason = ?2 THEN body END FROM events WHERE seq > ?1 ORDER BY seq",
-        )?;
-        let mut rows = stmt.query(params![since, reason.to_string()])?;
-        let (mut newest, mut events) = (since, Vec::new());
-        while let Some(row) = rows.next()? {
-            newest = row.get(0)?;
-            if let Some(body) = row.get::<_, Option<String>>(1)? {
-                events.push(serde_json::from_str::<Event>(&body)?);
-            }
-        }
-        Ok((newest, events))
     }
 }
 
