@@ -107,6 +107,8 @@ async fn serve(args: RunArgs, state_dir: PathBuf, control_dir: PathBuf) -> Exit 
             }),
             _ => None,
         },
+        nix_cache: Some(state_dir.join("nix-cache")),
+        fetch_turn: Arc::default(),
     };
     let mirror = Mirror::open(&state_dir, &args.repo, &driver.git_ssh_command())?;
     let driver_for_notes = driver.clone();

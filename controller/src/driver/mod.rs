@@ -9,6 +9,7 @@
 //! makes (through `NIX_SSHOPTS`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openssh::{KnownHosts, Session, SessionBuilder};
@@ -51,6 +52,14 @@ pub struct DriverConfig {
     pub build_timeout: Duration,
     /// Where built closures are pushed for hosts to substitute from.
     pub cache: Option<BinaryCache>,
+    /// nix's cache directory (`XDG_CACHE_HOME`) for every nix cim runs:
+    /// cim's own, so that it may clear the git cache a killed `git` left
+    /// half made (see `nix::fetch`). `None`: the user's.
+    pub nix_cache: Option<PathBuf>,
+    /// Taken by each fetch of a flake's source, one at a time, and held
+    /// until that fetch ends even if nobody waits for it any more: two
+    /// `git` processes of nix's in one cache repository break it.
+    pub fetch_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Default for DriverConfig {
@@ -64,6 +73,8 @@ impl Default for DriverConfig {
             eval_timeout: Duration::from_secs(30 * 60),
             build_timeout: Duration::from_secs(4 * 3600),
             cache: None,
+            nix_cache: None,
+            fetch_turn: Arc::default(),
         }
     }
 }

@@ -63,6 +63,9 @@ impl NixCommand {
         }
         // Remote builders (`--nix-option builders=…`) go through ssh too.
         cmd.env("NIX_SSHOPTS", cfg.base_sshopts().join(" "));
+        if let Some(cache) = &cfg.nix_cache {
+            cmd.env("XDG_CACHE_HOME", cache);
+        }
         // Its own process group: nix's builders and helpers go with it
         // when it is killed (a deadline, an evaluation made moot).
         cmd.stdin(Stdio::null()).kill_on_drop(true).process_group(0);
@@ -233,6 +236,7 @@ pub async fn evaluate(
     flake: &str,
     configurations: &[String],
 ) -> Result<Evaluation, BuildError> {
+    fetch(cfg, flake).await?;
     let mut nix = NixCommand::new(cfg, "eval");
     nix.cmd
         .arg("--json")
@@ -271,6 +275,54 @@ pub async fn evaluate(
         names: raw.names,
         systems,
     })
+}
+
+/// Fetches `flake`'s source (and the inputs its lock file names) into the
+/// store, so that evaluating it after runs no `git`.
+///
+/// Why a step of its own: an evaluation made moot is killed, and nix's
+/// `git` killed while it makes or fills nix's git cache leaves a
+/// repository every later `git fetch` into it fails on (`not a git
+/// repository`): no revision would evaluate again. So the fetch is
+/// detached from its caller and runs to its end (or its deadline), one at
+/// a time ([`DriverConfig::fetch_turn`]). A cache broken anyway (a
+/// deadline, cim itself killed) is cleared once and the fetch tried
+/// again, so that it cannot fail every revision after it.
+async fn fetch(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
+    let cfg = cfg.clone();
+    let owned = flake.to_string();
+    let fetching = tokio::spawn(async move {
+        let flake = owned;
+        let _turn = cfg.fetch_turn.clone().lock_owned().await;
+        let first = fetch_once(&cfg, &flake).await;
+        let (Err(BuildError::Failed { .. }), Some(cache)) = (&first, &cfg.nix_cache) else {
+            return first;
+        };
+        let git_cache = cache.join("nix").join("gitv3");
+        tracing::warn!(
+            error = %crate::error::error_chain(first.as_ref().unwrap_err()),
+            cache = %git_cache.display(),
+            "fetching the flake failed; clearing nix's git cache and fetching again"
+        );
+        match tokio::fs::remove_dir_all(&git_cache).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(error = %e, cache = %git_cache.display(), "cannot clear nix's git cache");
+                first
+            }
+            _ => fetch_once(&cfg, &flake).await,
+        }
+    });
+    fetching
+        .await
+        .unwrap_or_else(|e| Err(BuildError::Output(format!("fetching {flake} stopped: {e}"))))
+}
+
+async fn fetch_once(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
+    let mut nix = NixCommand::new(cfg, "flake metadata");
+    nix.cmd.arg("--json").arg(flake);
+    nix.run("the flake".to_string(), cfg.eval_timeout)
+        .await
+        .map(|_| ())
 }
 
 async fn evaluate_one_by_one(
