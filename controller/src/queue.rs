@@ -1,11 +1,26 @@
 //! The per-host work queue, after client-go's workqueue: a host is queued at
 //! most once, never handed out twice at once, and a host re-queued while it
-//! is being worked on runs again only after the current run ends. Time is a
-//! type parameter so that the queue stays pure and is tested with integers.
+//! is being worked on runs again only after the current run ends. Among
+//! hosts due at once, those with something to change go before those only
+//! looked at (client-go's priority queue does the same for its informers).
+//! Time is a type parameter so that the queue stays pure and is tested with
+//! integers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Which of the hosts due at the same time go first. A commit that
+/// changes one host of 10,000 queues all of them (each is looked at, to
+/// confirm it runs its system at the new revision); the one whose system
+/// changes must not wait behind 9,999 looks `--max-parallel` at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Urgency {
+    /// Something to change: a new system, a retry, an operator's request.
+    Change,
+    /// Only a look: a host that should already run its system, a resync.
+    Check,
+}
 
 #[derive(Debug, Clone)]
 struct Item<T> {
@@ -13,6 +28,8 @@ struct Item<T> {
     name: Arc<str>,
     /// When the host should next be worked on, if it is queued.
     due: Option<T>,
+    /// What the queued request is for (the most urgent of those merged).
+    urgency: Urgency,
     running: bool,
 }
 
@@ -25,8 +42,8 @@ struct Item<T> {
 #[derive(Debug, Clone)]
 pub struct WorkQueue<T> {
     items: BTreeMap<Arc<str>, Item<T>>,
-    /// `(due, host)` of every item that is queued and not running.
-    waiting: BTreeSet<(T, Arc<str>)>,
+    /// `(due, urgency, host)` of every item that is queued and not running.
+    waiting: BTreeSet<(T, Urgency, Arc<str>)>,
     running: usize,
 }
 
@@ -41,9 +58,10 @@ impl<T> Default for WorkQueue<T> {
 }
 
 impl<T: Ord + Copy> WorkQueue<T> {
-    /// Sets `host`'s due time to what `due` makes of the current one,
-    /// keeping the ordered index in step.
-    fn set_due(&mut self, host: &str, due: impl FnOnce(Option<T>) -> Option<T>) {
+    /// Sets `host`'s due time to what `due` makes of the current one, and
+    /// its request's urgency to the most urgent of the pending one (if
+    /// any) and `urgency`, keeping the ordered index in step.
+    fn set_due(&mut self, host: &str, urgency: Urgency, due: impl FnOnce(Option<T>) -> Option<T>) {
         let item = match self.items.get_mut(host) {
             Some(item) => item,
             None => {
@@ -51,27 +69,39 @@ impl<T: Ord + Copy> WorkQueue<T> {
                 self.items.entry(Arc::clone(&name)).or_insert(Item {
                     name,
                     due: None,
+                    urgency,
                     running: false,
                 })
             }
         };
-        let old = item.due;
-        item.due = due(old);
-        if item.running || old == item.due {
+        let old = (item.due, item.urgency);
+        item.due = due(old.0);
+        item.urgency = match old.0 {
+            Some(_) => old.1.min(urgency),
+            None => urgency,
+        };
+        if item.running || old == (item.due, item.urgency) {
             return;
         }
-        if let Some(old) = old {
-            self.waiting.remove(&(old, Arc::clone(&item.name)));
+        if let Some(due) = old.0 {
+            self.waiting.remove(&(due, old.1, Arc::clone(&item.name)));
         }
         if let Some(new) = item.due {
-            self.waiting.insert((new, Arc::clone(&item.name)));
+            self.waiting
+                .insert((new, item.urgency, Arc::clone(&item.name)));
         }
     }
 
-    /// Asks for `host` to be worked on at `at`. An earlier request wins, so a
-    /// burst of requests collapses into one run.
+    /// Asks for `host` to be worked on at `at`, to change something. An
+    /// earlier request wins, so a burst of requests collapses into one run.
     pub fn enqueue(&mut self, host: &str, at: T) {
-        self.set_due(host, |due| {
+        self.request(host, at, Urgency::Change);
+    }
+
+    /// Asks for `host` to be worked on at `at` as [`WorkQueue::enqueue`]
+    /// does, with `urgency`.
+    pub fn request(&mut self, host: &str, at: T, urgency: Urgency) {
+        self.set_due(host, urgency, |due| {
             Some(match due {
                 Some(due) if due <= at => due,
                 _ => at,
@@ -82,7 +112,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
     /// Like [`WorkQueue::enqueue`], but replaces a pending time: used for
     /// backoff, where the retry time is deliberately later.
     pub fn schedule(&mut self, host: &str, at: T) {
-        self.set_due(host, |_| Some(at));
+        self.set_due(host, Urgency::Change, |_| Some(at));
     }
 
     /// Hands out up to `limit` hosts that are due and not already running,
@@ -91,10 +121,10 @@ impl<T: Ord + Copy> WorkQueue<T> {
         let mut ready = Vec::new();
         while ready.len() < limit {
             match self.waiting.first() {
-                Some((due, _)) if *due <= now => {}
+                Some((due, _, _)) if *due <= now => {}
                 _ => break,
             }
-            let Some((_, name)) = self.waiting.pop_first() else {
+            let Some((_, _, name)) = self.waiting.pop_first() else {
                 break;
             };
             if let Some(item) = self.items.get_mut(&name) {
@@ -113,7 +143,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
         if self.is_running(host) {
             return false;
         }
-        self.set_due(host, |_| None);
+        self.set_due(host, Urgency::Change, |_| None);
         if let Some(item) = self.items.get_mut(host) {
             item.running = true;
             self.running += 1;
@@ -129,7 +159,8 @@ impl<T: Ord + Copy> WorkQueue<T> {
                 item.running = false;
                 self.running -= 1;
                 if let Some(due) = item.due {
-                    self.waiting.insert((due, Arc::clone(&item.name)));
+                    self.waiting
+                        .insert((due, item.urgency, Arc::clone(&item.name)));
                 }
             }
         }
@@ -138,7 +169,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
     /// Drops a host's pending request (it may still be running).
     pub fn forget(&mut self, host: &str) {
         if self.items.contains_key(host) {
-            self.set_due(host, |_| None);
+            self.set_due(host, Urgency::Check, |_| None);
         }
     }
 
@@ -165,7 +196,7 @@ impl<T: Ord + Copy> WorkQueue<T> {
 
     /// The earliest time a host that is not running becomes due.
     pub fn next_due(&self) -> Option<T> {
-        self.waiting.first().map(|(due, _)| *due)
+        self.waiting.first().map(|(due, _, _)| *due)
     }
 }
 
@@ -219,6 +250,23 @@ mod tests {
     }
 
     #[test]
+    fn hosts_with_something_to_change_go_first_among_those_due_at_once() {
+        let mut q = WorkQueue::default();
+        for h in ["a", "b", "c", "d"] {
+            q.request(h, 0, Urgency::Check);
+        }
+        q.request("c", 0, Urgency::Change);
+        // A look asked for after a change does not make it wait.
+        q.request("d", 0, Urgency::Change);
+        q.request("d", 0, Urgency::Check);
+        assert_eq!(q.pop_ready(0, 3), vec!["c", "d", "a"]);
+        // Time still comes first: a change due later waits.
+        q.request("e", 1, Urgency::Change);
+        q.request("f", 0, Urgency::Check);
+        assert_eq!(q.pop_ready(1, 10), vec!["b", "f", "e"]);
+    }
+
+    #[test]
     fn schedule_replaces_an_earlier_time() {
         let mut q = WorkQueue::default();
         q.enqueue("a", 1);
@@ -238,13 +286,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_two_runs_of_one_host(ops in proptest::collection::vec((0u8..7, 0usize..3, 0u32..20), 1..200)) {
+        fn never_two_runs_of_one_host(ops in proptest::collection::vec((0u8..8, 0usize..3, 0u32..20), 1..200)) {
             let hosts = ["a", "b", "c"];
             let mut q = WorkQueue::default();
             let mut running = std::collections::BTreeSet::new();
             for (op, h, t) in ops {
                 match op {
                     0 => q.enqueue(hosts[h], t),
+                    7 => q.request(hosts[h], t, Urgency::Check),
                     1 => q.schedule(hosts[h], t),
                     2 => {
                         for name in q.pop_ready(t, 2) {
@@ -261,13 +310,23 @@ mod tests {
                         q.remove(hosts[h]);
                         running.remove(hosts[h]);
                     }
-                    _ => {
+                    6 => {
                         if q.claim(hosts[h]) {
                             prop_assert!(running.insert(hosts[h].to_string()));
                         }
                     }
+                    _ => unreachable!(),
                 }
                 prop_assert_eq!(q.running(), running.len());
+                // The ordered index holds exactly the waiting items, each
+                // with its current time and urgency.
+                let index: std::collections::BTreeSet<_> = q
+                    .items
+                    .values()
+                    .filter(|i| !i.running)
+                    .filter_map(|i| i.due.map(|d| (d, i.urgency, Arc::clone(&i.name))))
+                    .collect();
+                prop_assert_eq!(&q.waiting, &index);
                 let naive = q.items.values().filter(|i| !i.running).filter_map(|i| i.due).min();
                 prop_assert_eq!(q.next_due(), naive);
             }

@@ -5,6 +5,7 @@
 
 use super::{append, Effect, Now, State, Then};
 use crate::event::{short, NewEvent, Phase, Reason};
+use crate::queue::Urgency;
 use crate::reconcile::WorkItem;
 use crate::rollout;
 use crate::spec::Action;
@@ -199,7 +200,7 @@ impl State {
             {
                 continue;
             }
-            self.queue.enqueue(&host, now.at);
+            self.queue.request(&host, now.at, Urgency::Check);
         }
     }
 }

@@ -7,6 +7,7 @@
 use super::{append, short, Effect, Now, Purpose, RequestId, State, Then};
 use crate::driver::Evaluation;
 use crate::event::{NewEvent, Phase, Reason};
+use crate::queue::Urgency;
 use crate::spec::FleetSpec;
 use crate::trust::Verdict;
 use crate::types::Revision;
@@ -396,6 +397,17 @@ impl State {
             };
             match system {
                 Ok(system) => {
+                    // A host already running it is only looked at: it goes
+                    // after the hosts this revision changes.
+                    let urgency = match self.status.hosts.get(host) {
+                        Some(row)
+                            if row.phase == Phase::Converged
+                                && row.current_system.as_deref() == Some(system.out.as_str()) =>
+                        {
+                            Urgency::Check
+                        }
+                        _ => Urgency::Change,
+                    };
                     match self.desired.get_mut(host) {
                         Some(desired) => *desired = system,
                         None => {
@@ -403,7 +415,7 @@ impl State {
                         }
                     }
                     if !self.held(host) {
-                        self.queue.enqueue(host, now.at);
+                        self.queue.request(host, now.at, urgency);
                     }
                 }
                 Err(message) => failures.push(self.build_failed(host, revision, message)),

@@ -131,3 +131,44 @@ fn a_manual_wave_waits_for_an_approval() {
     assert_eq!(answer.unwrap(), "wave prod of 111111111111 may go ahead");
     assert_eq!(rig.tick(), ["web-1", "web-2"]);
 }
+
+/// A commit that changes one host of many: that host is handed out first,
+/// before the hosts only looked at to confirm they run their system, even
+/// when its name sorts last and `--max-parallel` is 1.
+#[test]
+fn the_hosts_a_revision_changes_go_before_those_only_looked_at() {
+    let mut rig = Rig::new();
+    rig.state.cfg.max_parallel = 1;
+    let hosts = fleet("", &[("app-1", ""), ("app-2", ""), ("web-1", "")]);
+    rig.deploy("r1", hosts.clone(), &[]);
+    for host in ["app-1", "app-2", "web-1"] {
+        assert_eq!(rig.tick(), [host]);
+        rig.converged(host);
+    }
+    let effects = rig.send(Msg::Revision {
+        revision: rev("r2"),
+        specs: Ok(hosts),
+        trust: Verdict::NotChecked,
+        rewritten_from: None,
+    });
+    let [Effect::Evaluate {
+        revision,
+        purpose,
+        configurations,
+    }] = <[Effect; 1]>::try_from(effects).expect("one evaluation")
+    else {
+        panic!("not an evaluation");
+    };
+    let mut result = evaluation(&configurations, &[]);
+    result
+        .systems
+        .insert("web-1".into(), Ok(system("web-1-with-a-fix")));
+    rig.send(Msg::Evaluated {
+        revision,
+        purpose,
+        result: Ok(result),
+    });
+    assert_eq!(rig.tick(), ["web-1"]);
+    rig.converged("web-1");
+    assert_eq!(rig.tick(), ["app-1"]);
+}
