@@ -217,6 +217,10 @@ struct SimulateArgs {
     /// wave that also depends on the canaries, and a failure budget of 1%.
     #[arg(long)]
     policy: bool,
+    /// Change only this many hosts' systems (the last in name order) and
+    /// report when they converged; the others are only looked at.
+    #[arg(long)]
+    changed: Option<usize>,
 }
 
 #[derive(Args)]
@@ -755,6 +759,7 @@ fn simulate(args: SimulateArgs) -> Exit {
         hold: args.hold,
         first_contact: args.first_contact,
         policy: args.policy,
+        changed: args.changed,
     };
     let runtime = cim::priority::runtime()?;
     let report = runtime.block_on(cim::simulate::simulate(opts, |addr| {

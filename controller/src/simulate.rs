@@ -8,7 +8,9 @@
 //! The change is the everyday one: a fleet the controller already knows
 //! (it has converged at a first revision, not measured) moves to a
 //! second. `--first-contact` measures a controller meeting the fleet
-//! instead, which looks at each host before building for it.
+//! instead, which looks at each host before building for it; `--changed N`
+//! a commit that changes only N hosts' systems (the others are looked at),
+//! and when those N converged.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -49,6 +51,9 @@ pub struct SimulateOptions {
     /// failure budget of 1%; the others also depend on the canaries
     /// (`dependsOn` a selector).
     pub policy: bool,
+    /// Change only this many hosts' systems (the last in name order);
+    /// the others are only looked at. `None`: every host's.
+    pub changed: Option<usize>,
 }
 
 /// With a policy, one host in this many is a canary.
@@ -73,6 +78,21 @@ pub struct SimulateReport {
     /// included.
     pub cpu_micros_per_event: f64,
     pub peak_rss_mb: f64,
+    /// With `--changed N`: how many hosts the change changed, when the
+    /// last of them converged (from the new revision), and the critical
+    /// path of their reconciles alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed: Option<ChangedReport>,
+}
+
+/// The hosts a change of only some changed, measured apart.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangedReport {
+    pub hosts: usize,
+    pub wall_seconds: f64,
+    pub critical_path_seconds: f64,
+    pub ratio: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +138,20 @@ pub async fn simulate(
         source,
     })?;
     let store = Store::open(&opts.state_dir)?;
-    let sim = Sim::new(opts.sim.clone());
     let names: Vec<String> = (0..opts.hosts).map(|i| format!("sim-{i:05}")).collect();
+    let changed: HashSet<String> = match opts.changed {
+        Some(n) => names.iter().rev().take(n).cloned().collect(),
+        None => names.iter().cloned().collect(),
+    };
+    let mut sim_cfg = opts.sim.clone();
+    sim_cfg.unchanged = Arc::new(
+        names
+            .iter()
+            .filter(|n| !changed.contains(*n))
+            .cloned()
+            .collect(),
+    );
+    let sim = Sim::new(sim_cfg);
     let mirror = opts.state_dir.join("mirror.git");
     // Known hosts already run the first revision's systems: the controller
     // only looks at each of them before the change.
@@ -128,7 +160,11 @@ pub async fn simulate(
         false => crate::git::flake_ref(&mirror, &revision(BEFORE)?),
     };
     for name in &names {
-        sim.install(name, Sim::system(&before, name).out.as_str());
+        let flake = match changed.contains(name) {
+            true => before.as_str(),
+            false => crate::host::sim::UNCHANGED,
+        };
+        sim.install(name, Sim::system(flake, name).out.as_str());
     }
     let fleet = parse_fleet(&spec_files(&names, opts.policy))
         .map_err(|e| SimulateError::Specs(e.to_string()))?;
@@ -204,6 +240,7 @@ pub async fn simulate(
         read_seq: 0,
         deadline,
         timeout: opts.deadline,
+        changed: &changed,
     };
     if !opts.first_contact {
         let _ = found_tx.send(found(BEFORE, fleet.clone())?).await;
@@ -218,8 +255,11 @@ pub async fn simulate(
     let first_seq = follow.last_seq;
     let started_wall = time::OffsetDateTime::now_utc();
     let _ = found_tx.send(found(REVISION, fleet)?).await;
-    let last_converged = match follow.until_converged(REVISION).await {
-        Ok(at) => at.unwrap_or(started_wall),
+    let (last_converged, last_changed) = match follow.until_converged(REVISION).await {
+        Ok(Converged { last, last_changed }) => (
+            last.unwrap_or(started_wall),
+            last_changed.unwrap_or(started_wall),
+        ),
         Err(e) => {
             cancel.cancel();
             return Err(e);
@@ -240,10 +280,26 @@ pub async fn simulate(
         }
         false => vec![opts.hosts],
     };
-    let critical = opts
-        .sim
-        .critical_path(&waves, opts.max_parallel, !opts.first_contact)
-        .as_secs_f64();
+    let critical = match opts.changed {
+        Some(n) => opts
+            .sim
+            .critical_path_of_some(n.min(opts.hosts), opts.hosts, opts.max_parallel),
+        None => opts
+            .sim
+            .critical_path(&waves, opts.max_parallel, !opts.first_contact),
+    }
+    .as_secs_f64();
+    let changed = opts.changed.map(|n| {
+        let n = n.min(opts.hosts);
+        let critical = opts.sim.critical_path(&[n], opts.max_parallel, true);
+        let wall = (last_changed - started_wall).as_seconds_f64();
+        ChangedReport {
+            hosts: n,
+            wall_seconds: wall,
+            critical_path_seconds: critical.as_secs_f64(),
+            ratio: wall / critical.as_secs_f64(),
+        }
+    });
     let events = follow.last_seq - first_seq;
     Ok(SimulateReport {
         hosts: opts.hosts,
@@ -255,6 +311,7 @@ pub async fn simulate(
         events_per_second: events as f64 / wall,
         cpu_micros_per_event: cpu * 1e6 / events.max(1) as f64,
         peak_rss_mb: peak_rss_mb(),
+        changed,
     })
 }
 
@@ -283,17 +340,26 @@ struct Follow<'a> {
     read_seq: u64,
     deadline: Instant,
     timeout: Duration,
+    /// The hosts whose systems the change changes.
+    changed: &'a HashSet<String>,
+}
+
+/// When the last host converged at a revision, and the last of those the
+/// change changed (`None`: none had anything to do).
+struct Converged {
+    last: Option<time::OffsetDateTime>,
+    last_changed: Option<time::OffsetDateTime>,
 }
 
 impl Follow<'_> {
-    /// When the last host converged at `revision` (`None`: no host had
-    /// anything to do).
+    /// Waits for every host to converge at `revision`.
     async fn until_converged(
         &mut self,
         revision: &'static str,
-    ) -> Result<Option<time::OffsetDateTime>, SimulateError> {
+    ) -> Result<Converged, SimulateError> {
         let mut converged = HashSet::new();
         let mut last = None;
+        let mut last_changed = None;
         while converged.len() < self.hosts.len() {
             if Instant::now() > self.deadline {
                 return Err(SimulateError::TimedOut {
@@ -313,6 +379,9 @@ impl Follow<'_> {
             self.read_seq = newest;
             for ev in news {
                 if ev.revision.as_deref() == Some(revision) {
+                    if ev.host.as_ref().is_some_and(|h| self.changed.contains(h)) {
+                        last_changed = Some(ev.time);
+                    }
                     converged.extend(ev.host);
                     last = Some(ev.time);
                 }
@@ -320,7 +389,7 @@ impl Follow<'_> {
         }
         // The last convergence's commit holds the rollout's last events.
         self.last_seq = tokio::task::block_in_place(|| self.reader.last_seq())?;
-        Ok(last)
+        Ok(Converged { last, last_changed })
     }
 }
 

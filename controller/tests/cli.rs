@@ -105,13 +105,31 @@ fn completions_and_the_manual_come_from_the_same_definitions() {
 /// alone. (What it measures is for `cim-bench`; nothing here is timed.)
 #[test]
 fn simulate_reports_one_change_of_a_known_fleet_or_a_first_contact() {
-    // The mode, whether hosts are looked at first, the rounds of 20 hosts
-    // (under --policy: the canary, then the 39 others), the events beyond
-    // six a host and three for the revision (the waves' starts).
-    for (mode, look_first, rounds, waves) in [
-        (None, false, 2.0, 0),
-        (Some("--first-contact"), true, 2.0, 0),
-        (Some("--policy"), false, 3.0, 2),
+    // A host's reconcile with the latencies below: build (20 ms), copy (5;
+    // the summary's remote command, 1 ms, runs during it), activation
+    // (start 1, switch 10, confirm over a new connection 5 + 1, prune 1);
+    // a host met for the first time is looked at (6 ms) before its build.
+    let reconcile = 20 + 5 + 1 + 10 + 5 + 1 + 1;
+    let look = 5 + 1;
+    // The mode; the events (six a host changed: build started and
+    // succeeded, copy started and succeeded, activation started,
+    // converged; one a host only looked at; three for the revision, and
+    // the waves' starts); the critical path in ms: the evaluation (5),
+    // then rounds of 20 hosts (under --policy: the canary, then the 39
+    // others; with --changed 5: the 5, then 35 looks).
+    for (mode, events, critical_ms) in [
+        (&[][..], 40 * 6 + 3, 5 + 2 * reconcile),
+        (
+            &["--first-contact"][..],
+            40 * 6 + 3,
+            5 + 2 * (look + reconcile),
+        ),
+        (&["--policy"][..], 40 * 6 + 3 + 2, 5 + 3 * reconcile),
+        (
+            &["--changed", "5"][..],
+            5 * 6 + 35 + 3,
+            5 + reconcile + 2 * look,
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -149,18 +167,21 @@ fn simulate_reports_one_change_of_a_known_fleet_or_a_first_contact() {
         assert!(lines.next().unwrap().starts_with("api http://127.0.0.1:"));
         let report: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
         assert_eq!(report["hosts"], 40);
-        // Six events a host (build started and succeeded, copy started and
-        // succeeded, activation started, converged) and three for the
-        // revision: the first revision's looks are not counted.
-        assert_eq!(report["events"], 40 * 6 + 3 + waves, "{mode:?}: {report}");
-        // Two rounds of one reconcile each, plus the evaluation; a host
-        // met for the first time is looked at (6 ms) before its build. The
-        // summary's remote command (1 ms) runs during the copy (5 ms).
-        let reconcile = 20 + 5 + 1 + 10 + 5 + 1 + 1 + if look_first { 6 } else { 0 };
+        assert_eq!(report["events"], events, "{mode:?}: {report}");
         let critical = report["criticalPathSeconds"].as_f64().unwrap();
         assert!(
-            (critical - (0.005 + rounds * f64::from(reconcile) / 1000.0)).abs() < 1e-9,
+            (critical - f64::from(critical_ms) / 1000.0).abs() < 1e-9,
             "{mode:?}: {report}"
         );
+        // The hosts changed are measured apart: the 5 in one round.
+        let changed = &report["changed"];
+        if mode.first() == Some(&"--changed") {
+            assert_eq!(changed["hosts"], 5, "{report}");
+            let critical = changed["criticalPathSeconds"].as_f64().unwrap();
+            assert!((critical - f64::from(5 + reconcile) / 1000.0).abs() < 1e-9);
+            assert!(changed["wallSeconds"].as_f64() <= report["wallSeconds"].as_f64());
+        } else {
+            assert!(changed.is_null(), "{report}");
+        }
     }
 }

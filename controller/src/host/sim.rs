@@ -9,7 +9,7 @@
 //! confirmed in time). Failures are drawn from a seeded hash of the host
 //! and a counter, so a run is reproducible.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +25,10 @@ use crate::driver::{
 use crate::plan::PathInfo;
 use crate::spec::{Action, HostSpec};
 use crate::types::StorePath;
+
+/// What stands for the flake in the system of an [`SimConfig::unchanged`]
+/// configuration, whatever the revision.
+pub const UNCHANGED: &str = "unchanged";
 
 /// How simulated hosts and nix behave.
 #[derive(Debug, Clone)]
@@ -48,6 +52,9 @@ pub struct SimConfig {
     /// Probability that an activation fails.
     pub activation_failure: f64,
     pub seed: u64,
+    /// Configurations whose system is the same at every revision (a
+    /// commit that changes only the others).
+    pub unchanged: Arc<HashSet<String>>,
 }
 
 impl Default for SimConfig {
@@ -63,6 +70,7 @@ impl Default for SimConfig {
             connect_failure: 0.0,
             activation_failure: 0.0,
             seed: 0,
+            unchanged: Arc::default(),
         }
     }
 }
@@ -100,6 +108,17 @@ impl SimConfig {
     pub fn critical_path(&self, waves: &[usize], parallel: usize, known: bool) -> Duration {
         let rounds: usize = waves.iter().map(|n| n.div_ceil(parallel.max(1))).sum();
         self.evaluate + self.reconcile_time(known) * u32::try_from(rounds).unwrap_or(u32::MAX)
+    }
+
+    /// The critical path of a change of `changed` hosts of `hosts` the
+    /// controller knows, at most `parallel` at once: one evaluation, the
+    /// changed hosts' rounds of reconciles, then the others' rounds of
+    /// looks (a connection and one command each).
+    pub fn critical_path_of_some(&self, changed: usize, hosts: usize, parallel: usize) -> Duration {
+        let rounds = |n: usize| u32::try_from(n.div_ceil(parallel.max(1))).unwrap_or(u32::MAX);
+        self.evaluate
+            + self.reconcile_time(true) * rounds(changed)
+            + (self.connect + self.command) * rounds(hosts.saturating_sub(changed))
     }
 }
 
@@ -382,7 +401,13 @@ impl Backend for Sim {
             names: configurations.to_vec(),
             systems: configurations
                 .iter()
-                .map(|c| (c.clone(), Ok(Sim::system(flake, c))))
+                .map(|c| {
+                    let flake = match self.cfg.unchanged.contains(c) {
+                        true => UNCHANGED,
+                        false => flake,
+                    };
+                    (c.clone(), Ok(Sim::system(flake, c)))
+                })
                 .collect(),
         };
         tokio::time::sleep_until(done).await;
