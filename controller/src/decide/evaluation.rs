@@ -209,12 +209,19 @@ impl State {
                 None => return,
             },
         };
+        let refresh = matches!(purpose, Purpose::Refresh);
+        // A refresh is for the hosts left without a system (their
+        // evaluation or build failed): evaluating the whole fleet again
+        // for one of them would cost what the revision's evaluation did.
         let mut configurations: Vec<String> = fleet
             .hosts
             .values()
-            .filter(|h| !h.suspend)
+            .filter(|h| !h.suspend && (!refresh || !self.desired.contains_key(h.name.as_str())))
             .map(|h| h.configuration.clone())
             .collect();
+        if refresh && configurations.is_empty() {
+            return;
+        }
         configurations.sort();
         configurations.dedup();
         self.evaluating = Some(revision.clone());

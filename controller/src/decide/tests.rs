@@ -454,6 +454,52 @@ fn a_build_failure_waits_for_a_new_revision_or_a_request() {
 }
 
 #[test]
+fn a_refresh_evaluates_only_the_hosts_left_without_a_system() {
+    let mut rig = Rig::new();
+    let hosts = fleet("", &[("web-1", ""), ("web-2", ""), ("web-3", "")]);
+    rig.deploy("r1", hosts, &["web-2"]);
+    assert_eq!(rig.phase("web-2"), Some(Phase::Failed));
+    let (answer, effects) = rig.ask(Ask::Reconcile {
+        host: None,
+        selector: None,
+        force_window: false,
+    });
+    assert!(answer.is_ok());
+    let refreshes: Vec<&Vec<String>> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Evaluate {
+                purpose: Purpose::Refresh,
+                configurations,
+                ..
+            } => Some(configurations),
+            _ => None,
+        })
+        .collect();
+    let [configurations] = refreshes.as_slice() else {
+        panic!("one refresh: {effects:?}");
+    };
+    assert_eq!(*configurations, &["web-2"]);
+    // Once it has its system, a reconcile evaluates nothing.
+    let result = evaluation(configurations, &[]);
+    let effects = rig.send(Msg::Evaluated {
+        revision: rev("r1"),
+        purpose: Purpose::Refresh,
+        result: Ok(result),
+    });
+    assert!(effects.is_empty(), "{effects:?}");
+    let (_, effects) = rig.ask(Ask::Reconcile {
+        host: None,
+        selector: None,
+        force_window: false,
+    });
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Evaluate { .. })),
+        "{effects:?}"
+    );
+}
+
+#[test]
 fn drift_on_a_converged_host_is_an_event() {
     let mut rig = Rig::new();
     rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
