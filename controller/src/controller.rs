@@ -345,8 +345,19 @@ impl<B: Backend> Controller<B> {
             result = self.group(msgs);
             write_rows_at = Instant::now() + IDLE_BEFORE_ROWS;
         }
-        if let Err(e) = &result {
-            tracing::error!(error = %crate::error::error_chain(e), "stopping");
+        match &result {
+            Err(e) => tracing::error!(error = %crate::error::error_chain(e), "stopping"),
+            // Stopped cleanly: the rows that lag the log are written, so
+            // that the next start folds nothing. (Reads are exact either
+            // way; after a failed group the store is left as it is.)
+            Ok(()) if self.store.lagging() => {
+                let written =
+                    tokio::task::block_in_place(|| self.store.write_lagging(self.state.status()));
+                if let Err(e) = written {
+                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot write the status rows; the next start folds them from the log");
+                }
+            }
+            Ok(()) => {}
         }
         tracing::info!("shutting down: stopping workers");
         self.worker_cancel.cancel();

@@ -165,6 +165,28 @@ async fn a_group_the_disk_rolled_back_stops_the_controller_and_tells_nobody() {
     assert_eq!(store.load_status().unwrap(), FleetStatus::replay(&log));
 }
 
+/// A controller stopped cleanly first writes the rows that lag the log:
+/// the next start has nothing to fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_writes_the_rows_behind_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = controller(dir.path());
+    c.group(vec![Msg::FetchFailed {
+        message: "the git server is unreachable".into(),
+    }])
+    .unwrap();
+    assert!(c.store.lagging());
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let (_found, found_rx) = mpsc::channel(1);
+    let (_requests, requests_rx) = mpsc::channel(1);
+    c.run(found_rx, requests_rx, cancel).await.unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    let status = store.load_status_to_write().unwrap();
+    assert!(!store.lagging(), "rows left behind the log");
+    assert!(status.repo.message.is_some(), "{:?}", status.repo);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_is_one_transaction_and_is_seen_only_after_its_commit() {
     let dir = tempfile::tempdir().unwrap();
