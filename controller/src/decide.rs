@@ -261,6 +261,9 @@ pub struct State {
     pushed: BTreeSet<StorePath>,
     /// The revision of the evaluation in flight.
     evaluating: Option<Revision>,
+    /// The configurations a refresh in flight evaluates (sorted): only
+    /// their hosts take its result.
+    refreshing: Vec<String>,
     /// A revision whose invalid specs were already reported.
     judged: Option<Revision>,
     pub(crate) queue: WorkQueue<Instant>,
@@ -318,6 +321,7 @@ impl State {
             built: BTreeSet::new(),
             pushed: BTreeSet::new(),
             evaluating: None,
+            refreshing: Vec::new(),
             judged,
             queue: WorkQueue::default(),
             gated: BTreeSet::new(),

@@ -224,6 +224,9 @@ impl State {
         }
         configurations.sort();
         configurations.dedup();
+        if refresh {
+            self.refreshing.clone_from(&configurations);
+        }
         self.evaluating = Some(revision.clone());
         out.push(Effect::Evaluate {
             revision: revision.clone(),
@@ -362,8 +365,8 @@ impl State {
     }
 
     /// Gives every active host its system from `result` and queues it;
-    /// returns the events of hosts that have none. On a refresh, hosts
-    /// that already have their system are left as they are.
+    /// returns the events of hosts that have none. On a refresh, only the
+    /// hosts it evaluated, still without a system, take its result.
     fn set_desired(
         &mut self,
         revision: &Revision,
@@ -386,7 +389,12 @@ impl State {
         let mut failures = Vec::new();
         for spec in hosts {
             let (host, configuration) = (spec.name.as_str(), &spec.configuration);
-            if refresh && self.desired.contains_key(host) {
+            // A host that lost its system while the refresh ran (a build
+            // failed) was not evaluated by it: it waits for the next one.
+            if refresh
+                && (self.desired.contains_key(host)
+                    || self.refreshing.binary_search(configuration).is_err())
+            {
                 continue;
             }
             let system = match result {

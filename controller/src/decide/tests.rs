@@ -459,6 +459,7 @@ fn a_refresh_evaluates_only_the_hosts_left_without_a_system() {
     let hosts = fleet("", &[("web-1", ""), ("web-2", ""), ("web-3", "")]);
     rig.deploy("r1", hosts, &["web-2"]);
     assert_eq!(rig.phase("web-2"), Some(Phase::Failed));
+    assert_eq!(rig.tick(), ["web-1", "web-3"]);
     let (answer, effects) = rig.ask(Ask::Reconcile {
         host: None,
         selector: None,
@@ -480,23 +481,45 @@ fn a_refresh_evaluates_only_the_hosts_left_without_a_system() {
         panic!("one refresh: {effects:?}");
     };
     assert_eq!(*configurations, &["web-2"]);
-    // Once it has its system, a reconcile evaluates nothing.
     let result = evaluation(configurations, &[]);
-    let effects = rig.send(Msg::Evaluated {
+    // A host that loses its system meanwhile was not evaluated: the
+    // refresh says nothing of it.
+    rig.done(
+        "web-1",
+        Outcome::BuildFailed {
+            message: "builder for '/nix/store/…-web-1.drv' failed".into(),
+        },
+    );
+    rig.send(Msg::Evaluated {
         revision: rev("r1"),
         purpose: Purpose::Refresh,
         result: Ok(result),
     });
-    assert!(effects.is_empty(), "{effects:?}");
+    let failed: Vec<&str> = rig
+        .log
+        .iter()
+        .filter(|e| e.reason == Reason::BuildFailed)
+        .filter_map(|e| e.host.as_deref())
+        .collect();
+    assert_eq!(failed, ["web-2", "web-1"]);
+    assert_eq!(rig.tick(), ["web-2"]);
+    rig.converged("web-2");
+    rig.converged("web-3");
+    // Once every host that can have one has its system, nothing but
+    // web-1's configuration is evaluated again.
     let (_, effects) = rig.ask(Ask::Reconcile {
         host: None,
         selector: None,
         force_window: false,
     });
-    assert!(
-        !effects.iter().any(|e| matches!(e, Effect::Evaluate { .. })),
-        "{effects:?}"
-    );
+    let refreshed: Vec<&Vec<String>> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Evaluate { configurations, .. } => Some(configurations),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refreshed, [&vec!["web-1".to_string()]], "{effects:?}");
 }
 
 #[test]

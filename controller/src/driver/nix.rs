@@ -295,12 +295,12 @@ async fn fetch(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
         let flake = owned;
         let _turn = cfg.fetch_turn.clone().lock_owned().await;
         let first = fetch_once(&cfg, &flake).await;
-        let (Err(BuildError::Failed { .. }), Some(cache)) = (&first, &cfg.nix_cache) else {
+        let (Err(error @ BuildError::Failed { .. }), Some(cache)) = (&first, &cfg.nix_cache) else {
             return first;
         };
         let git_cache = cache.join("nix").join("gitv3");
         tracing::warn!(
-            error = %crate::error::error_chain(first.as_ref().unwrap_err()),
+            error = %crate::error::error_chain(error),
             cache = %git_cache.display(),
             "fetching the flake failed; clearing nix's git cache and fetching again"
         );
