@@ -141,6 +141,16 @@ impl Rig {
         names: Vec<String>,
         broken: &[&str],
     ) -> Vec<Effect> {
+        self.evaluate_as(effects, broken, |result| result.names = names)
+    }
+
+    /// Like [`Rig::evaluate`], with the result as `edit` makes it.
+    fn evaluate_as(
+        &mut self,
+        effects: Vec<Effect>,
+        broken: &[&str],
+        edit: impl FnOnce(&mut Evaluation),
+    ) -> Vec<Effect> {
         if effects.is_empty() {
             return effects;
         }
@@ -153,7 +163,7 @@ impl Rig {
             panic!("not an evaluation");
         };
         let mut result = evaluation(&configurations, broken);
-        result.names = names;
+        edit(&mut result);
         self.send(Msg::Evaluated {
             revision,
             purpose,

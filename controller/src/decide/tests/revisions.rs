@@ -151,22 +151,10 @@ fn the_hosts_a_revision_changes_go_before_those_only_looked_at() {
         trust: Verdict::NotChecked,
         rewritten_from: None,
     });
-    let [Effect::Evaluate {
-        revision,
-        purpose,
-        configurations,
-    }] = <[Effect; 1]>::try_from(effects).expect("one evaluation")
-    else {
-        panic!("not an evaluation");
-    };
-    let mut result = evaluation(&configurations, &[]);
-    result
-        .systems
-        .insert("web-1".into(), Ok(system("web-1-with-a-fix")));
-    rig.send(Msg::Evaluated {
-        revision,
-        purpose,
-        result: Ok(result),
+    rig.evaluate_as(effects, &[], |result| {
+        result
+            .systems
+            .insert("web-1".into(), Ok(system("web-1-with-a-fix")));
     });
     assert_eq!(rig.tick(), ["web-1"]);
     rig.converged("web-1");
