@@ -553,74 +553,6 @@ fn drift_on_a_converged_host_is_an_event() {
 }
 
 #[test]
-fn waves_run_in_order() {
-    let policy = "  waves:\n    - {name: canary, selector: {role: canary}}\n";
-    let mut rig = Rig::new();
-    rig.deploy(
-        "r1",
-        fleet(policy, &[("canary-1", ""), ("web-1", ""), ("web-2", "")]),
-        &[],
-    );
-    assert_eq!(rig.tick(), ["canary-1"], "later waves wait");
-    rig.converged("canary-1");
-    // The rollout moves on at the group's dispatch.
-    assert_eq!(rig.tick(), ["web-1", "web-2"]);
-    assert_eq!(
-        rig.log.last().unwrap().message,
-        "wave 2 of 2: rest (web-1, web-2)"
-    );
-}
-
-#[test]
-fn a_host_waits_for_what_it_depends_on() {
-    let mut rig = Rig::new();
-    rig.deploy(
-        "r1",
-        fleet(
-            "",
-            &[
-                ("db-1", ""),
-                ("web-1", "  dependsOn:\n    - {host: db-1}\n"),
-            ],
-        ),
-        &[],
-    );
-    assert_eq!(rig.tick(), ["db-1"]);
-    rig.converged("db-1");
-    assert_eq!(rig.tick(), ["web-1"]);
-}
-
-#[test]
-fn a_spent_failure_budget_halts_the_rollout_until_reconcile_all() {
-    let policy = "  maxParallel: 1\n  maxFailures: 1\n";
-    let mut rig = Rig::new();
-    rig.deploy(
-        "r1",
-        fleet(policy, &[("web-1", ""), ("web-2", ""), ("web-3", "")]),
-        &[],
-    );
-    assert_eq!(rig.tick(), ["web-1"]);
-    rig.converged("web-1");
-    assert_eq!(rig.tick(), ["web-2"]);
-    rig.done(
-        "web-2",
-        Outcome::BuildFailed {
-            message: "boom".into(),
-        },
-    );
-    assert!(rig.tick().is_empty(), "web-3 is not touched");
-    assert_eq!(rig.log.last().unwrap().reason, Reason::RolloutHalted);
-    let (answer, effects) = rig.ask(Ask::Reconcile {
-        host: None,
-        selector: None,
-        force_window: false,
-    });
-    assert!(answer.is_ok());
-    assert!(matches!(effects[0], Effect::Fetch));
-    assert!(rig.reasons().contains(&"RolloutResumed".to_string()));
-}
-
-#[test]
 fn hosts_suspended_by_their_spec_are_left_alone() {
     let mut rig = Rig::new();
     rig.deploy(
@@ -641,99 +573,6 @@ fn hosts_suspended_by_their_spec_are_left_alone() {
         force_window: false,
     });
     assert_eq!(answer.unwrap_err(), "host `web-2` is suspended by its spec");
-}
-
-#[test]
-fn a_rollback_suspends_the_host_and_rolls_it_back_once_its_run_ends() {
-    let mut rig = Rig::new();
-    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
-    assert_eq!(rig.tick(), ["web-1"]);
-    let (answer, effects) = rig.ask(Ask::Rollback {
-        host: "web-1".into(),
-    });
-    assert!(answer
-        .unwrap()
-        .contains("as soon as its current reconcile ends"));
-    assert!(effects.is_empty(), "busy: the rollback waits");
-    assert_eq!(rig.phase("web-1"), Some(Phase::Suspended));
-    // The run in flight ends: recorded, and the rollback starts.
-    let effects = rig.converged("web-1");
-    assert!(matches!(effects.as_slice(), [Effect::RollBack { .. }]));
-    assert_eq!(rig.phase("web-1"), Some(Phase::Suspended));
-    let effects = rig.done(
-        "web-1",
-        Outcome::ManualRollback {
-            rollback: Rollback::RolledBack {
-                to: "/nix/store/b7nkhawyf3jpg51m457xsvxfajiicixb-old".into(),
-            },
-        },
-    );
-    assert!(effects.is_empty());
-    rig.send(Msg::Resync);
-    assert!(rig.tick().is_empty(), "suspended until resumed");
-    let (answer, _) = rig.ask(Ask::Resume {
-        host: "web-1".into(),
-    });
-    assert!(answer.is_ok());
-    assert_eq!(rig.tick(), ["web-1"]);
-}
-
-#[test]
-fn requests_for_unknown_hosts_are_refused() {
-    let mut rig = Rig::new();
-    let (answer, effects) = rig.ask(Ask::Reconcile {
-        host: None,
-        selector: None,
-        force_window: false,
-    });
-    assert_eq!(answer.unwrap(), "no valid revision yet; fetching now");
-    assert!(matches!(effects.as_slice(), [Effect::Fetch]));
-    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
-    let (answer, _) = rig.ask(Ask::Rollback {
-        host: "nope".into(),
-    });
-    assert_eq!(answer.unwrap_err(), "no host `nope` in the specs");
-    let (answer, _) = rig.ask(Ask::Resume {
-        host: "web-1".into(),
-    });
-    assert!(answer.is_err());
-}
-
-#[test]
-fn a_rollback_the_store_refuses_is_not_carried_out() {
-    let mut rig = Rig::new();
-    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
-    rig.refuse = Some("database or disk is full");
-    let (answer, effects) = rig.ask(Ask::Rollback {
-        host: "web-1".into(),
-    });
-    assert_eq!(
-        answer.unwrap_err(),
-        "the rollback was not carried out: the store refused to record it (database or disk is full)"
-    );
-    assert!(effects.is_empty(), "nothing rolled back: {effects:?}");
-    assert_ne!(rig.phase("web-1"), Some(Phase::Suspended));
-    assert!(rig.tick().is_empty(), "no new work while the store refuses");
-    rig.refuse = None;
-    rig.send(Msg::StoreWritable);
-    assert_eq!(rig.tick(), ["web-1"]);
-}
-
-#[test]
-fn a_revision_the_store_refused_is_deployed_once_it_takes_writes() {
-    let mut rig = Rig::new();
-    rig.refuse = Some("disk I/O error");
-    rig.deploy("r1", fleet("", &[("web-1", "")]), &[]);
-    assert!(rig.state.current_revision().is_none());
-    rig.refuse = None;
-    let effects = rig.send(Msg::StoreWritable);
-    assert!(matches!(
-        effects.as_slice(),
-        [Effect::Evaluate {
-            purpose: Purpose::New(_),
-            ..
-        }]
-    ));
 }
 
 #[test]
@@ -846,5 +685,7 @@ fn with_every_slot_taken_no_timer_is_asked_for() {
 }
 
 mod reboots;
+mod requests;
 mod revisions;
+mod rollouts;
 mod windows;
