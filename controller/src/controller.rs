@@ -317,10 +317,7 @@ impl<B: Backend> Controller<B> {
                     }
                 }
                 () = tokio::time::sleep_until(write_rows_at), if self.store.lagging() => {
-                    let written = tokio::task::block_in_place(|| {
-                        self.store.write_lagging(self.state.status())
-                    });
-                    if let Err(e) = written {
+                    if let Err(e) = self.write_rows() {
                         tracing::warn!(error = %crate::error::error_chain(&e), "cannot write the status rows; the log holds them, trying again");
                         write_rows_at = Instant::now() + STORE_CHECK_INTERVAL;
                     }
@@ -350,14 +347,11 @@ impl<B: Backend> Controller<B> {
             // Stopped cleanly: the rows that lag the log are written, so
             // that the next start folds nothing. (Reads are exact either
             // way; after a failed group the store is left as it is.)
-            Ok(()) if self.store.lagging() => {
-                let written =
-                    tokio::task::block_in_place(|| self.store.write_lagging(self.state.status()));
-                if let Err(e) = written {
+            Ok(()) => {
+                if let Err(e) = self.write_rows() {
                     tracing::warn!(error = %crate::error::error_chain(&e), "cannot write the status rows; the next start folds them from the log");
                 }
             }
-            Ok(()) => {}
         }
         tracing::info!("shutting down: stopping workers");
         self.worker_cancel.cancel();
@@ -366,6 +360,12 @@ impl<B: Backend> Controller<B> {
         }
         while self.workers.join_next().await.is_some() {}
         result
+    }
+
+    /// Writes the status rows that lag the log, if any (the write waits
+    /// for the disk, like a group's).
+    fn write_rows(&mut self) -> Result<(), StoreError> {
+        tokio::task::block_in_place(|| self.store.write_lagging(self.state.status()))
     }
 
     /// Handles `msgs` (and a dispatch) in one group commit, then carries

@@ -1,6 +1,7 @@
 //! Tests of the run loop's own duties, with a real store: a worker that
 //! panics, appends the store refuses inside a group, a group the disk
-//! rolls back, what waits for the group's commit, retention. The rules themselves are tested in
+//! rolls back, what waits for the group's commit, the rows written at a
+//! clean shutdown, retention. The rules themselves are tested in
 //! `decide/tests.rs`.
 
 use super::*;

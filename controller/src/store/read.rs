@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{EventQuery, Store, StoreError};
+use super::{EventQuery, Lagging, Store, StoreError};
 use crate::event::{Event, Reason};
 use crate::status::{FleetStatus, HostStatus, RepoStatus};
 
@@ -36,37 +36,36 @@ impl Store {
         Ok(self.read_lagging()?.0)
     }
 
-    /// [`Store::read_status`], and the hosts whose rows lag the log (the
-    /// repository row lags if the events are not empty).
-    #[allow(clippy::type_complexity)]
-    fn read_lagging(
-        &self,
-    ) -> Result<(FleetStatus, std::collections::BTreeSet<String>, bool), StoreError> {
+    /// [`Store::read_status`], and what of the tables lags the log: the
+    /// hosts the events after them name, and the repository row if there
+    /// are any.
+    fn read_lagging(&self) -> Result<(FleetStatus, Lagging), StoreError> {
         let mut status = self.read_tables()?;
         let mut stmt = self
             .conn
             .prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq")?;
         let mut rows = stmt.query([status.repo.last_seq])?;
-        let (mut lagging, mut any) = (std::collections::BTreeSet::new(), false);
+        let mut lagging = Lagging::default();
         while let Some(row) = rows.next()? {
             let event = serde_json::from_str::<Event>(&row.get::<_, String>(0)?)?;
             status.apply(&event);
-            lagging.extend(event.host);
-            any = true;
+            lagging.hosts.extend(event.host);
+            lagging.repo = true;
         }
-        Ok((status, lagging, any))
+        Ok((status, lagging))
     }
 
     /// [`Store::load_status`] for the connection that writes: the rows that
     /// lag the log are written with its next flush.
     pub fn load_status_to_write(&mut self) -> Result<FleetStatus, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
-        let (status, hosts, any) = self.read_lagging()?;
+        let (status, lagging) = self.read_lagging()?;
         tx.finish()?;
-        if any {
-            self.lagging.hosts.extend(hosts);
-            self.lagging.repo = true;
-            self.lagging.since = Some(std::time::Instant::now());
+        if lagging.repo {
+            self.lagging = Lagging {
+                since: Some(std::time::Instant::now()),
+                ..lagging
+            };
         }
         Ok(status)
     }
