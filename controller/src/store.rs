@@ -471,10 +471,14 @@ impl Store {
         if !rows() {
             return Ok(Vec::new());
         }
+        let mut scratch = Vec::new();
         Ok(hosts
             .into_iter()
             .map(|name| {
-                let json = status.host(&name).map(serde_json::to_string).transpose()?;
+                let json = status
+                    .host(&name)
+                    .map(|host| crate::feed::row_json(&mut scratch, host))
+                    .transpose()?;
                 Ok((name, json))
             })
             .collect::<Result<Vec<_>, serde_json::Error>>()?)

@@ -73,7 +73,7 @@ impl Slot {
     fn fragment(&mut self) -> Result<&Bytes, StoreError> {
         let json = match self.json.take() {
             Some(json) => json,
-            None => Bytes::from(serde_json::to_vec(&*self.status)?),
+            None => crate::feed::row_json(&mut Vec::new(), &self.status)?,
         };
         Ok(self.json.insert(json))
     }
@@ -82,26 +82,62 @@ impl Slot {
 /// A list of changes, its hosts' JSON shared with the snapshot: joining
 /// a busy second's changes (megabytes) is the answer's own work, done
 /// after the snapshot is let go, so that requests answered at once join
-/// theirs side by side instead of one after the other.
+/// theirs side by side instead of one after the other. A block whose
+/// every host changed is the snapshot's own block, shared: when a commit
+/// changes the whole fleet (a rollout's dispatch), every reader's list is
+/// the whole body, joined once instead of once per reader.
 pub(super) struct ChangeList {
     head: Vec<u8>,
-    hosts: Vec<Bytes>,
+    pieces: Vec<Piece>,
+}
+
+/// A part of a list of changes, in name order.
+enum Piece {
+    /// A block of the body, every host of it changed; each block but the
+    /// first starts with a comma.
+    Block(Bytes),
+    /// One changed host's JSON.
+    Host(Bytes),
 }
 
 impl ChangeList {
-    /// The response, in parts like [`Snapshot::parts`].
+    /// The response, in parts like [`Snapshot::parts`]: the blocks as
+    /// they are, each run of single hosts joined into one part.
     pub(super) fn join(self) -> Vec<Bytes> {
-        let length = self.head.len() + self.hosts.iter().map(|h| h.len() + 1).sum::<usize>() + 2;
-        let mut body = Vec::with_capacity(length);
-        body.extend_from_slice(&self.head);
-        for (i, host) in self.hosts.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
+        let mut parts = Vec::with_capacity(2 + self.pieces.len().min(64));
+        parts.push(Bytes::from(self.head));
+        let mut pieces = self.pieces.into_iter().peekable();
+        let mut first = true;
+        while let Some(piece) = pieces.next() {
+            match piece {
+                // Only the first block has no comma, and nothing comes
+                // before it.
+                Piece::Block(block) => parts.push(match first && block.first() == Some(&b',') {
+                    true => block.slice(1..),
+                    false => block,
+                }),
+                Piece::Host(host) => {
+                    let mut run = vec![host];
+                    while let Some(Piece::Host(next)) =
+                        pieces.next_if(|p| matches!(p, Piece::Host(_)))
+                    {
+                        run.push(next);
+                    }
+                    let length = run.iter().map(|h| h.len() + 1).sum();
+                    let mut body = Vec::with_capacity(length);
+                    for (i, host) in run.iter().enumerate() {
+                        if i > 0 || !first {
+                            body.push(b',');
+                        }
+                        body.extend_from_slice(host);
+                    }
+                    parts.push(Bytes::from(body));
+                }
             }
-            body.extend_from_slice(host);
+            first = false;
         }
-        body.extend_from_slice(b"]}");
-        vec![Bytes::from(body)]
+        parts.push(Bytes::from_static(b"]}"));
+        parts
     }
 }
 
@@ -271,11 +307,26 @@ impl Snapshot {
             .map(|(_, name)| name.as_str())
             .collect();
         let head = self.render_head(progress, Some(since), &removed)?;
-        let mut hosts = Vec::new();
-        for slot in self.hosts.iter_mut().filter(|s| s.written_at > since) {
-            hosts.push(slot.fragment()?.clone());
+        let count = self.hosts.len().div_ceil(BLOCK);
+        self.blocks.resize(count, None);
+        let mut pieces = Vec::new();
+        for i in 0..count {
+            let range = i * BLOCK..self.hosts.len().min((i + 1) * BLOCK);
+            if self.hosts[range.clone()]
+                .iter()
+                .all(|s| s.written_at > since)
+            {
+                pieces.push(Piece::Block(self.block(i)?));
+                continue;
+            }
+            for slot in self.hosts[range]
+                .iter_mut()
+                .filter(|s| s.written_at > since)
+            {
+                pieces.push(Piece::Host(slot.fragment()?.clone()));
+            }
         }
-        Ok(Some(ChangeList { head, hosts }))
+        Ok(Some(ChangeList { head, pieces }))
     }
 
     /// The response as of every folded event, in parts to send one after
@@ -294,26 +345,38 @@ impl Snapshot {
         self.blocks.resize(count, None);
         let mut parts = Vec::with_capacity(count + 2);
         parts.push(head);
-        for (i, chunk) in self.hosts.chunks_mut(BLOCK).enumerate() {
-            let bytes = match &self.blocks[i] {
-                Some(bytes) => bytes.clone(),
-                None => {
-                    let mut out = Vec::new();
-                    for (j, slot) in chunk.iter_mut().enumerate() {
-                        if i > 0 || j > 0 {
-                            out.push(b',');
-                        }
-                        out.extend_from_slice(slot.fragment()?);
-                    }
-                    let bytes = Bytes::from(out);
-                    self.blocks[i] = Some(bytes.clone());
-                    bytes
-                }
-            };
-            parts.push(bytes);
+        for i in 0..count {
+            parts.push(self.block(i)?);
         }
         parts.push(Bytes::from_static(b"]}"));
         Ok(parts)
+    }
+
+    /// Block `i` of the hosts' part of the body, joined again if a host
+    /// in it changed since it was last joined. `self.blocks` must have
+    /// room for it.
+    fn block(&mut self, i: usize) -> Result<Bytes, StoreError> {
+        if let Some(bytes) = &self.blocks[i] {
+            return Ok(bytes.clone());
+        }
+        let end = self.hosts.len().min((i + 1) * BLOCK);
+        let chunk = &mut self.hosts[i * BLOCK..end];
+        // Sized first: a block grown by doubling would keep up to twice
+        // its length.
+        let mut length = 0;
+        for slot in chunk.iter_mut() {
+            length += slot.fragment()?.len() + 1;
+        }
+        let mut out = Vec::with_capacity(length);
+        for (j, slot) in chunk.iter().enumerate() {
+            if i > 0 || j > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(slot.json.as_deref().unwrap_or_default());
+        }
+        let bytes = Bytes::from(out);
+        self.blocks[i] = Some(bytes.clone());
+        Ok(bytes)
     }
 
     /// The response without its hosts (an empty list).
@@ -559,6 +622,62 @@ mod tests {
             served(&mut snapshot),
             StatusResponse::from(reader.load_status().unwrap())
         );
+    }
+
+    #[test]
+    fn a_list_of_changes_shares_the_blocks_whose_every_host_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let mut status = FleetStatus::default();
+        let feed = StatusFeed::default();
+        feed.follow();
+        let hosts = 3 * BLOCK + 10;
+        let host = |i: usize, r: Reason| NewEvent::host(&format!("h-{i:04}"), r, Some("r1"), "m");
+        let building = |i: usize| host(i, Reason::BuildStarted).phase(Phase::Building);
+        let converged = |i: usize| host(i, Reason::Converged).phase(Phase::Converged);
+        commit(
+            &mut store,
+            &mut status,
+            Some(&feed),
+            (0..hosts).map(building).collect(),
+        );
+        let reader = Store::open_read_only(dir.path()).unwrap();
+        let mut snapshot = Snapshot::load(&reader).unwrap();
+        snapshot.absorb(feed.take());
+        let first = served(&mut snapshot);
+        let list = |snapshot: &mut Snapshot| -> (Vec<Bytes>, StatusResponse) {
+            let parts = snapshot.changes_since(first.seq).unwrap().unwrap().join();
+            let answer = serde_json::from_slice(&parts.concat()).unwrap();
+            (parts, answer)
+        };
+
+        // Every host of the second block and of the last (short) one: the
+        // list starts with a block that is not the first.
+        let whole: Vec<usize> = (BLOCK..2 * BLOCK).chain(3 * BLOCK..hosts).collect();
+        let news = whole.iter().map(|&i| converged(i)).collect();
+        commit(&mut store, &mut status, Some(&feed), news);
+        snapshot.absorb(feed.take());
+        let (parts, answer) = list(&mut snapshot);
+        assert_eq!(answer.hosts.len(), whole.len());
+        assert_eq!(applied(&first, answer), served(&mut snapshot));
+        assert_eq!(parts.len(), 4, "the head, two blocks, the end: {parts:?}");
+
+        // And two hosts of the first block: single hosts, then the blocks.
+        let news = vec![converged(5), converged(6)];
+        commit(&mut store, &mut status, Some(&feed), news);
+        snapshot.absorb(feed.take());
+        let (parts, answer) = list(&mut snapshot);
+        assert_eq!(answer.hosts.len(), whole.len() + 2);
+        let now = served(&mut snapshot);
+        assert_eq!(applied(&first, answer), now);
+        assert_eq!(now, StatusResponse::from(reader.load_status().unwrap()));
+        let blocks = snapshot.parts().unwrap();
+        for block in [&blocks[2], &blocks[4]] {
+            assert!(
+                parts.iter().any(|p| p.as_ptr() == block.as_ptr()),
+                "a changed block is the body's own, not a copy"
+            );
+        }
     }
 
     proptest::proptest! {
