@@ -250,8 +250,7 @@ fn status_p99(api: &str, clients: usize, requests: usize) -> Result<f64> {
         all[all.len() * 9 / 10],
         all[all.len() - 1]
     );
-    let i = ((all.len() as f64) * 0.99).ceil() as usize;
-    Ok(all[i.saturating_sub(1).min(all.len() - 1)])
+    Ok(crate::percentile(&all, 0.99))
 }
 
 /// A plain HTTP/1.1 GET of the API; the body.

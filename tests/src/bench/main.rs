@@ -133,6 +133,16 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), {nix}")
 }
 
+/// The nearest-rank percentile `q` (0–1) of `sorted` (ascending): the
+/// smallest value at least a fraction `q` of them do not exceed.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted
+        .get(rank.saturating_sub(1))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
@@ -143,5 +153,19 @@ pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
         xs[n / 2]
     } else {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_p99_of_232_reads_is_the_third_slowest() {
+        let sorted: Vec<f64> = (1..=232).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 0.99), 230.0);
+        assert_eq!(percentile(&sorted, 0.5), 116.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+        assert!(percentile(&[], 0.99).is_nan());
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::controller::http_get;
-use crate::{median, Options};
+use crate::{median, percentile, Options};
 
 const CLIENTS: usize = 4;
 /// Each client's pause between reads: a dashboard refreshing 20 times a
@@ -45,14 +45,14 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
         .iter()
         .map(|(step, _, ms)| format!("{step} {ms} ms"))
         .collect();
-    println!("Simulated latencies: {}. Medians of {} runs; status read by {CLIENTS} clients throughout, each every {} ms, each time {reads}.\n", latencies.join(", "), opts.rounds, THINK.as_millis());
+    println!("Simulated latencies: {}. Medians of {} runs (status p99: the median of the runs' own, and of every read of every run together); status read by {CLIENTS} clients throughout, each every {} ms, each time {reads}.\n", latencies.join(", "), opts.rounds, THINK.as_millis());
     // With --baseline, both controllers run in every round, alternating
     // (the order rotates), and each gets its own row.
     let mut binaries = vec![("cim", opts.cim.clone())];
     if let Some(baseline) = &opts.baseline {
         binaries.push(("cim (baseline)", baseline.clone()));
     }
-    println!("| max parallel | controller | wall (s) | critical path (s) | ratio | events | events/s | CPU per event (µs) | status p99 (ms) | peak RSS (MB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| max parallel | controller | wall (s) | critical path (s) | ratio | events | events/s | CPU per event (µs) | status p99 (ms) | all reads' p99 (ms) | peak RSS (MB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &parallel in &opts.sim_parallel {
         let mut runs = vec![Vec::new(); binaries.len()];
         for round in 0..opts.rounds {
@@ -68,9 +68,11 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
             }
         }
         for ((label, _), runs) in binaries.iter().zip(&runs) {
-            let col = |k: &str| median(runs.iter().map(|r| r[k]).collect());
+            let col = |k: &str| median(runs.iter().map(|(r, _)| r[k]).collect());
+            let mut reads: Vec<f64> = runs.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+            reads.sort_by(f64::total_cmp);
             println!(
-                "| {parallel} | {label} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                "| {parallel} | {label} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
                 col("wallSeconds"),
                 col("criticalPathSeconds"),
                 col("ratio"),
@@ -78,6 +80,7 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
                 col("eventsPerSecond"),
                 col("cpuMicrosPerEvent"),
                 col("statusP99"),
+                percentile(&reads, 0.99),
                 col("peakRssMb"),
             );
         }
@@ -86,14 +89,15 @@ pub(crate) fn simulate(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// One simulation; its report with the status p99 added.
+/// One simulation: its report with the status p99 added, and every
+/// status read's time (ms, ascending).
 fn run(
     cim: &std::path::Path,
     hosts: usize,
     parallel: usize,
     policy: bool,
     since: bool,
-) -> Result<std::collections::HashMap<String, f64>> {
+) -> Result<(std::collections::HashMap<String, f64>, Vec<f64>)> {
     let mut child = Command::new(cim)
         .args([
             "simulate",
@@ -195,15 +199,11 @@ fn run(
         }
     }
     times.sort_by(f64::total_cmp);
-    let p99 = times
-        .get(((times.len() as f64) * 0.99).ceil() as usize)
-        .or(times.last())
-        .copied()
-        .unwrap_or(f64::NAN);
+    let p99 = percentile(&times, 0.99);
     eprintln!(
         "simulate {hosts}/{parallel}: {} status reads, p50 {:.1} ms, p99 {p99:.1} ms",
         times.len(),
-        times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
+        percentile(&times, 0.5)
     );
     let json: serde_json::Value = serde_json::from_str(&report)?;
     let mut out: std::collections::HashMap<String, f64> = json
@@ -213,7 +213,7 @@ fn run(
         .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
         .collect();
     out.insert("statusP99".into(), p99);
-    Ok(out)
+    Ok((out, times))
 }
 
 /// The newest event an answer includes: its first field, read without
