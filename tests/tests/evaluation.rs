@@ -10,8 +10,8 @@ use cim_sandbox::sh;
 
 /// A bare repository, as the controller's mirror is (nix fetches a bare
 /// repository through its git cache, a working tree in place), with one
-/// commit per `versions` entry under its own ref; returns the flake
-/// reference of each.
+/// commit per `versions` entry under its own ref (version 0: a flake that
+/// does not parse); returns the flake reference of each.
 fn revisions(dir: &Path, versions: &[u32]) -> Vec<String> {
     let repo = dir.join("repo");
     std::fs::create_dir_all(&repo).unwrap();
@@ -34,13 +34,13 @@ fn revisions(dir: &Path, versions: &[u32]) -> Vec<String> {
     let revs: Vec<String> = versions
         .iter()
         .map(|v| {
-            std::fs::write(
-                repo.join("flake.nix"),
-                format!(
+            let flake = match v {
+                0 => "{ outputs = _: {".to_string(),
+                v => format!(
                     r#"{{ outputs = _: {{ nixosConfigurations.a.config.system.build.toplevel = derivation {{ name = "system-{v}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "echo {v} > $out" ]; }}; }}; }}"#
                 ),
-            )
-            .unwrap();
+            };
+            std::fs::write(repo.join("flake.nix"), flake).unwrap();
             git(&["add", "flake.nix"]);
             git(&["commit", "-q", "-m", &format!("version {v}")]);
             let rev = git(&["rev-parse", "HEAD"]);
@@ -61,6 +61,17 @@ fn config(cache: PathBuf) -> DriverConfig {
         eval_timeout: Duration::from_secs(60),
         ..DriverConfig::default()
     }
+}
+
+/// The repositories of nix's git cache under `cache`.
+fn git_cache(cache: &Path) -> Vec<PathBuf> {
+    let repos: Vec<PathBuf> = std::fs::read_dir(cache.join("nix/gitv3"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert!(!repos.is_empty(), "nix made no git cache");
+    repos
 }
 
 async fn assert_evaluates(cfg: &DriverConfig, flake: &str) {
@@ -148,16 +159,32 @@ async fn a_broken_git_cache_is_made_again() {
     let cache = dir.path().join("cache");
     let cfg = config(cache.clone());
     assert_evaluates(&cfg, &flakes[0]).await;
-    let repos: Vec<PathBuf> = std::fs::read_dir(cache.join("nix/gitv3"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert!(!repos.is_empty(), "nix made no git cache");
-    for repo in repos {
+    for repo in git_cache(&cache) {
         std::fs::remove_dir_all(&repo).unwrap();
         std::fs::create_dir(&repo).unwrap();
         std::fs::write(repo.join("description"), "").unwrap();
     }
     assert_evaluates(&cfg, &flakes[1]).await;
+}
+
+/// A revision whose flake does not parse fails with nix's git cache
+/// whole: the cache is kept (clearing it would make the next fetch copy
+/// the whole history again), and the next revision evaluates.
+#[tokio::test]
+async fn a_flake_that_does_not_parse_leaves_the_git_cache_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let flakes = revisions(dir.path(), &[1, 0, 2]);
+    let cache = dir.path().join("cache");
+    let cfg = config(cache.clone());
+    assert_evaluates(&cfg, &flakes[0]).await;
+    let repos = git_cache(&cache);
+    for repo in &repos {
+        std::fs::write(repo.join("kept"), "").unwrap();
+    }
+    let broken = evaluate(&cfg, &flakes[1], &["a".to_string()]).await;
+    assert!(broken.is_err(), "{broken:?}");
+    for repo in &repos {
+        assert!(repo.join("kept").exists(), "{} was cleared", repo.display());
+    }
+    assert_evaluates(&cfg, &flakes[2]).await;
 }

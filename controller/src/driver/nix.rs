@@ -285,9 +285,12 @@ pub async fn evaluate(
 /// repository every later `git fetch` into it fails on (`not a git
 /// repository`): no revision would evaluate again. So the fetch is
 /// detached from its caller and runs to its end (or its deadline), one at
-/// a time ([`DriverConfig::fetch_turn`]). A cache broken anyway (a
-/// deadline, cim itself killed) is cleared once and the fetch tried
-/// again, so that it cannot fail every revision after it.
+/// a time ([`DriverConfig::fetch_turn`]). A repository of the cache left
+/// unfinished anyway (a deadline, cim itself killed) is removed and the
+/// fetch tried again, so that it cannot fail every revision after it. A
+/// fetch that fails with the cache whole (a flake that does not parse)
+/// leaves the cache alone: clearing it would make the next fetch copy the
+/// whole history again.
 async fn fetch(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
     let cfg = cfg.clone();
     let owned = flake.to_string();
@@ -299,22 +302,56 @@ async fn fetch(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
             return first;
         };
         let git_cache = cache.join("nix").join("gitv3");
-        tracing::warn!(
-            error = %crate::error::error_chain(error),
-            cache = %git_cache.display(),
-            "fetching the flake failed; clearing nix's git cache and fetching again"
-        );
-        match tokio::fs::remove_dir_all(&git_cache).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        let removed = {
+            let git_cache = git_cache.clone();
+            tokio::task::spawn_blocking(move || remove_unfinished_repositories(&git_cache)).await
+        };
+        match removed {
+            Ok(Ok(0)) => first,
+            Ok(Ok(n)) => {
+                tracing::warn!(
+                    error = %crate::error::error_chain(error),
+                    cache = %git_cache.display(),
+                    removed = n,
+                    "fetching the flake failed on an unfinished repository of nix's git cache; removed it, fetching again"
+                );
+                fetch_once(&cfg, &flake).await
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, cache = %git_cache.display(), "cannot clear nix's git cache");
                 first
             }
-            _ => fetch_once(&cfg, &flake).await,
+            Err(_) => first,
         }
     });
     fetching
         .await
         .unwrap_or_else(|e| Err(BuildError::Output(format!("fetching {flake} stopped: {e}"))))
+}
+
+/// Removes the repositories of nix's git cache (`gitv3`) that a `git init
+/// --bare` cut short left unfinished — without `HEAD`, `config` or
+/// `objects`, which every repository git makes has — and returns how many.
+/// A cache that does not exist has none.
+fn remove_unfinished_repositories(git_cache: &std::path::Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(git_cache) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry?.path();
+        let unfinished = path.is_dir()
+            && ["HEAD", "config", "objects"]
+                .iter()
+                .any(|part| !path.join(part).exists());
+        if unfinished {
+            std::fs::remove_dir_all(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 async fn fetch_once(cfg: &DriverConfig, flake: &str) -> Result<(), BuildError> {
@@ -459,6 +496,28 @@ pub async fn push_to_cache(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_unfinished_repositories_of_the_git_cache_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("gitv3");
+        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 0);
+        let whole = cache.join("whole");
+        std::fs::create_dir_all(whole.join("objects")).unwrap();
+        for file in ["HEAD", "config", "description"] {
+            std::fs::write(whole.join(file), "").unwrap();
+        }
+        // As a killed `git init --bare` leaves it.
+        let cut_short = cache.join("cut-short");
+        std::fs::create_dir_all(&cut_short).unwrap();
+        std::fs::write(cut_short.join("description"), "").unwrap();
+        std::fs::write(cache.join("a-file"), "").unwrap();
+
+        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 1);
+        assert!(whole.join("HEAD").exists() && cache.join("a-file").exists());
+        assert!(!cut_short.exists());
+        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 0);
+    }
+
     use super::*;
 
     #[test]
