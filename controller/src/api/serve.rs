@@ -2,9 +2,10 @@
 //! at most [`MAX_CONNECTIONS`] connections at once (further ones wait in
 //! the listen backlog), a deadline for a request's headers (and a TLS
 //! handshake), so that clients that connect and say nothing cannot use the
-//! slots up, and TLS (`--tls-cert`, `--tls-key`). The API runs on a
-//! runtime and a thread of its own ([`serve_apart`]): a controller busy
-//! with thousands of hosts does not make readers wait for a worker thread.
+//! slots up, TLS (`--tls-cert`, `--tls-key`), and `TCP_NODELAY` on every
+//! connection. The API runs on a runtime and a thread of its own
+//! ([`serve_apart`]): a controller busy with thousands of hosts does not
+//! make readers wait for a worker thread.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,12 @@ pub async fn serve(
                 }
             },
         };
+        // A response's last short segment goes out at once, not after the
+        // ACK of what came before it (which a client's delayed ACK holds
+        // back): what HTTP servers do.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
         let app = app.clone();
         let shutdown = shutdown.clone();
         let acceptor = acceptor.clone();
