@@ -159,6 +159,10 @@ fn run(
                     times.push(t.elapsed().as_secs_f64() * 1000.0);
                     if since {
                         seq = seq_of(&body);
+                        // Without it the next request would not ask `?since=`.
+                        if seq.is_none() {
+                            break;
+                        }
                         let _ = bodies.send(body);
                     }
                     std::thread::sleep(THINK);
@@ -181,7 +185,6 @@ fn run(
         let (client_times, applier) = client
             .join()
             .map_err(|_| anyhow::anyhow!("a status reader panicked"))?;
-        times.extend(client_times);
         let reader = applier
             .join()
             .map_err(|_| anyhow::anyhow!("a status reader panicked"))?;
@@ -191,12 +194,14 @@ fn run(
                 reader.unreadable
             );
         }
-        if since && reader.hosts.len() != hosts {
+        if since && (client_times.len() < 2 || reader.hosts.len() != hosts) {
             bail!(
-                "a `?since=` reader ended with {} hosts of {hosts}",
-                reader.hosts.len()
+                "a `?since=` reader ended with {} hosts of {hosts} after {} reads (an answer without a leading `seq` ends its reads)",
+                reader.hosts.len(),
+                client_times.len()
             );
         }
+        times.extend(client_times);
     }
     times.sort_by(f64::total_cmp);
     let p99 = percentile(&times, 0.99);
@@ -256,5 +261,21 @@ impl Reader {
             self.hosts.insert(host.name.clone(), host);
         }
         self.seq = Some(answer.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seq_of;
+
+    #[test]
+    fn the_seq_is_read_from_the_answer_s_first_field() {
+        assert_eq!(
+            seq_of(br#"{"seq":60003,"since":59990,"hosts":[]}"#),
+            Some(60003)
+        );
+        assert_eq!(seq_of(br#"{"since":1,"seq":2}"#), None);
+        assert_eq!(seq_of(b"{\"seq\":}"), None);
+        assert_eq!(seq_of(b""), None);
     }
 }
