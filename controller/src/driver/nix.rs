@@ -496,11 +496,13 @@ pub async fn push_to_cache(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn only_the_unfinished_repositories_of_the_git_cache_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("gitv3");
-        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 0);
+        assert_eq!(remove_unfinished_repositories(&cache).unwrap(), 0);
         let whole = cache.join("whole");
         std::fs::create_dir_all(whole.join("objects")).unwrap();
         for file in ["HEAD", "config", "description"] {
@@ -512,13 +514,11 @@ mod tests {
         std::fs::write(cut_short.join("description"), "").unwrap();
         std::fs::write(cache.join("a-file"), "").unwrap();
 
-        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 1);
+        assert_eq!(remove_unfinished_repositories(&cache).unwrap(), 1);
         assert!(whole.join("HEAD").exists() && cache.join("a-file").exists());
         assert!(!cut_short.exists());
-        assert_eq!(super::remove_unfinished_repositories(&cache).unwrap(), 0);
+        assert_eq!(remove_unfinished_repositories(&cache).unwrap(), 0);
     }
-
-    use super::*;
 
     #[test]
     fn attributes_are_quoted() {
